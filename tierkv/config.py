@@ -1,0 +1,149 @@
+"""TierConfig: the one configuration object passed down through tierkv.
+
+Budgets take ints (bytes) or strings such as "512MiB" or "4GiB"; everything is validated here, once,
+so the rest of the code can trust the values it is handed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from .errors import ConfigError
+
+FORMATS = ("bf16", "fp16", "int8", "int4", "int2")
+MISS_POLICIES = ("wait", "skip")
+
+_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+    "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
+}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+Size = Union[int, str]
+
+
+def parse_size(value: Size, field_name: str = "size") -> int:
+    """Bytes from an int or a string like "512MiB", "4GiB", "1.5GB" (KiB/MiB/... are binary, KB/MB/... decimal)."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{field_name}: expected a byte count or a size string like '4GiB', got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ConfigError(f"{field_name}: expected a non-negative byte count, got {value}")
+        return value
+    if isinstance(value, float) and value.is_integer() and value >= 0:
+        return int(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"{field_name}: expected a byte count or a size string like '4GiB', got {value!r}")
+    m = _SIZE_RE.match(value)
+    if not m:
+        raise ConfigError(f"{field_name}: cannot read {value!r} as a size; expected e.g. '512MiB', '4GiB' or 1048576")
+    number, unit = m.groups()
+    mult = _UNITS.get(unit.lower())
+    if mult is None:
+        raise ConfigError(
+            f"{field_name}: unknown unit {unit!r} in {value!r}; expected one of B, KiB, MiB, GiB, TiB, KB, MB, GB, TB"
+        )
+    n = float(number) * mult
+    if not n.is_integer():
+        n = int(n)  # fractional bytes round down
+    return int(n)
+
+
+def format_size(n: int) -> str:
+    for unit, mult in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= mult:
+            return f"{n / mult:.1f} {unit}"
+    return f"{n} B"
+
+
+@dataclass(frozen=True)
+class TierConfig:
+    """Budgets, hot set and formats for one offloaded model.
+
+    gpu_budget:   bytes of device memory for the cache of selected chunks (the hot set is extra).
+    cpu_budget:   bytes of pinned host memory for the warm tier.
+    disk_budget:  bytes on disk for the cold tier (None: no limit but the disk's own).
+    disk_path:    directory of the cold tier (None: no disk tier; the cpu tier must hold everything).
+    sink:         first tokens of every sequence that always stay on the GPU.
+    window:       last tokens of every sequence that always stay on the GPU.
+    budget:       tokens attended per query per layer beyond the hot set (None: every chunk, exact).
+    format:       chunk encoding: bf16, fp16 (raw), int8, int4, int2 (KIVI).
+    group_size:   channels per value quantization group in the integer formats.
+    chunk_lengths: the chunk lengths the planner may give a layer.
+    chunk_length: a fixed chunk length for every layer (None: the planner chooses).
+    importance_decay: per-step decay of a chunk's importance for eviction (1.0: never forget).
+    miss_policy:  when a selected chunk is not on the GPU or CPU in time: 'wait' or 'skip'.
+    write_queue:  depth of the bounded write-behind queue to disk.
+    prefetch_depth: chunks per head prefetched ahead of need.
+    profile:      path of a saved `tierkv profile` JSON whose measurements set defaults.
+    """
+
+    gpu_budget: Size = "1GiB"
+    cpu_budget: Size = "8GiB"
+    disk_budget: Optional[Size] = None
+    disk_path: Optional[str] = None
+    sink: int = 4
+    window: int = 128
+    budget: Optional[int] = 2048
+    format: str = "bf16"
+    group_size: int = 32
+    chunk_lengths: tuple = (16, 32, 64, 128, 256)
+    chunk_length: Optional[int] = None
+    importance_decay: float = 0.9
+    miss_policy: str = "wait"
+    write_queue: int = 64
+    prefetch_depth: int = 2
+    profile: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass)
+        set_("gpu_budget", parse_size(self.gpu_budget, "gpu_budget"))
+        set_("cpu_budget", parse_size(self.cpu_budget, "cpu_budget"))
+        if self.disk_budget is not None:
+            set_("disk_budget", parse_size(self.disk_budget, "disk_budget"))
+        _int_at_least("sink", self.sink, 0)
+        _int_at_least("window", self.window, 0)
+        if self.budget is not None:
+            _int_at_least("budget", self.budget, 0)
+        if self.format not in FORMATS:
+            raise ConfigError(f"format: unknown format {self.format!r}; expected one of {', '.join(FORMATS)}")
+        _int_at_least("group_size", self.group_size, 8)
+        if self.group_size & (self.group_size - 1) or self.group_size % 8:
+            raise ConfigError(f"group_size: expected a power of two >= 8, got {self.group_size}")
+        lengths = tuple(self.chunk_lengths)
+        if not lengths:
+            raise ConfigError("chunk_lengths: expected at least one chunk length")
+        for n in lengths:
+            _int_at_least("chunk_lengths", n, 1)
+        set_("chunk_lengths", tuple(sorted(set(lengths))))
+        if self.chunk_length is not None:
+            _int_at_least("chunk_length", self.chunk_length, 1)
+        if not isinstance(self.importance_decay, (int, float)) or not 0.0 < self.importance_decay <= 1.0:
+            raise ConfigError(f"importance_decay: expected a number in (0, 1], got {self.importance_decay!r}")
+        if self.miss_policy not in MISS_POLICIES:
+            raise ConfigError(f"miss_policy: expected one of {', '.join(MISS_POLICIES)}, got {self.miss_policy!r}")
+        _int_at_least("write_queue", self.write_queue, 1)
+        _int_at_least("prefetch_depth", self.prefetch_depth, 0)
+        if self.disk_path is not None:
+            path = os.fspath(self.disk_path)
+            if os.path.exists(path) and not os.path.isdir(path):
+                raise ConfigError(f"disk_path: expected a directory, but {path!r} is a file")
+            set_("disk_path", path)
+        if self.profile is not None and not os.path.isfile(self.profile):
+            raise ConfigError(f"profile: no saved profile at {self.profile!r}")
+
+    def replace(self, **changes) -> "TierConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _int_at_least(name: str, value, lo: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name}: expected an integer >= {lo}, got {value!r}")
+    if value < lo:
+        raise ConfigError(f"{name}: expected an integer >= {lo}, got {value}")
