@@ -1,0 +1,32 @@
+"""tierkv: tiered GPU / CPU / disk KV-cache offloading for LLM inference.
+
+Kept light on import: the disk tier (zarr, lz4) and the transformers integration load on first use.
+"""
+
+from ._version import __version__
+from .config import TierConfig
+from .errors import (
+    BackendError,
+    CapacityError,
+    ChunkNotFoundError,
+    ConfigError,
+    CorruptChunkError,
+    FormatError,
+    FormatVersionError,
+    TierKVError,
+    UnsupportedModelError,
+)
+
+__all__ = [
+    "__version__",
+    "TierConfig",
+    "TierKVError",
+    "ConfigError",
+    "FormatError",
+    "CorruptChunkError",
+    "CapacityError",
+    "FormatVersionError",
+    "ChunkNotFoundError",
+    "UnsupportedModelError",
+    "BackendError",
+]

@@ -1,0 +1,181 @@
+import random
+
+import pytest
+import torch
+
+from tierkv.config import TierConfig
+from tierkv.errors import CapacityError, ChunkNotFoundError, ConfigError
+from tierkv.keys import ChunkKey
+from tierkv.store import ChunkStore, StoreStats
+from tierkv.tiers.arena import Arena
+
+
+def data(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g)
+
+
+def K(i, layer=0, stream="s"):
+    return ChunkKey(stream, layer, i)
+
+
+def test_arena_first_fit_coalesces():
+    a = Arena(4096, "cpu", segment_bytes=4096)
+    e1, e2, e3 = a.alloc(1000), a.alloc(1000), a.alloc(1000)
+    assert a.used == 3 * 1024 and a.alloc(2000) is None
+    a.free(e2)
+    a.free(e1)
+    e4 = a.alloc(2000)  # fits only because the two freed neighbours merged
+    assert e4 is not None and e4.offset == 0
+    a.free(e3)
+    a.free(e4)
+    assert a.used == 0 and a._free[0].largest == 4096
+    with pytest.raises(CapacityError):
+        a.alloc(5000)
+
+
+def test_put_read_roundtrip_and_stats():
+    st = ChunkStore(TierConfig(gpu_budget=8192, cpu_budget=16384))
+    st.put(K(0), data(1000, 0))
+    st.put(K(1), data(3000, 1), tier="gpu")
+    assert st.residency(K(0)) == ("cpu",)
+    assert st.residency(K(1)) == ("gpu", "cpu")
+    assert torch.equal(st.read(K(0)), data(1000, 0))
+    assert torch.equal(st.read(K(1)), data(3000, 1))
+    s = st.stats()
+    assert isinstance(s, StoreStats)
+    assert s.hits == {"cpu": 1, "gpu": 1} and s.misses == {"gpu": 1}
+    assert s.bytes_moved == {"ingest->cpu": 1000, "ingest->gpu": 3000, "gpu->cpu": 3000}
+    assert s.resident_chunks == {"gpu": 1, "cpu": 2} and s.chunks == 2
+
+
+def test_put_replaces():
+    st = ChunkStore(TierConfig(gpu_budget=4096, cpu_budget=4096))
+    st.put(K(0), data(1000, 0), tier="gpu")
+    st.put(K(0), data(500, 5))
+    assert st.residency(K(0)) == ("cpu",) and torch.equal(st.read(K(0)), data(500, 5))
+    assert st.cpu.used_bytes == 512 and st.gpu.used_bytes == 0
+
+
+def test_eviction_by_decayed_importance_then_lru():
+    st = ChunkStore(TierConfig(gpu_budget=4 * 1024, cpu_budget=1 << 20, importance_decay=0.5))
+    for i in range(4):
+        st.put(K(i), data(1024, i), tier="gpu")
+    st.touch([K(0)], 10.0)  # valuable
+    st.tick()
+    st.touch([K(1)], 1.0)  # a little value, recent
+    # K(2), K(3): no value; K(2) is older (put first) -> evicted first
+    st.put(K(9), data(1024, 9), tier="gpu")
+    assert K(2) not in st.gpu and all(K(i) in st.gpu for i in (0, 1, 3, 9))
+    # decay: after many ticks K(0)'s 10 decays below K(1)'s fresh touch
+    st.tick(10)
+    st.touch([K(1)], 1.0)
+    st.touch([K(3)], 2.0)
+    st.touch([K(9)], 2.0)
+    st.put(K(10), data(1024, 10), tier="gpu")
+    assert K(0) not in st.gpu
+    for i in (0, 1, 2, 3, 9, 10):  # nothing lost: evicted gpu copies live on in the cpu tier
+        assert torch.equal(st.read(K(i)), data(1024, i))
+
+
+def test_promote_demote_evict_delete():
+    st = ChunkStore(TierConfig(gpu_budget=8192, cpu_budget=8192))
+    st.put(K(0), data(2048, 0))
+    st.promote(K(0), "gpu")
+    assert st.residency(K(0)) == ("gpu", "cpu")
+    st.demote(K(0), "cpu")
+    assert st.residency(K(0)) == ("cpu",)
+    with pytest.raises(ConfigError, match="disk"):
+        st.demote(K(0), "disk")
+    st.promote(K(0), "gpu")
+    st.evict(K(0), "gpu")
+    assert st.residency(K(0)) == ("cpu",)
+    with pytest.raises(ChunkNotFoundError):
+        st.evict(K(0), "gpu")
+    st.delete(K(0))
+    assert K(0) not in st and st.cpu.used_bytes == 0
+    with pytest.raises(ChunkNotFoundError, match="s/L0/0"):
+        st.read(K(0))
+
+
+def test_cpu_full_without_disk_is_capacity_error():
+    st = ChunkStore(TierConfig(gpu_budget=4096, cpu_budget=4096))
+    for i in range(4):
+        st.put(K(i), data(1024, i))
+    with pytest.raises(CapacityError, match="no disk tier"):
+        st.put(K(5), data(1024, 5))
+    # the failed put left no trace, and everything else reads back
+    assert K(5) not in st
+    for i in range(4):
+        assert torch.equal(st.read(K(i)), data(1024, i))
+    with pytest.raises(CapacityError, match="larger than the whole tier"):
+        st.put(K(6), data(8192, 6))
+
+
+def test_bad_arguments():
+    st = ChunkStore(TierConfig(gpu_budget=4096, cpu_budget=4096))
+    with pytest.raises(ConfigError, match="ChunkKey"):
+        st.put(("s", 0, 0), data(10, 0))
+    with pytest.raises(ConfigError, match="uint8"):
+        st.put(K(0), torch.zeros(10))
+    with pytest.raises(ConfigError, match="tier"):
+        st.put(K(0), data(10, 0), tier="tape")
+    with pytest.raises(ConfigError, match="TierConfig"):
+        ChunkStore({"gpu_budget": 1})
+    with pytest.raises(ConfigError, match="stream"):
+        K(0, stream="../etc")
+
+
+def randomized_ops(st, n_ops, seed, max_chunk=3000, n_keys=40, use_disk=False):
+    rnd = random.Random(seed)
+    truth = {}
+    version = 0
+    ops = ["put", "put", "read", "promote", "demote", "evict", "delete", "touch", "tick"]
+    for step in range(n_ops):
+        op = rnd.choice(ops)
+        key = K(rnd.randrange(n_keys), layer=rnd.randrange(2))
+        try:
+            if op == "put":
+                version += 1
+                d = data(rnd.randrange(1, max_chunk), version)
+                tier = rnd.choice(["gpu", "cpu"] + (["disk"] if use_disk else []))
+                st.put(key, d, tier=tier, importance=rnd.random())
+                truth[key] = d
+            elif key not in truth:
+                continue
+            elif op == "read":
+                assert torch.equal(st.read(key), truth[key])
+            elif op == "promote":
+                st.promote(key, rnd.choice(["gpu", "cpu"]))
+            elif op == "demote":
+                st.demote(key, rnd.choice(["cpu"] + (["disk"] if use_disk else [])))
+            elif op == "evict":
+                t = rnd.choice(["gpu", "cpu"])
+                if t in st.residency(key):
+                    st.evict(key, t)
+            elif op == "delete":
+                st.delete(key)
+                del truth[key]
+            elif op == "touch":
+                st.touch([key], rnd.random() * 3)
+            else:
+                st.tick()
+        except CapacityError:
+            assert op in ("put", "promote", "demote", "evict")
+            if op == "put":  # a failed put leaves nothing behind
+                truth.pop(key, None)
+                assert key not in st
+        # after every operation: budgets hold and every chunk reads back as written
+        for tier in (st.gpu, st.cpu):
+            assert tier.used_bytes <= tier.budget and tier.arena.reserved <= tier.budget
+        if use_disk and st.disk.budget is not None:
+            assert st.disk.used_bytes <= st.disk.budget
+        assert set(st.keys()) == set(truth)
+        for k, d in truth.items():
+            assert torch.equal(st.read(k), d), (step, op, k)
+            assert st.residency(k)[-1] in ("cpu", "disk")
+
+
+def test_randomized_memory_tiers():
+    st = ChunkStore(TierConfig(gpu_budget=12 * 1024, cpu_budget=64 * 1024, importance_decay=0.8))
+    randomized_ops(st, 3000, seed=1234, max_chunk=3000, n_keys=24)

@@ -1,0 +1,347 @@
+"""ChunkStore: the residency map of every chunk across the gpu, cpu and disk tiers, and its statistics.
+
+The store is the one owner of residency. Tiers only hold bytes; the store decides where a chunk goes
+and what leaves a tier when it is full. Every chunk always has a copy in the cpu or the disk tier (its
+record); the gpu tier is a cache on top. A tier makes room by evicting its least valuable chunks, where
+value is importance decayed by age: importance * decay ** (steps since last use), least recently used
+first among equals. An evicted chunk that has no copy below moves down (gpu -> cpu -> disk) first, so
+nothing is lost; only when the bottom of the hierarchy is full does a put fail with CapacityError.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional, Tuple
+
+import torch
+
+from .config import TierConfig
+from .errors import CapacityError, ChunkNotFoundError, ConfigError
+from .keys import ChunkKey
+from .tiers import TIER_NAMES, CpuTier, GpuTier
+
+
+@dataclass
+class StoreStats:
+    """Counters of one store. Tier pairs are named 'src->dst'; 'ingest' is data arriving from the model."""
+
+    bytes_moved: Dict[str, int] = field(default_factory=dict)
+    hits: Dict[str, int] = field(default_factory=dict)
+    misses: Dict[str, int] = field(default_factory=dict)
+    evictions: Dict[str, int] = field(default_factory=dict)
+    resident_chunks: Dict[str, int] = field(default_factory=dict)
+    used_bytes: Dict[str, int] = field(default_factory=dict)
+    budget_bytes: Dict[str, Optional[int]] = field(default_factory=dict)
+    stall_seconds: float = 0.0
+    chunks: int = 0
+
+    def hit_rate(self, tier: str) -> float:
+        h, m = self.hits.get(tier, 0), self.misses.get(tier, 0)
+        return h / (h + m) if h + m else 0.0
+
+
+@dataclass
+class _Meta:
+    nbytes: int
+    importance: float
+    step: int
+    order: int
+
+
+class ChunkStore:
+    """Residency map and placement across tiers. Thread-safe: every public method holds one lock."""
+
+    def __init__(self, config: TierConfig, device=None, disk=None) -> None:
+        if not isinstance(config, TierConfig):
+            raise ConfigError(f"config: expected a TierConfig, got {type(config).__name__}")
+        self.config = config
+        self.gpu = GpuTier(config.gpu_budget, device)
+        self.cpu = CpuTier(config.cpu_budget, pinned=self.gpu.device.type == "cuda")
+        if disk is None and config.disk_path is not None:
+            from .tiers.disk import DiskTier  # zarr and lz4 load only when a disk tier is asked for
+
+            disk = DiskTier(config.disk_path, budget=config.disk_budget, queue_depth=config.write_queue)
+        self.disk = disk
+        self._meta: Dict[ChunkKey, _Meta] = {}
+        self._lock = threading.RLock()
+        self._clock = 0
+        self._order = 0
+        self._moved = defaultdict(int)
+        self._hits = defaultdict(int)
+        self._misses = defaultdict(int)
+        self._evictions = defaultdict(int)
+        self._stall = 0.0
+        if self.disk is not None:  # a reopened disk tier brings its chunks with it
+            for key in self.disk.keys():
+                self._meta[key] = _Meta(self.disk.nbytes(key), 0.0, 0, self._next_order())
+
+    # --- small helpers ---------------------------------------------------------------------------
+    def _next_order(self) -> int:
+        self._order += 1
+        return self._order
+
+    def _tier(self, name: str):
+        if name == "gpu":
+            return self.gpu
+        if name == "cpu":
+            return self.cpu
+        if name == "disk":
+            if self.disk is None:
+                raise ConfigError("tier 'disk': this store has no disk tier (TierConfig.disk_path is None)")
+            return self.disk
+        raise ConfigError(f"tier: expected one of {', '.join(TIER_NAMES)}, got {name!r}")
+
+    def _holders(self, key: ChunkKey) -> List[str]:
+        out = [n for n, t in (("gpu", self.gpu), ("cpu", self.cpu)) if key in t]
+        if self.disk is not None and key in self.disk:
+            out.append("disk")
+        return out
+
+    def _value(self, m: _Meta) -> float:
+        return m.importance * self.config.importance_decay ** (self._clock - m.step)
+
+    def _require(self, key: ChunkKey) -> _Meta:
+        m = self._meta.get(key)
+        if m is None:
+            raise ChunkNotFoundError(f"chunk {key} is not in the store")
+        return m
+
+    # --- placement ---------------------------------------------------------------------------------
+    def _make_room(self, tier, nbytes: int, protect: ChunkKey) -> None:
+        """Evict from a memory tier until an allocation of nbytes succeeds.
+
+        Victims are taken in one sorted pass and at least 1/64 of the budget is reclaimed, so a full tier
+        under a stream of puts sorts once per many puts rather than once per put.
+        """
+        want = max(nbytes, tier.budget // 64)
+        victims = sorted(
+            (k for k in tier.keys() if k != protect),
+            key=lambda k: (self._value(self._meta[k]), self._meta[k].step, self._meta[k].order),
+        )
+        freed = 0
+        for victim in victims:
+            freed += self._evict_from(victim, tier.name)
+            if freed >= want:
+                break
+
+    def _put_memory(self, tier, key: ChunkKey, data: torch.Tensor) -> None:
+        while not tier.put(key, data):
+            if not any(k != key for k in tier.keys()):
+                break
+            self._make_room(tier, data.numel(), key)
+        else:
+            return
+        raise CapacityError(
+            f"the {tier.name} tier (budget {tier.budget} bytes, {tier.used_bytes} used) has no room for "
+            f"chunk {key} of {data.numel()} bytes even after eviction"
+        )
+
+    def _put_disk(self, key: ChunkKey, data: torch.Tensor) -> None:
+        self._tier("disk").put(key, data.cpu() if data.device.type != "cpu" else data)
+
+    def _place(self, key: ChunkKey, data: torch.Tensor, tier: str, src: str) -> None:
+        if tier == "disk":
+            self._put_disk(key, data)
+        else:
+            self._put_memory(self._tier(tier), key, data)
+        self._moved[f"{src}->{tier}"] += data.numel()
+
+    def _evict_from(self, key: ChunkKey, tier: str) -> int:
+        """Drop a chunk's copy from `tier`, moving it down first when that copy is the last one above disk."""
+        holders = self._holders(key)
+        below = [t for t in holders if TIER_NAMES.index(t) > TIER_NAMES.index(tier)]
+        if tier == "disk":
+            raise ConfigError("tier 'disk' is the bottom tier; use delete() to drop a chunk")
+        t = self._tier(tier)
+        if not below:
+            lower = "cpu" if tier == "gpu" else "disk"
+            if lower == "disk" and self.disk is None:
+                raise CapacityError(
+                    f"the cpu tier (budget {self.cpu.budget} bytes) is full and there is no disk tier to "
+                    f"demote chunk {key} to; raise cpu_budget or set disk_path"
+                )
+            data = t.read(key)
+            if lower == "cpu":
+                self._put_memory(self.cpu, key, data)
+            else:
+                self._put_disk(key, data)
+            self._moved[f"{tier}->{lower}"] += data.numel()
+        n = t.evict(key)
+        self._evictions[tier] += 1
+        return n
+
+    # --- public API ----------------------------------------------------------------------------------
+    def put(self, key: ChunkKey, data: torch.Tensor, tier: str = "cpu", importance: float = 0.0) -> None:
+        """Store a packed chunk (1-D uint8) in `tier`, replacing any earlier chunk under the same key."""
+        if not isinstance(key, ChunkKey):
+            raise ConfigError(f"key: expected a ChunkKey, got {type(key).__name__}")
+        if not isinstance(data, torch.Tensor) or data.dtype != torch.uint8 or data.dim() != 1 or data.numel() == 0:
+            raise ConfigError(f"data: expected a non-empty 1-D uint8 tensor, got {getattr(data, 'dtype', type(data))} {tuple(getattr(data, 'shape', ()))}")
+        with self._lock:
+            self._tier(tier)
+            if key in self._meta:
+                self._drop(key)
+            self._meta[key] = _Meta(data.numel(), float(importance), self._clock, self._next_order())
+            try:
+                self._place(key, data, tier, "ingest")
+                if tier == "gpu":  # the gpu tier is a cache: the record goes to the cpu tier as well
+                    self._place(key, data, "cpu", "gpu")
+            except BaseException:
+                self._drop(key)
+                raise
+
+    def read(self, key: ChunkKey, tier: Optional[str] = None) -> torch.Tensor:
+        """The chunk's bytes from the fastest tier holding it (or from `tier`).
+
+        Memory tiers return a view that stays valid only until the store next changes; copy it to keep it.
+        """
+        with self._lock:
+            m = self._require(key)
+            holders = self._holders(key)
+            order = [tier] if tier is not None else list(TIER_NAMES)
+            for name in order:
+                if name in holders:
+                    self._hits[name] += 1
+                    m.step = self._clock
+                    return self._tier(name).read(key)
+                if name != "disk" or self.disk is not None:
+                    self._misses[name] += 1
+            raise ChunkNotFoundError(f"chunk {key} is not in the {tier} tier (it is in: {', '.join(holders)})")
+
+    def promote(self, key: ChunkKey, to: str = "gpu") -> None:
+        """Copy a chunk up into `to` (gpu or cpu) from the nearest tier below that holds it."""
+        with self._lock:
+            self._require(key)
+            if to not in ("gpu", "cpu"):
+                raise ConfigError(f"promote: target tier must be 'gpu' or 'cpu', got {to!r}")
+            holders = self._holders(key)
+            if to in holders:
+                self._hits[to] += 1
+                return
+            self._misses[to] += 1
+            if to == "gpu" and "cpu" not in holders:
+                self.promote(key, "cpu")
+                holders = self._holders(key)
+            src = next(t for t in TIER_NAMES if t in holders and TIER_NAMES.index(t) > TIER_NAMES.index(to))
+            data = self._tier(src).read(key)
+            self._place(key, data, to, src)
+            self._meta[key].step = self._clock
+
+    def demote(self, key: ChunkKey, to: str = "disk") -> None:
+        """Make `to` (cpu or disk) the chunk's highest tier: copy it down if needed, drop the copies above."""
+        with self._lock:
+            self._require(key)
+            if to not in ("cpu", "disk"):
+                raise ConfigError(f"demote: target tier must be 'cpu' or 'disk', got {to!r}")
+            self._tier(to)
+            holders = self._holders(key)
+            if to not in holders:
+                src = holders[0]
+                data = self._tier(src).read(key)
+                self._place(key, data, to, src)
+            for name in ("gpu", "cpu"):
+                if TIER_NAMES.index(name) < TIER_NAMES.index(to) and key in self._tier(name):
+                    self._tier(name).evict(key)
+                    self._evictions[name] += 1
+
+    def evict(self, key: ChunkKey, tier: str) -> None:
+        """Drop the chunk's copy in a memory tier (moving it down first if that copy is its last)."""
+        with self._lock:
+            self._require(key)
+            if key not in self._tier(tier):
+                raise ChunkNotFoundError(f"chunk {key} is not in the {tier} tier")
+            self._evict_from(key, tier)
+
+    def _drop(self, key: ChunkKey) -> None:
+        for name in ("gpu", "cpu"):
+            t = self._tier(name)
+            if key in t:
+                t.evict(key)
+        if self.disk is not None and key in self.disk:
+            self.disk.delete(key)
+        self._meta.pop(key, None)
+
+    def delete(self, key: ChunkKey) -> None:
+        """Remove a chunk from every tier."""
+        with self._lock:
+            self._require(key)
+            self._drop(key)
+
+    def touch(self, keys: Iterable[ChunkKey], importance: float = 1.0) -> None:
+        """Record that chunks were used this step with the given importance (added to their decayed value)."""
+        with self._lock:
+            for key in keys:
+                m = self._require(key)
+                m.importance = self._value(m) + float(importance)
+                m.step = self._clock
+
+    def tick(self, steps: int = 1) -> int:
+        """Advance the store's clock (one decode step): importance decays per tick."""
+        with self._lock:
+            self._clock += steps
+            return self._clock
+
+    def add_stall(self, seconds: float) -> None:
+        with self._lock:
+            self._stall += seconds
+
+    # --- inspection ---------------------------------------------------------------------------------
+    def __contains__(self, key: ChunkKey) -> bool:
+        return key in self._meta
+
+    def __len__(self) -> int:
+        return len(self._meta)
+
+    def keys(self) -> List[ChunkKey]:
+        with self._lock:
+            return list(self._meta)
+
+    def residency(self, key: ChunkKey) -> Tuple[str, ...]:
+        with self._lock:
+            self._require(key)
+            return tuple(self._holders(key))
+
+    def location(self, key: ChunkKey, tier: str) -> Tuple[int, int]:
+        """(source index, byte offset) of a chunk in a memory tier: coordinates for the gather kernel."""
+        with self._lock:
+            t = self._tier(tier)
+            if key not in t:
+                raise ChunkNotFoundError(f"chunk {key} is not in the {tier} tier")
+            return t.location(key)
+
+    def value(self, key: ChunkKey) -> float:
+        with self._lock:
+            return self._value(self._require(key))
+
+    def stats(self) -> StoreStats:
+        with self._lock:
+            tiers = [("gpu", self.gpu), ("cpu", self.cpu)] + ([("disk", self.disk)] if self.disk is not None else [])
+            return StoreStats(
+                bytes_moved=dict(self._moved),
+                hits=dict(self._hits),
+                misses=dict(self._misses),
+                evictions=dict(self._evictions),
+                resident_chunks={n: len(list(t.keys())) for n, t in tiers},
+                used_bytes={n: t.used_bytes for n, t in tiers},
+                budget_bytes={n: t.budget for n, t in tiers},
+                stall_seconds=self._stall,
+                chunks=len(self._meta),
+            )
+
+    def flush(self) -> None:
+        """Wait until every chunk written behind to disk is durable."""
+        if self.disk is not None:
+            self.disk.flush()
+
+    def close(self) -> None:
+        if self.disk is not None:
+            self.disk.close()
+
+    def __enter__(self) -> "ChunkStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+

@@ -1,0 +1,8 @@
+"""The three tiers; each keeps chunks within a byte budget and knows nothing of models."""
+
+from .cpu import CpuTier
+from .gpu import GpuTier
+
+TIER_NAMES = ("gpu", "cpu", "disk")
+
+__all__ = ["CpuTier", "GpuTier", "TIER_NAMES"]
