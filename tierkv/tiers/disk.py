@@ -1,0 +1,715 @@
+"""DiskTier: the cold tier, a crash-safe byte store of chunks keyed by ChunkKey.
+
+It knows nothing of models: a chunk is a 1-D block of bytes. The files are a zarr v3 hierarchy of
+lz4-compressed, crc32c-checked chunks (layout in _diskio), so zarr-python can open and read every
+chunk; the hot path reads the same files directly because zarr-python's per-chunk cost (an asyncio
+round trip per read) is far above the cost of the read itself (bench/bench_store.py measures both).
+
+Writes go through one worker thread behind a bounded queue (write-behind): a chunk is compressed,
+written under a temporary name, fsynced, renamed onto its final name, and its directory fsynced;
+only then is `on_durable(key)` called. Several queued chunks are written as a batch so that each
+directory is fsynced once per batch. A chunk still queued is served from its queued copy.
+
+Reopening a store rebuilds the index by listing the directories (no per-chunk manifest to keep in
+step), deletes leftover temporary files, and so lists only complete chunks. torch is imported only
+when a tensor is built, so that a process that only writes bytes starts quickly.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import queue
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+
+from ..config import Size, parse_size
+from ..errors import (
+    CapacityError,
+    ChunkNotFoundError,
+    ConfigError,
+    CorruptChunkError,
+    FormatError,
+    FormatVersionError,
+    TierKVError,
+)
+from ..keys import ChunkKey, check_name
+from . import _diskio as io
+from ._diskio import FlushTimeoutError, WriteBehindError
+
+__all__ = ["DiskTier", "DiskStats", "WriteBehindError", "FlushTimeoutError", "TierClosedError"]
+
+_STOP = object()
+_BATCH = 64  # most chunks written between two rounds of directory fsyncs
+_POLL_S = 0.2  # how often a blocked caller checks that the worker is still alive
+
+
+class TierClosedError(TierKVError):
+    """The tier was closed; open it again to use it."""
+
+
+@dataclass(frozen=True)
+class DiskStats:
+    """Counters of one DiskTier since it was opened (raw = chunk bytes, disk = file bytes)."""
+
+    chunks: int
+    used_bytes: int
+    reserved_bytes: int
+    queued: int
+    chunks_written: int
+    bytes_written_raw: int
+    bytes_written_disk: int
+    chunks_read: int
+    bytes_read_raw: int
+    bytes_read_disk: int
+    reads_from_queue: int
+    corrupt_chunks: int
+    write_errors: int
+
+
+class _Loc:
+    """Where a durable chunk lives: its array directory, raw size and file size."""
+
+    __slots__ = ("adir", "nbytes", "size")
+
+    def __init__(self, adir: str, nbytes: int, size: int) -> None:
+        self.adir, self.nbytes, self.size = adir, nbytes, size
+
+
+class _Entry:
+    """One queued write."""
+
+    __slots__ = ("key", "data", "nbytes", "reserve", "on_durable", "cancelled", "finished", "done", "error")
+
+    def __init__(self, key, data, reserve, on_durable, sync):
+        self.key, self.data, self.nbytes = key, data, data.shape[0]
+        self.reserve, self.on_durable, self.cancelled, self.finished = reserve, on_durable, False, False
+        self.done = threading.Event() if sync else None
+        self.error: Optional[TierKVError] = None
+
+
+Data = Union[bytes, bytearray, memoryview, np.ndarray, "torch.Tensor"]  # noqa: F821
+
+
+class DiskTier:
+    """The disk tier at `path`: created if absent or empty, reopened if it holds a tierkv store.
+
+    budget:       most bytes of chunk files (compressed) the tier may hold; None: the disk's own limit.
+    queue_depth:  most writes queued behind `put` before it blocks.
+    read_threads: threads `read_many` reads with (default: min(4, cores)).
+    """
+
+    def __init__(self, path, budget: Optional[Size] = None, queue_depth: int = 64,
+                 read_threads: Optional[int] = None) -> None:
+        if isinstance(queue_depth, bool) or not isinstance(queue_depth, int) or queue_depth < 1:
+            raise ConfigError(f"queue_depth: expected an integer >= 1, got {queue_depth!r}")
+        if read_threads is not None and (isinstance(read_threads, bool) or not isinstance(read_threads, int)
+                                         or read_threads < 1):
+            raise ConfigError(f"read_threads: expected an integer >= 1, got {read_threads!r}")
+        self._budget = None if budget is None else parse_size(budget, "disk_budget")
+        self._root = os.path.abspath(os.fspath(path))
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._index: Dict[ChunkKey, _Loc] = {}
+        self._pending: Dict[ChunkKey, List[_Entry]] = {}
+        self._arrays: Dict[tuple, str] = {}
+        self._streams: set = set()
+        self._errors: List[TierKVError] = []
+        self._outstanding = 0
+        self._used = 0
+        self._reserved = 0
+        self._counts = dict.fromkeys(
+            ("chunks_written", "bytes_written_raw", "bytes_written_disk", "chunks_read", "bytes_read_raw",
+             "bytes_read_disk", "reads_from_queue", "corrupt_chunks", "write_errors"), 0)
+        self._tls = threading.local()  # per-thread scratch buffer for file bytes
+        self._read_threads = read_threads or min(4, os.cpu_count() or 1)
+        self._pool: Optional[ThreadPoolExecutor] = None
+        self._closed = False
+        self._lock_fd = -1
+        self._open_or_create()
+        try:
+            self._scan()
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
+        self._queue: "queue.Queue" = queue.Queue(maxsize=queue_depth)
+        self._worker = threading.Thread(target=self._run, name=f"tierkv-disk-writer:{self._root}", daemon=True)
+        self._worker.start()
+
+    # --- opening -------------------------------------------------------------------------------
+    def _open_or_create(self) -> None:
+        root = self._root
+        if os.path.exists(root) and not os.path.isdir(root):
+            raise ConfigError(f"disk store: {root!r} is a file; expected a directory (empty, or a tierkv store)")
+        os.makedirs(root, exist_ok=True)
+        self._root_real = os.path.realpath(root)
+        mpath = os.path.join(root, io.MANIFEST)
+        names = os.listdir(root)
+        if io.MANIFEST in names:
+            self._check_manifest(io.load_manifest(mpath), mpath)
+        else:
+            # a creation cut short leaves only zarr.json and temporary files: finish it
+            other = sorted(n for n in names if n != io.ZARR_JSON and not n.startswith(io.TMP_PREFIX))
+            if other:
+                raise ConfigError(
+                    f"disk store: {root!r} is a non-empty directory without a {io.MANIFEST} (it holds "
+                    f"{', '.join(repr(n) for n in other[:3])}{', ...' if len(other) > 3 else ''}); "
+                    "expected an empty directory or a tierkv store"
+                )
+            for n in names:
+                if n.startswith(io.TMP_PREFIX):
+                    io.remove_quietly(os.path.join(root, n))
+            io.write_durable(root, io.ZARR_JSON, io.json_bytes(io.group_metadata()), "disk store root group")
+            # the manifest goes last: its presence is what makes the directory a store
+            io.write_durable(root, io.MANIFEST, io.json_bytes(io.manifest()), "disk store manifest")
+            io.fsync_dir(os.path.dirname(root) or "/")
+        self._lock_fd = os.open(mpath, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise ConfigError(f"disk store: {root!r} is already open (in this or another process); close it first")
+
+    @staticmethod
+    def _check_manifest(m: dict, mpath: str) -> None:
+        if m.get("format") != io.FORMAT_NAME:
+            raise ConfigError(f"disk store: manifest {mpath!r} has format {m.get('format')!r}; expected {io.FORMAT_NAME!r}")
+        version = m.get("version")
+        if version != io.FORMAT_VERSION:
+            raise FormatVersionError(
+                f"disk store: manifest {mpath!r} has format version {version!r}; this build reads version "
+                f"{io.FORMAT_VERSION} only"
+            )
+
+    def _scan(self) -> None:
+        """Rebuild the index from the directories; drop temporary files left by a crash."""
+        for se in os.scandir(self._root):
+            if se.name.startswith(io.TMP_PREFIX):
+                io.remove_quietly(se.path)
+                continue
+            if se.name in io.RESERVED_NAMES or not se.is_dir(follow_symlinks=False) or not _valid_stream(se.name):
+                continue
+            self._streams.add(se.name)
+            for ae in os.scandir(se.path):
+                if ae.name.startswith(io.TMP_PREFIX):
+                    io.remove_quietly(ae.path)
+                    continue
+                m = io.ARRAY_RE.match(ae.name)
+                if not m or not ae.is_dir(follow_symlinks=False):
+                    continue
+                layer, nbytes = int(m[1]), int(m[2])
+                if not 0 < nbytes <= io.LZ4_MAX_INPUT:
+                    continue
+                if not os.path.exists(os.path.join(ae.path, io.ZARR_JSON)):
+                    # only possible if a crash cut the array's creation short, before any chunk
+                    io.write_durable(ae.path, io.ZARR_JSON, io.json_bytes(io.array_metadata(se.name, layer, nbytes)),
+                                     f"array metadata {ae.path!r}")
+                self._arrays[(se.name, layer, nbytes)] = ae.path
+                for ce in os.scandir(ae.path):
+                    if ce.name.startswith(io.TMP_PREFIX):
+                        io.remove_quietly(ce.path)
+                        continue
+                    cm = io.CHUNK_RE.match(ce.name)
+                    if not cm or not ce.is_file(follow_symlinks=False) or int(cm[1]) >= io.ROWS:
+                        continue
+                    key = ChunkKey(se.name, layer, int(cm[1]))
+                    loc = _Loc(ae.path, nbytes, ce.stat(follow_symlinks=False).st_size)
+                    prev = self._index.get(key)
+                    if prev is not None:
+                        loc = self._resolve_duplicate(key, prev, loc)
+                    self._index[key] = loc
+        self._used = sum(loc.size for loc in self._index.values())
+
+    @staticmethod
+    def _resolve_duplicate(key: ChunkKey, a: _Loc, b: _Loc) -> _Loc:
+        """A chunk rewritten with a new size was cut short between writing the new file and removing
+        the old: both are complete; the later write wins (rename keeps the temp file's mtime)."""
+        pa, pb = (os.path.join(x.adir, io.chunk_name(key.index)) for x in (a, b))
+        newer, older = (a, pb) if os.stat(pa).st_mtime_ns >= os.stat(pb).st_mtime_ns else (b, pa)
+        io.remove_quietly(older)
+        return newer
+
+    # --- properties ----------------------------------------------------------------------------
+    @property
+    def path(self) -> str:
+        return self._root
+
+    @property
+    def budget(self) -> Optional[int]:
+        return self._budget
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes of durable chunk files (compressed, with their 8 bytes of header and crc)."""
+        return self._used
+
+    @property
+    def reserved_bytes(self) -> int:
+        """Worst-case file bytes of writes still queued (counted against the budget until they land)."""
+        return self._reserved
+
+    @property
+    def free_bytes(self) -> Optional[int]:
+        if self._budget is None:
+            return None
+        with self._lock:
+            return max(0, self._budget - self._used - self._reserved)
+
+    def __contains__(self, key) -> bool:
+        with self._lock:
+            return key in self._pending or key in self._index
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._index.keys() | self._pending.keys())
+
+    def keys(self) -> List[ChunkKey]:
+        """Every chunk the tier holds, durable or queued."""
+        with self._lock:
+            return list(self._index.keys() | self._pending.keys())
+
+    def nbytes(self, key: ChunkKey) -> int:
+        """Raw (uncompressed) size of a chunk."""
+        with self._lock:
+            pend = self._pending.get(key)
+            if pend:
+                return pend[-1].nbytes
+            loc = self._index.get(key)
+        if loc is None:
+            raise ChunkNotFoundError(f"chunk {key}: not in the disk tier at {self._root!r}")
+        return loc.nbytes
+
+    def stats(self) -> DiskStats:
+        with self._lock:
+            return DiskStats(chunks=len(self._index.keys() | self._pending.keys()), used_bytes=self._used,
+                             reserved_bytes=self._reserved, queued=self._outstanding, **self._counts)
+
+    # --- writing -------------------------------------------------------------------------------
+    def put(self, key: ChunkKey, data: Data, on_durable: Optional[Callable[[ChunkKey], None]] = None,
+            copy: bool = True) -> None:
+        """Queue `data` (1-D uint8 CPU tensor, or bytes-like) to be written as chunk `key`.
+
+        Blocks while the queue is full. `on_durable(key)` runs on the writer thread once the chunk is
+        on disk for good; it is not called for a write that failed or was cancelled by `delete`. It
+        must be quick and must not wait on anything a thread blocked in `put` holds (that thread
+        waits on the writer); calling put/write/flush/close from it raises WriteBehindError.
+        With copy=False the caller promises not to change the buffer until then (bytes never need it).
+        Raises CapacityError if the chunk would not fit in the budget, or the error of an earlier
+        write-behind that failed.
+        """
+        self._submit(key, data, on_durable, copy, sync=False)
+
+    def write(self, key: ChunkKey, data: Data) -> None:
+        """Write chunk `key` and return once it is durable (in order with the queued writes)."""
+        entry = self._submit(key, data, None, False, sync=True)
+        while not entry.done.wait(_POLL_S):
+            self._check_worker()
+        if entry.error is not None:
+            raise entry.error
+
+    def _submit(self, key, data, on_durable, copy, sync) -> _Entry:
+        self._check_open()
+        self._raise_stored_error()
+        _check_key(key)
+        arr = _as_bytes_array(data, copy and not sync, key)
+        reserve = io.max_file_size(arr.shape[0])
+        entry = _Entry(key, arr, reserve, on_durable, sync)
+        with self._lock:
+            if self._budget is not None and self._used + self._reserved + reserve > self._budget:
+                raise CapacityError(
+                    f"chunk {key}: {arr.shape[0]} bytes (up to {reserve} on disk) do not fit in the disk budget "
+                    f"of {self._budget} bytes ({self._used} used, {self._reserved} queued)"
+                )
+            self._reserved += reserve
+            self._outstanding += 1
+            self._pending.setdefault(key, []).append(entry)
+        try:
+            while True:
+                try:
+                    self._queue.put(entry, timeout=_POLL_S)
+                    break
+                except queue.Full:
+                    self._check_worker()
+        except BaseException:
+            with self._lock:
+                self._drop_pending(entry)
+                self._reserved -= reserve
+                self._outstanding -= 1
+                self._idle.notify_all()
+            raise
+        return entry
+
+    def flush(self, timeout: Optional[float] = None) -> None:
+        """Wait until every queued write is durable (or failed); raise the first failure."""
+        self._check_open()
+        with self._lock:
+            ok = self._idle.wait_for(lambda: self._outstanding == 0 or not self._worker.is_alive(), timeout)
+            left = self._outstanding
+        if not ok:
+            raise FlushTimeoutError(f"disk tier at {self._root!r}: {left} writes still queued after {timeout} s")
+        self._check_worker()
+        self._raise_stored_error()
+
+    def delete(self, key: ChunkKey) -> bool:
+        """Remove a chunk (and cancel its queued writes); True if the tier held it."""
+        with self._lock:
+            entries = self._pending.pop(key, [])
+            for e in entries:
+                e.cancelled = True
+            loc = self._index.pop(key, None)
+            if loc is not None:
+                io.remove_quietly(os.path.join(loc.adir, io.chunk_name(key.index)))
+                self._used -= loc.size
+        return bool(entries) or loc is not None
+
+    # --- reading -------------------------------------------------------------------------------
+    def read(self, key: ChunkKey, out=None):
+        """Chunk `key` as a 1-D uint8 CPU tensor; into out[:nbytes] when `out` (a contiguous uint8 CPU
+        tensor, pinned for instance) is given. Raises ChunkNotFoundError, or CorruptChunkError when the
+        file fails its checksum or does not decode."""
+        self._raise_stored_error()
+        with self._lock:
+            pend = self._pending.get(key)
+            src = pend[-1].data if pend else None
+            loc = None if pend else self._index.get(key)
+        if src is not None:
+            t = _out_tensor(out, src.shape[0], key)
+            np.copyto(t.numpy(), src)
+            with self._lock:
+                self._counts["reads_from_queue"] += 1
+            return t
+        if loc is None:
+            raise ChunkNotFoundError(f"chunk {key}: not in the disk tier at {self._root!r}")
+        t = _out_tensor(out, loc.nbytes, key)
+        self._read_file(key, loc, t.numpy())
+        return t
+
+    def read_many(self, keys: Sequence[ChunkKey], outs: Optional[Sequence] = None) -> list:
+        """read() of several chunks on a small thread pool (file reads and lz4 run without the GIL)."""
+        keys = list(keys)
+        if outs is not None and len(outs) != len(keys):
+            raise ConfigError(f"read_many: {len(outs)} output tensors for {len(keys)} keys; expected one per key")
+        outs = list(outs) if outs is not None else [None] * len(keys)
+        if len(keys) <= 1:
+            return [self.read(k, o) for k, o in zip(keys, outs)]
+        return list(self._executor().map(self.read, keys, outs))
+
+    def verify(self, keys: Optional[Sequence[ChunkKey]] = None) -> List[ChunkKey]:
+        """Read every durable chunk (or those given) and return the ones that fail their checks."""
+        with self._lock:
+            items = [(k, self._index[k]) for k in (self._index if keys is None else keys) if k in self._index]
+        bad = []
+        for k, loc in items:
+            try:
+                self._read_file(k, loc, np.empty(loc.nbytes, np.uint8))
+            except CorruptChunkError:
+                bad.append(k)
+        return bad
+
+    def _read_file(self, key: ChunkKey, loc: _Loc, out: np.ndarray) -> None:
+        cap = io.max_file_size(loc.nbytes) + 1  # one byte more than any valid file, to see overlong ones
+        buf = getattr(self._tls, "buf", None)
+        if buf is None or buf.shape[0] < cap:
+            buf = self._tls.buf = np.empty(max(cap, 1 << 16), np.uint8)
+        path = os.path.join(loc.adir, io.chunk_name(key.index))
+        try:
+            n = io.read_file(path, buf[:cap])
+            if n == cap:
+                raise CorruptChunkError(f"file is longer than any valid chunk file of {loc.nbytes} bytes")
+            io.decode_into(buf[:n], loc.nbytes, out)
+        except FileNotFoundError:
+            with self._lock:
+                gone = self._index.get(key) is not loc
+            if gone:  # deleted or rewritten under us
+                raise ChunkNotFoundError(f"chunk {key}: not in the disk tier at {self._root!r}") from None
+            self._count("corrupt_chunks")
+            raise CorruptChunkError(f"chunk {key}: its file {path!r} is missing") from None
+        except CorruptChunkError as exc:
+            self._count("corrupt_chunks")
+            raise CorruptChunkError(f"chunk {key} ({path}): {exc}") from None
+        except OSError as exc:  # EIO and the like: the chunk cannot be served
+            self._count("corrupt_chunks")
+            raise CorruptChunkError(f"chunk {key}: reading {path!r} failed: {exc}") from exc
+        with self._lock:
+            c = self._counts
+            c["chunks_read"] += 1
+            c["bytes_read_raw"] += loc.nbytes
+            c["bytes_read_disk"] += n
+
+    def _count(self, name: str) -> None:
+        with self._lock:
+            self._counts[name] += 1
+
+    def _executor(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self._read_threads, thread_name_prefix="tierkv-disk-reader")
+            return self._pool
+
+    # --- the writer thread ---------------------------------------------------------------------
+    def _run(self) -> None:
+        stop = False
+        while not stop:
+            item = self._queue.get()
+            if item is _STOP:
+                break
+            batch = [item]
+            while len(batch) < _BATCH:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is _STOP:
+                    stop = True
+                    break
+                batch.append(item)
+            try:
+                self._write_batch(batch)
+            except BaseException as exc:  # a bug here must surface, not kill the worker silently
+                for e in batch:
+                    if not e.finished:
+                        self._fail(e, exc)
+                        self._finish(e)
+
+    def _write_batch(self, batch: List[_Entry]) -> None:
+        staged = []
+        for e in batch:
+            if e.cancelled:
+                self._finish(e)
+                continue
+            what = f"chunk {e.key}"
+            try:
+                adir = self._array_dir(e.key.stream, e.key.layer, e.nbytes)
+                comp, crc = io.encode(e.data)
+                tmp = io.write_tmp(adir, io.chunk_name(e.key.index), [comp, crc], what)
+                staged.append((e, adir, tmp, len(comp) + len(crc)))
+            except BaseException as exc:
+                self._fail(e, exc)
+                self._finish(e)
+        dirs, renamed = set(), []
+        with self._lock:
+            for e, adir, tmp, size in staged:
+                if e.cancelled:  # deleted while being written
+                    io.remove_quietly(tmp)
+                    continue
+                final = os.path.join(adir, io.chunk_name(e.key.index))
+                try:
+                    os.rename(tmp, final)
+                except OSError as exc:
+                    io.remove_quietly(tmp)
+                    e.error = io.os_error(exc, f"chunk {e.key}")
+                    continue
+                old = self._index.get(e.key)
+                if old is not None:
+                    self._used -= old.size
+                    if old.adir != adir:  # rewritten with another size: the old file goes
+                        io.remove_quietly(os.path.join(old.adir, io.chunk_name(e.key.index)))
+                        dirs.add(old.adir)
+                self._index[e.key] = _Loc(adir, e.nbytes, size)
+                self._used += size
+                self._drop_pending(e)
+                dirs.add(adir)
+                renamed.append((e, size))
+        try:
+            io.fsync_dirs(dirs)
+            synced = None
+        except OSError as exc:
+            synced = exc
+        for e, adir, tmp, size in staged:
+            if e.error is None and synced is not None and any(e is r for r, _ in renamed):
+                e.error = io.os_error(synced, f"chunk {e.key}")
+            if e.error is not None:
+                self._fail(e, e.error)
+        for e, size in renamed:
+            if e.error is None:
+                with self._lock:
+                    c = self._counts
+                    c["chunks_written"] += 1
+                    c["bytes_written_raw"] += e.nbytes
+                    c["bytes_written_disk"] += size
+                if e.on_durable is not None:
+                    try:
+                        e.on_durable(e.key)
+                    except BaseException as exc:
+                        self._fail(e, WriteBehindError(f"on_durable callback for chunk {e.key} raised {exc!r}"), exc)
+        for e, *_ in staged:
+            self._finish(e)
+
+    def _array_dir(self, stream: str, layer: int, nbytes: int) -> str:
+        """Directory of the array for (stream, layer, nbytes), created (durably) on first use."""
+        adir = self._arrays.get((stream, layer, nbytes))
+        if adir is not None:
+            return adir
+        sdir = os.path.join(self._root, stream)
+        if stream not in self._streams:
+            os.makedirs(sdir, exist_ok=True)
+            io.under_root(self._root_real, sdir, f"stream {stream!r}")
+            if not os.path.exists(os.path.join(sdir, io.ZARR_JSON)):
+                io.write_durable(sdir, io.ZARR_JSON, io.json_bytes(io.group_metadata()), f"stream group {stream!r}")
+            io.fsync_dir(self._root)
+            self._streams.add(stream)
+        adir = os.path.join(sdir, io.array_name(layer, nbytes))
+        os.makedirs(adir, exist_ok=True)
+        io.under_root(self._root_real, adir, f"array of chunk {stream}/L{layer}")
+        io.write_durable(adir, io.ZARR_JSON, io.json_bytes(io.array_metadata(stream, layer, nbytes)),
+                         f"array metadata {adir!r}")
+        io.fsync_dir(sdir)
+        self._arrays[(stream, layer, nbytes)] = adir
+        return adir
+
+    def _fail(self, e: _Entry, exc: BaseException, cause: Optional[BaseException] = None) -> None:
+        if isinstance(exc, TierKVError):
+            err = exc
+        else:
+            err = WriteBehindError(f"write of chunk {e.key} failed: {exc!r}")
+            cause = exc
+        if cause is not None and err.__cause__ is None:
+            err.__cause__ = cause
+        with self._lock:
+            self._counts["write_errors"] += 1
+            self._drop_pending(e)
+            if e.done is not None:
+                e.error = err  # a synchronous write raises it in its caller
+            else:
+                self._errors.append(err)
+
+    def _finish(self, e: _Entry) -> None:
+        with self._lock:
+            if e.finished:
+                return
+            e.finished = True
+            self._drop_pending(e)
+            self._reserved -= e.reserve
+            self._outstanding -= 1
+            if self._outstanding == 0:
+                self._idle.notify_all()
+        e.data = None
+        if e.done is not None:
+            e.done.set()
+
+    def _drop_pending(self, e: _Entry) -> None:
+        """Forget a queued entry (caller holds the lock)."""
+        lst = self._pending.get(e.key)
+        if lst is not None:
+            for i, x in enumerate(lst):
+                if x is e:
+                    del lst[i]
+                    break
+            if not lst:
+                del self._pending[e.key]
+
+    # --- errors and shutdown -------------------------------------------------------------------
+    def _raise_stored_error(self) -> None:
+        if not self._errors:
+            return
+        with self._lock:
+            errs, self._errors = self._errors, []
+        if not errs:
+            return
+        err = errs[0]
+        if len(errs) > 1:
+            err.add_note(f"{len(errs) - 1} more write-behind failures followed")
+        raise err
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise TierClosedError(f"disk tier at {self._root!r} is closed")
+        if threading.get_ident() == self._worker.ident:
+            # the queue drains only on this thread: blocking here would wait on ourselves forever
+            raise WriteBehindError("put/write/flush/close of the disk tier cannot be called from on_durable")
+
+    def _check_worker(self) -> None:
+        if not self._worker.is_alive() and not self._closed:
+            raise WriteBehindError(f"disk tier at {self._root!r}: the writer thread has stopped")
+
+    def close(self, timeout: float = 60.0) -> None:
+        """Flush, stop the writer thread (waiting at most `timeout` s for each) and release the store."""
+        if self._closed:
+            return
+        self._check_open()
+        err: Optional[BaseException] = None
+        try:
+            self.flush(timeout)
+        except TierKVError as exc:
+            err = exc
+        self._closed = True
+        try:
+            self._queue.put(_STOP, timeout=timeout)
+        except queue.Full:
+            pass
+        self._worker.join(timeout)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        os.close(self._lock_fd)
+        if err is None and self._worker.is_alive():
+            err = WriteBehindError(f"disk tier at {self._root!r}: the writer thread did not stop within {timeout} s")
+        if err is not None:
+            raise err
+
+    def __enter__(self) -> "DiskTier":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"DiskTier({self._root!r}, chunks={len(self._index)}, used={self._used}, budget={self._budget})"
+
+
+# --- argument checks ---------------------------------------------------------------------------
+def _valid_stream(name: str) -> bool:
+    try:
+        check_name(name)
+        return True
+    except ConfigError:
+        return False
+
+
+def _check_key(key) -> None:
+    if not isinstance(key, ChunkKey):
+        raise ConfigError(f"key: expected a ChunkKey, got {type(key).__name__} {key!r}")
+    if key.stream in io.RESERVED_NAMES:
+        raise ConfigError(f"key {key}: stream name {key.stream!r} is reserved by the disk store layout")
+    if key.index >= io.ROWS:
+        raise ConfigError(f"key {key}: chunk index {key.index} is too large; the disk tier holds indices < 2**40")
+
+
+def _as_bytes_array(data, copy: bool, key) -> np.ndarray:
+    """A 1-D uint8 numpy view (or copy) of a chunk's bytes."""
+    torch = sys.modules.get("torch")  # a tensor can only exist if torch is imported already
+    if torch is not None and isinstance(data, torch.Tensor):
+        if data.dtype != torch.uint8 or data.dim() != 1 or data.device.type != "cpu" or not data.is_contiguous():
+            raise FormatError(
+                f"chunk {key}: expected a contiguous 1-D uint8 CPU tensor, got {tuple(data.shape)} {data.dtype} "
+                f"on {data.device}"
+            )
+        arr = data.numpy()
+    elif isinstance(data, bytes):
+        arr, copy = np.frombuffer(data, np.uint8), False  # immutable: nothing to protect
+    elif isinstance(data, (bytearray, memoryview, np.ndarray)):
+        arr = np.frombuffer(data, np.uint8) if not isinstance(data, np.ndarray) else data
+        if arr.dtype != np.uint8 or arr.ndim != 1 or not arr.flags.c_contiguous:
+            raise FormatError(f"chunk {key}: expected contiguous 1-D uint8 bytes, got {arr.dtype} of shape {arr.shape}")
+    else:
+        raise FormatError(f"chunk {key}: expected a uint8 CPU tensor or a bytes-like object, got {type(data).__name__}")
+    n = arr.shape[0]
+    if not 0 < n <= io.LZ4_MAX_INPUT:
+        raise FormatError(f"chunk {key}: {n} bytes; the disk tier stores chunks of 1 to {io.LZ4_MAX_INPUT} bytes")
+    return arr.copy() if copy else arr
+
+
+def _out_tensor(out, nbytes: int, key):
+    import torch
+
+    if out is None:
+        return torch.empty(nbytes, dtype=torch.uint8)
+    if (not isinstance(out, torch.Tensor) or out.dtype != torch.uint8 or out.device.type != "cpu"
+            or not out.is_contiguous() or out.numel() < nbytes):
+        desc = f"{tuple(out.shape)} {out.dtype} on {out.device}" if isinstance(out, torch.Tensor) else type(out).__name__
+        raise FormatError(f"chunk {key}: out must be a contiguous uint8 CPU tensor of at least {nbytes} bytes, got {desc}")
+    return out.view(-1)[:nbytes]
