@@ -17,7 +17,11 @@ from .errors import (
     UnsupportedModelError,
 )
 
+from .offload import offload  # noqa: E402  (binds the function over the submodule's name)
+
+
 __all__ = [
+    "offload",
     "__version__",
     "TierConfig",
     "TierKVError",

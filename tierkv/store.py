@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -73,6 +73,9 @@ class ChunkStore:
         self._misses = defaultdict(int)
         self._evictions = defaultdict(int)
         self._stall = 0.0
+        self._listeners: List[Callable[[ChunkKey, str], None]] = []
+        self._sources: List[torch.Tensor] = []
+        self._source_index: Dict[Tuple[str, int], int] = {}
         if self.disk is not None:  # a reopened disk tier brings its chunks with it
             for key in self.disk.keys():
                 self._meta[key] = _Meta(self.disk.nbytes(key), 0.0, 0, self._next_order())
@@ -126,12 +129,23 @@ class ChunkStore:
             if freed >= want:
                 break
 
+    def _notify(self, key: ChunkKey, tier: str) -> None:
+        for fn in self._listeners:
+            fn(key, tier)
+
+    def _evict_copy(self, tier, key: ChunkKey) -> int:
+        n = tier.evict(key)
+        self._evictions[tier.name] += 1
+        self._notify(key, tier.name)
+        return n
+
     def _put_memory(self, tier, key: ChunkKey, data: torch.Tensor) -> None:
         while not tier.put(key, data):
             if not any(k != key for k in tier.keys()):
                 break
             self._make_room(tier, data.numel(), key)
         else:
+            self._notify(key, tier.name)
             return
         raise CapacityError(
             f"the {tier.name} tier (budget {tier.budget} bytes, {tier.used_bytes} used) has no room for "
@@ -140,6 +154,7 @@ class ChunkStore:
 
     def _put_disk(self, key: ChunkKey, data: torch.Tensor) -> None:
         self._tier("disk").put(key, data.cpu() if data.device.type != "cpu" else data)
+        self._notify(key, "disk")
 
     def _place(self, key: ChunkKey, data: torch.Tensor, tier: str, src: str) -> None:
         if tier == "disk":
@@ -168,9 +183,7 @@ class ChunkStore:
             else:
                 self._put_disk(key, data)
             self._moved[f"{tier}->{lower}"] += data.numel()
-        n = t.evict(key)
-        self._evictions[tier] += 1
-        return n
+        return self._evict_copy(t, key)
 
     # --- public API ----------------------------------------------------------------------------------
     def put(self, key: ChunkKey, data: torch.Tensor, tier: str = "cpu", importance: float = 0.0) -> None:
@@ -191,6 +204,19 @@ class ChunkStore:
             except BaseException:
                 self._drop(key)
                 raise
+
+    def put_many(self, keys: Sequence[ChunkKey], data: torch.Tensor, tier: str = "cpu", importance: float = 0.0) -> None:
+        """Store chunks data[i] (a [N, nbytes] uint8 tensor, possibly on the GPU) under keys[i].
+
+        Data on the GPU comes over in one copy rather than one per chunk.
+        """
+        if data.dim() != 2 or data.shape[0] != len(keys):
+            raise ConfigError(f"data: expected [{len(keys)}, nbytes] for {len(keys)} keys, got {tuple(data.shape)}")
+        if tier != "gpu" and data.device.type != "cpu":
+            data = data.to("cpu")
+        with self._lock:
+            for i, key in enumerate(keys):
+                self.put(key, data[i], tier=tier, importance=importance)
 
     def read(self, key: ChunkKey, tier: Optional[str] = None) -> torch.Tensor:
         """The chunk's bytes from the fastest tier holding it (or from `tier`).
@@ -243,8 +269,7 @@ class ChunkStore:
                 self._place(key, data, to, src)
             for name in ("gpu", "cpu"):
                 if TIER_NAMES.index(name) < TIER_NAMES.index(to) and key in self._tier(name):
-                    self._tier(name).evict(key)
-                    self._evictions[name] += 1
+                    self._evict_copy(self._tier(name), key)
 
     def evict(self, key: ChunkKey, tier: str) -> None:
         """Drop the chunk's copy in a memory tier (moving it down first if that copy is its last)."""
@@ -259,8 +284,10 @@ class ChunkStore:
             t = self._tier(name)
             if key in t:
                 t.evict(key)
+                self._notify(key, name)
         if self.disk is not None and key in self.disk:
             self.disk.delete(key)
+            self._notify(key, "disk")
         self._meta.pop(key, None)
 
     def delete(self, key: ChunkKey) -> None:
@@ -310,6 +337,39 @@ class ChunkStore:
             if key not in t:
                 raise ChunkNotFoundError(f"chunk {key} is not in the {tier} tier")
             return t.location(key)
+
+    def add_listener(self, fn: Callable[[ChunkKey, str], None]) -> None:
+        """fn(key, tier) is called whenever a copy of a chunk enters or leaves a tier."""
+        with self._lock:
+            self._listeners.append(fn)
+
+    def remove_listener(self, fn) -> None:
+        with self._lock:
+            if fn in self._listeners:
+                self._listeners.remove(fn)
+
+    def _sync_sources(self) -> None:
+        for tier in (self.gpu, self.cpu):
+            for i, seg in enumerate(tier.sources):
+                if (tier.name, i) not in self._source_index:
+                    self._source_index[(tier.name, i)] = len(self._sources)
+                    self._sources.append(seg)
+
+    def sources(self) -> List[torch.Tensor]:
+        """Every memory segment of the gpu and cpu tiers, in a stable order: the gather kernel's sources."""
+        with self._lock:
+            self._sync_sources()
+            return list(self._sources)
+
+    def source_location(self, key: ChunkKey, tier: str) -> Optional[Tuple[int, int]]:
+        """(index into sources(), byte offset) of the chunk's copy in a memory tier, or None if it has none."""
+        with self._lock:
+            t = self._tier(tier)
+            if key not in t:
+                return None
+            self._sync_sources()
+            seg, off = t.location(key)
+            return self._source_index[(tier, seg)], off
 
     def value(self, key: ChunkKey) -> float:
         with self._lock:

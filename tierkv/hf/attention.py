@@ -1,0 +1,105 @@
+"""The attention and mask functions tierkv registers with transformers.
+
+The mask function wraps what the model's own attention implementation would have been given (so the
+exact paths can hand it on unchanged) together with the 2-D padding mask (which the sparse path needs
+for the positions it picked). The attention function serves layers whose cache is a TierKVCache; for
+anything else (no cache, another cache) it is the model's own attention, unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..abstracts import score
+
+
+@dataclass
+class TierMask:
+    original: object  # the model's own mask for its own attention implementation
+    padding: Optional[torch.Tensor]  # [B, kv_length] bool, True for real tokens; None: no padding
+
+
+def make_mask_function(original_mask_fn: Callable) -> Callable:
+    def tierkv_mask(*args, attention_mask: Optional[torch.Tensor] = None, **kwargs):
+        original = original_mask_fn(*args, attention_mask=attention_mask, **kwargs)
+        padding = None
+        if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
+            padding = attention_mask.to(torch.bool)
+        return TierMask(original, padding)
+
+    return tierkv_mask
+
+
+def make_attention_function(get_cache: Callable, original_fn: Callable) -> Callable:
+    def tierkv_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        original_mask = attention_mask.original if isinstance(attention_mask, TierMask) else attention_mask
+        cache = get_cache()
+        layer_idx = getattr(module, "layer_idx", None)
+        layer = cache.layers[layer_idx] if cache is not None and layer_idx is not None and layer_idx < len(cache.layers) else None
+        if layer is None or layer.pending is not key:
+            return original_fn(module, query, key, value, original_mask, scaling=scaling, dropout=dropout, **kwargs)
+        layer.pending = None
+        padding = attention_mask.padding if isinstance(attention_mask, TierMask) else None
+        out = attend(layer, module, query, original_mask, padding, scaling, dropout, original_fn, kwargs)
+        layer.compact()
+        if layer.layer_idx == len(cache.layers) - 1:
+            cache.end_forward()
+        return out
+
+    return tierkv_attention
+
+
+def _cat(parts):
+    parts = [p for p in parts if p is not None and p.shape[-2] > 0]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
+
+
+def attend(layer, module, q, original_mask, padding, scaling, dropout, original_fn, kwargs):
+    cfg = layer.cache.config
+    q_len = q.shape[2]
+    if layer.n_chunks == 0 or cfg.budget is None or q_len > 1:
+        # exact: the full sequence, in order, through the model's own attention and mask
+        if layer.n_chunks:
+            ck, cv = layer.gather_all()
+        else:
+            ck = cv = None
+        k = _cat([layer.sink_k, ck, layer.tail_k])
+        v = _cat([layer.sink_v, cv, layer.tail_v])
+        if layer.length == q_len:
+            layer.observe_prefill(q, k, scaling if scaling is not None else module.scaling)
+        return original_fn(module, q, k, v, original_mask, scaling=scaling, dropout=dropout, **kwargs)
+    return sparse_attend(layer, q, padding, scaling if scaling is not None else q.shape[-1] ** -0.5)
+
+
+def sparse_attend(layer, q, padding, scaling):
+    """One query token: sink + the top-scoring chunks per KV head under the budget + the tail."""
+    cfg = layer.cache.config
+    B, Hq, _, D = q.shape
+    H, C, L = layer.n_heads, layer.n_chunks, layer.chunk_len
+    k_sel = min(cfg.budget // L, C)
+    ck = cv = None
+    idx = None
+    if k_sel > 0:
+        s = score(q, layer.abstracts[:, :C])  # [B, H, C]
+        idx = torch.topk(s, k_sel, dim=-1).indices.sort(dim=-1).values  # [B, H, k]
+        ck, cv = layer.gather(idx)
+        layer.note_selection(idx)
+    k = _cat([layer.sink_k, ck, layer.tail_k])
+    v = _cat([layer.sink_v, cv, layer.tail_v])
+    attn_mask = None
+    if padding is not None:
+        S, T = layer.sink_len, layer.tail_len
+        pos = [torch.arange(S, device=q.device).view(1, 1, S).expand(B, H, S)]
+        if idx is not None:
+            within = torch.arange(L, device=q.device)
+            pos.append((S + idx.unsqueeze(-1) * L + within).reshape(B, H, k_sel * L))
+        pos.append(torch.arange(layer.length - T, layer.length, device=q.device).view(1, 1, T).expand(B, H, T))
+        pos = torch.cat(pos, dim=-1)  # [B, H, N]
+        keep = padding.to(q.device).gather(1, pos.reshape(B, -1)).reshape(B, H, 1, -1)
+        attn_mask = keep.repeat_interleave(Hq // H, dim=1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scaling, enable_gqa=Hq != H)
+    return out.transpose(1, 2).contiguous(), None
