@@ -484,7 +484,7 @@ class DiskTier:
                 continue
             what = f"chunk {e.key}"
             try:
-                adir = self._array_dir(e.key.stream, e.key.layer, e.nbytes)
+                adir = self._array_dir(e.key.stream, e.key.layer, e.nbytes, what)
                 comp, crc = io.encode(e.data)
                 tmp = io.write_tmp(adir, io.chunk_name(e.key.index), [comp, crc], what)
                 staged.append((e, adir, tmp, len(comp) + len(crc)))
@@ -540,24 +540,24 @@ class DiskTier:
         for e, *_ in staged:
             self._finish(e)
 
-    def _array_dir(self, stream: str, layer: int, nbytes: int) -> str:
-        """Directory of the array for (stream, layer, nbytes), created (durably) on first use."""
+    def _array_dir(self, stream: str, layer: int, nbytes: int, what: str) -> str:
+        """Directory of the array for (stream, layer, nbytes), created (durably) on first use by `what`."""
         adir = self._arrays.get((stream, layer, nbytes))
         if adir is not None:
             return adir
         sdir = os.path.join(self._root, stream)
         if stream not in self._streams:
             os.makedirs(sdir, exist_ok=True)
-            io.under_root(self._root_real, sdir, f"stream {stream!r}")
+            io.under_root(self._root_real, sdir, what)
             if not os.path.exists(os.path.join(sdir, io.ZARR_JSON)):
-                io.write_durable(sdir, io.ZARR_JSON, io.json_bytes(io.group_metadata()), f"stream group {stream!r}")
+                io.write_durable(sdir, io.ZARR_JSON, io.json_bytes(io.group_metadata()), f"{what}: stream group")
             io.fsync_dir(self._root)
             self._streams.add(stream)
         adir = os.path.join(sdir, io.array_name(layer, nbytes))
         os.makedirs(adir, exist_ok=True)
-        io.under_root(self._root_real, adir, f"array of chunk {stream}/L{layer}")
+        io.under_root(self._root_real, adir, what)
         io.write_durable(adir, io.ZARR_JSON, io.json_bytes(io.array_metadata(stream, layer, nbytes)),
-                         f"array metadata {adir!r}")
+                         f"{what}: array metadata {adir!r}")
         io.fsync_dir(sdir)
         self._arrays[(stream, layer, nbytes)] = adir
         return adir
