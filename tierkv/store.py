@@ -231,7 +231,10 @@ class ChunkStore:
                 if name in holders:
                     self._hits[name] += 1
                     m.step = self._clock
-                    return self._tier(name).read(key)
+                    data = self._tier(name).read(key)
+                    if name == "disk":
+                        self._moved["disk->cpu"] += data.numel()
+                    return data
                 if name != "disk" or self.disk is not None:
                     self._misses[name] += 1
             raise ChunkNotFoundError(f"chunk {key} is not in the {tier} tier (it is in: {', '.join(holders)})")

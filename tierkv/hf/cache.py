@@ -212,11 +212,31 @@ class TierKVLayer(CacheLayerMixin):
         self.addr[ii[:, 0], ii[:, 1]] = torch.tensor(vals, dtype=torch.int64).to(self.device)
         self.on_gpu[ii[:, 0], ii[:, 1]] = torch.tensor(gpu, dtype=torch.bool).to(self.device)
 
-    def fetch_from_disk(self, chunks: torch.Tensor) -> None:
-        """Bring chunks that live only on disk into the cpu tier, synchronously ([M, 2] of (b, c))."""
-        for b, c in chunks.tolist():
-            self.cache.store.promote(self.cache.key(b, self.layer_idx, c), "cpu")
-        self.refresh_addresses()
+    def _stage_from_disk(self, chunk_idx: torch.Tensor, a: torch.Tensor, sources: List[torch.Tensor]) -> torch.Tensor:
+        """Read the selected chunks that live only on disk into one staging buffer, added as a source.
+
+        The store is not changed here: putting them into the cpu tier could evict another chunk this
+        very gather is about to read. (The prefetch pipeline moves chunks up ahead of need instead.)
+        """
+        missing = a[..., 0] < 0
+        if not bool(missing.any()):
+            return a
+        B, H, kk = chunk_idx.shape
+        b_of = torch.arange(B, device=self.device).view(B, 1, 1).expand(B, H, kk)
+        pairs = torch.stack([b_of[missing], chunk_idx[missing]], dim=1)
+        uniq = torch.unique(pairs, dim=0)
+        nb = self.layout.nbytes
+        pin = self.device.type == "cuda"
+        staging = torch.empty(len(uniq), nb, dtype=torch.uint8, pin_memory=pin)
+        slot = torch.full((B, self.n_chunks), -1, dtype=torch.int64)
+        for m, (b, c) in enumerate(uniq.tolist()):
+            staging[m] = self.cache.store.read(self.cache.key(b, self.layer_idx, c), tier="disk")
+            slot[b, c] = m
+        sources.append(staging.view(-1))
+        slot = slot.to(self.device)
+        off = slot.gather(1, chunk_idx.reshape(B, H * kk)).reshape(B, H, kk) * nb
+        src = torch.full_like(off, len(sources) - 1)
+        return torch.stack([torch.where(missing, src, a[..., 0]), torch.where(missing, off, a[..., 1])], dim=-1)
 
     def gather(self, chunk_idx: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Dense K, V [B, H, k*L, D] of the chunks chunk_idx [B, H, k] (per KV head), via the kernels."""
@@ -224,12 +244,9 @@ class TierKVLayer(CacheLayerMixin):
         B, H, kk = chunk_idx.shape
         L, D = self.chunk_len, self.head_dim
         a = self.addr.gather(1, chunk_idx.reshape(B, H * kk, 1).expand(B, H * kk, 2)).reshape(B, H, kk, 2)
+        sources = self.cache.store_sources()
         if self.disk_only:
-            missing = (a[..., 0] < 0).nonzero()
-            if missing.numel():
-                bc = torch.stack([missing[:, 0], chunk_idx[missing[:, 0], missing[:, 1], missing[:, 2]]], dim=1)
-                self.fetch_from_disk(torch.unique(bc, dim=0).cpu())
-                a = self.addr.gather(1, chunk_idx.reshape(B, H * kk, 1).expand(B, H * kk, 2)).reshape(B, H, kk, 2)
+            a = self._stage_from_disk(chunk_idx, a, sources)
         hb = self.layout.head_bytes
         b_idx = torch.arange(B, device=self.device).view(B, 1, 1).expand(B, H, kk)
         h_idx = torch.arange(H, device=self.device).view(1, H, 1).expand(B, H, kk)
@@ -239,7 +256,7 @@ class TierKVLayer(CacheLayerMixin):
         ).reshape(-1, 5)
         k_out = torch.empty(B, H, kk * L, D, dtype=self.dtype, device=self.device)
         v_out = torch.empty_like(k_out)
-        ops.gather(self.cache.store_sources(), table, self.layout.format, D, self.layout.group_size, k_out, v_out)
+        ops.gather(sources, table, self.layout.format, D, self.layout.group_size, k_out, v_out)
         return k_out, v_out
 
     def note_selection(self, idx: torch.Tensor) -> None:
@@ -257,7 +274,9 @@ class TierKVLayer(CacheLayerMixin):
         if limit <= 0 or C == 0:
             return
         self.refresh_addresses()
-        imp = torch.where(self.on_gpu[:, :C], torch.zeros_like(self.importance[:, :C]), self.importance[:, :C])
+        # only chunks in the cpu tier: a disk read here would stall the step (the pipeline prefetches those)
+        skip = self.on_gpu[:, :C] | (self.addr[:, :C, 0] < 0)
+        imp = torch.where(skip, torch.zeros_like(self.importance[:, :C]), self.importance[:, :C])
         vals, flat = torch.topk(imp.reshape(-1), min(limit, imp.numel()))
         store = self.cache.store
         for val, f in zip(vals.tolist(), flat.tolist()):

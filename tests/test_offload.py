@@ -1,0 +1,208 @@
+"""tierkv.offload against transformers' DynamicCache on small randomly initialised models."""
+
+import pytest
+import torch
+from transformers import (
+    DynamicCache,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+import tierkv
+from tierkv import TierConfig
+from tierkv.errors import ConfigError, TierKVError, UnsupportedModelError
+
+COMMON = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048)
+
+
+def build(family, seed=0):
+    torch.manual_seed(seed)
+    if family == "llama":
+        m = LlamaForCausalLM(LlamaConfig(**COMMON))
+    elif family == "mistral":
+        m = MistralForCausalLM(MistralConfig(**COMMON, sliding_window=None))
+    elif family == "qwen2":
+        m = Qwen2ForCausalLM(Qwen2Config(**COMMON))
+    elif family == "qwen3":
+        m = Qwen3ForCausalLM(Qwen3Config(**COMMON))
+    else:
+        raise ValueError(family)
+    return m.to(torch.bfloat16).eval()
+
+
+EXACT = TierConfig(budget=None, format="bf16", sink=4, window=32, chunk_length=16, gpu_budget="64KiB", cpu_budget="16MiB")
+
+
+def gen(model, ids, cache, **kw):
+    with torch.no_grad():
+        return model.generate(ids, past_key_values=cache, do_sample=False, pad_token_id=0, **kw)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
+def test_dense_greedy_identical_to_dynamic_cache(family):
+    model = build(family)
+    ids = torch.randint(1, 512, (1, 200))
+    ref = gen(model, ids, DynamicCache(config=model.config), max_new_tokens=64, output_logits=True, return_dict_in_generate=True)
+    with tierkv.offload(model, EXACT) as cache:
+        out = gen(model, ids, cache, max_new_tokens=64, output_logits=True, return_dict_in_generate=True)
+        assert cache.get_seq_length() == 200 + 63  # the last token is generated, never fed back
+        assert all(layer.n_chunks >= 10 for layer in cache.layers)  # most of the KV really was offloaded
+    assert torch.equal(out.sequences, ref.sequences)
+    for a, b in zip(out.logits, ref.logits):
+        torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_left_padded_batch_identical():
+    model = build("llama", seed=1)
+    ids = torch.randint(1, 512, (3, 150))
+    mask = torch.ones_like(ids)
+    mask[1, :40] = 0
+    mask[2, :77] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    ref = gen(model, ids, DynamicCache(config=model.config), attention_mask=mask, max_new_tokens=40)
+    with tierkv.offload(model, EXACT) as cache:
+        out = gen(model, ids, cache, attention_mask=mask, max_new_tokens=40)
+    assert torch.equal(out, ref)
+
+
+def test_sampled_generation_identical():
+    model = build("qwen2", seed=2)
+    ids = torch.randint(1, 512, (2, 120))
+    torch.manual_seed(123)
+    with torch.no_grad():
+        ref = model.generate(ids, past_key_values=DynamicCache(config=model.config), do_sample=True, top_k=50, max_new_tokens=30)
+    with tierkv.offload(model, EXACT) as cache:
+        torch.manual_seed(123)
+        with torch.no_grad():
+            out = model.generate(ids, past_key_values=cache, do_sample=True, top_k=50, max_new_tokens=30)
+    assert torch.equal(out, ref)
+
+
+def test_second_generate_continues_the_cache():
+    model = build("qwen3", seed=3)
+    ids = torch.randint(1, 512, (1, 100))
+    more = torch.randint(1, 512, (1, 37))
+    dyn = DynamicCache(config=model.config)
+    r1 = gen(model, ids, dyn, max_new_tokens=20)
+    r2 = gen(model, torch.cat([r1, more], dim=1), dyn, max_new_tokens=20)
+    with tierkv.offload(model, EXACT) as cache:
+        o1 = gen(model, ids, cache, max_new_tokens=20)
+        o2 = gen(model, torch.cat([o1, more], dim=1), cache, max_new_tokens=20)
+    assert torch.equal(o1, r1) and torch.equal(o2, r2)
+
+
+def test_chunks_on_disk_still_exact(tmp_path):
+    model = build("llama", seed=4)
+    ids = torch.randint(1, 512, (1, 300))
+    ref = gen(model, ids, DynamicCache(config=model.config), max_new_tokens=24)
+    cfg = EXACT.replace(cpu_budget="8KiB", gpu_budget="4KiB", disk_path=str(tmp_path / "cold"))
+    with tierkv.offload(model, cfg) as cache:
+        out = gen(model, ids, cache, max_new_tokens=24)
+        stats = cache.store.stats()
+    assert torch.equal(out, ref)
+    assert stats.resident_chunks["disk"] > 0 and stats.bytes_moved.get("disk->cpu", 0) > 0
+
+
+def test_sparse_decode_attends_within_budget():
+    model = build("llama", seed=5)
+    ids = torch.randint(1, 512, (2, 400))
+    cfg = TierConfig(budget=64, format="int4", sink=4, window=32, chunk_length=16, gpu_budget="32KiB", cpu_budget="16MiB")
+    seen = []
+    with tierkv.offload(model, cfg) as cache:
+        layer0 = cache.layers[0]
+        original = layer0.gather
+
+        def spy(idx):
+            seen.append(tuple(idx.shape))
+            return original(idx)
+
+        layer0.gather = spy
+        out = gen(model, ids, cache, max_new_tokens=16)
+        stats = cache.store.stats()
+    assert out.shape == (2, 416)
+    assert seen and all(s == (2, 2, 4) for s in seen)  # 64 tokens / 16 per chunk, per KV head
+    assert stats.resident_chunks["gpu"] > 0  # hot chunks were promoted into the gpu tier
+    assert stats.used_bytes["gpu"] <= 32 * 1024
+
+
+def test_sparse_with_budget_covering_everything_matches_dense():
+    model = build("mistral", seed=6)
+    ids = torch.randint(1, 512, (1, 200))
+    ref = gen(model, ids, DynamicCache(config=model.config), max_new_tokens=32)
+    with tierkv.offload(model, EXACT.replace(budget=100000)) as cache:
+        out = gen(model, ids, cache, max_new_tokens=32)
+    assert torch.equal(out, ref)
+
+
+def test_restores_attention_implementation_even_on_error():
+    model = build("llama")
+    before = model.config._attn_implementation
+    with pytest.raises(RuntimeError, match="boom"):
+        with tierkv.offload(model, EXACT):
+            assert model.config._attn_implementation.startswith("tierkv")
+            raise RuntimeError("boom")
+    assert model.config._attn_implementation == before
+    from transformers.modeling_utils import AttentionInterface
+
+    assert not any(k.startswith("tierkv") for k in AttentionInterface._global_mapping)
+    # and the model still generates normally afterwards
+    gen(model, torch.randint(1, 512, (1, 10)), DynamicCache(config=model.config), max_new_tokens=2)
+
+
+def test_foreign_cache_inside_context_is_untouched():
+    model = build("llama", seed=7)
+    ids = torch.randint(1, 512, (1, 80))
+    ref = gen(model, ids, DynamicCache(config=model.config), max_new_tokens=10)
+    with tierkv.offload(model, EXACT):
+        out = gen(model, ids, DynamicCache(config=model.config), max_new_tokens=10)
+    assert torch.equal(out, ref)
+
+
+def test_unsupported_models_and_bad_config():
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(UnsupportedModelError, match="gpt2"):
+        with tierkv.offload(gpt2, EXACT):
+            pass
+    torch.manual_seed(0)
+    mistral = MistralForCausalLM(MistralConfig(**COMMON, sliding_window=64))
+    with pytest.raises(UnsupportedModelError, match="sliding"):
+        with tierkv.offload(mistral, EXACT):
+            pass
+    with pytest.raises(ConfigError, match="TierConfig"):
+        with tierkv.offload(build("llama"), {"budget": 3}):
+            pass
+
+
+def test_beam_search_refused_clearly():
+    model = build("llama")
+    with tierkv.offload(model, EXACT) as cache:
+        with pytest.raises(TierKVError, match="beam|batch"):
+            gen(model, torch.randint(1, 512, (1, 50)), cache, max_new_tokens=4, num_beams=2)
+
+
+def test_planner_gives_layers_different_lengths():
+    """A layer with sharply peaked attention gets short chunks, a layer with flat attention long ones."""
+    model = build("llama", seed=8).float()
+    with torch.no_grad():
+        attn0 = model.model.layers[0].self_attn
+        attn0.q_proj.weight.mul_(60.0)  # logits scaled way up: each query locks onto few keys
+        attn0.k_proj.weight.mul_(10.0)
+        model.model.layers[1].self_attn.q_proj.weight.zero_()  # all logits 0: perfectly flat
+    cfg = TierConfig(budget=None, format="bf16", sink=4, window=32, chunk_lengths=(16, 32, 64, 128))
+    ids = torch.randint(1, 512, (1, 600))
+    with tierkv.offload(model, cfg) as cache:
+        with torch.no_grad():
+            model(ids, past_key_values=cache)
+        lengths = [layer.chunk_len for layer in cache.layers]
+        rates = [layer.rate for layer in cache.layers]
+    assert rates[0] > rates[1]
+    assert lengths[0] < lengths[1] == 128, (lengths, rates)
