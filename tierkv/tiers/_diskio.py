@@ -147,13 +147,20 @@ def decode_into(buf: np.ndarray, nbytes: int, out: np.ndarray) -> None:
         raise CorruptChunkError(f"lz4 block does not decode: {exc}") from exc
 
 
-def read_file(path: str, buf: np.ndarray) -> int:
-    """Read the whole file at `path` into `buf`; return its length, or len(buf) if it may be longer."""
+def read_file(path: str, buf: np.ndarray, expect: int) -> int:
+    """Read the whole file at `path` into `buf`; return its length, or len(buf) if it may be longer.
+
+    `buf` must be longer than `expect` (the size the file should have): one read that returns
+    exactly `expect` bytes of the more asked for has met the end of the file, so the usual case
+    costs a single system call; anything else is read on to the end and left to the checks.
+    """
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        got = 0
         cap = buf.shape[0]
-        while got < cap:
+        got = os.readv(fd, [buf])
+        if got == expect:
+            return got
+        while 0 < got < cap:
             n = os.readv(fd, [buf[got:]])
             if n == 0:
                 break
