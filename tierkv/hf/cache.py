@@ -336,6 +336,16 @@ class TierKVCache(Cache):
             layer.promote_hot(limit * layer.n_heads)
         self.selected_layers.clear()
 
+    def device_bytes(self) -> dict:
+        """Bytes of KV state this cache keeps in device memory: the hot set, the abstracts, the gpu tier."""
+        hot = abstracts = 0
+        for layer in self.layers:
+            for t in (layer.sink_k, layer.sink_v, layer.tail_k, layer.tail_v):
+                hot += 0 if t is None else t.numel() * t.element_size()
+            if layer.abstracts is not None:
+                abstracts += layer.abstracts[:, : layer.n_chunks].numel() * layer.abstracts.element_size()
+        return {"hot_set": hot, "abstracts": abstracts, "gpu_tier": self.store.gpu.used_bytes}
+
     def store_put(self, keys: List[ChunkKey], packed: torch.Tensor) -> None:
         self.store.put_many(keys, packed, tier="cpu")
 

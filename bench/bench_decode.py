@@ -1,0 +1,241 @@
+"""Decode throughput of tierkv against Hugging Face's caches, side by side in one run (GPU).
+
+A Llama-3-8B-shaped model with random bf16 weights; for each context length and batch size:
+  dynamic      DynamicCache on the GPU (skipped, and said so, where its KV does not fit)
+  offloaded    DynamicCache(offloading=True): every layer's KV copied to the GPU each step
+  tierkv-dense tierkv with budget=None (exact; every chunk gathered every step)
+  tierkv-sparse tierkv with budget = min(context / 16, 2048) tokens, hot set = sink + window
+Reported: prefill seconds, decode tokens/s after warm-up (all sequences of the batch), peak GPU memory,
+and the ratios the targets are stated in. The two tierkv rows share one prefill (same chunks, same
+format): the budget only changes how decode reads them.
+
+    python bench/bench_decode.py --json bench/results/decode_h100.json
+    python bench/bench_decode.py --quick          # small model and contexts, for a smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import tierkv  # noqa: E402
+from tierkv import TierConfig  # noqa: E402
+
+
+def llama8b_config(quick: bool):
+    from transformers import LlamaConfig
+
+    if quick:
+        return LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
+                           num_attention_heads=8, num_key_value_heads=2, head_dim=64, max_position_embeddings=1 << 18,
+                           rope_theta=500000.0)
+    return LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=1 << 18,
+                       rope_theta=500000.0)
+
+
+def build_model(cfg, device):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(prev)
+    model.config._attn_implementation = "sdpa"
+    return model.eval()
+
+
+def kv_bytes(cfg, ctx, batch):
+    return cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2 * 2 * ctx * batch
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def prefill(model, ids, cache, piece):
+    """Feed the prompt in pieces (chunked prefill): the activations of a whole 128K prompt do not fit."""
+    t0 = time.perf_counter()
+    out = None
+    for s in range(0, ids.shape[1], piece):
+        out = model(ids[:, s : s + piece], past_key_values=cache, use_cache=True, logits_to_keep=1)
+    sync()
+    return time.perf_counter() - t0, out.logits[:, -1].argmax(-1, keepdim=True)
+
+
+@torch.no_grad()
+def decode(model, cache, tok, warmup, steps):
+    for _ in range(warmup):
+        tok = model(tok, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        tok = model(tok, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+    sync()
+    return steps * tok.shape[0] / (time.perf_counter() - t0)
+
+
+def cleanup():
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def run_case(model, cfg, ctx, batch, args, device):
+    from transformers import DynamicCache
+
+    rows = []
+    torch.manual_seed(ctx + batch)
+    ids = torch.randint(0, cfg.vocab_size, (batch, ctx), device=device)
+    weights = torch.cuda.memory_allocated() if device == "cuda" else 0
+    free = torch.cuda.mem_get_info()[0] if device == "cuda" else 0
+    need = kv_bytes(cfg, ctx + args.warmup + args.steps, batch)
+    budget_tokens = min(ctx // 16, 2048)
+
+    def record(mode, pre, tps, note=""):
+        peak = torch.cuda.max_memory_allocated() if device == "cuda" else 0
+        rows.append(dict(mode=mode, context=ctx, batch=batch, prefill_s=pre, tokens_per_s=tps,
+                         peak_gpu_bytes=peak, peak_gpu_minus_weights=peak - weights, note=note))
+        print(f"  {mode:14s} ctx={ctx:>6} b={batch} prefill={pre if pre is None else round(pre, 2)} s "
+              f"tok/s={tps if tps is None else round(tps, 2)} peak={peak / 2**30:.1f} GiB {note}", flush=True)
+
+    # DynamicCache on the GPU, where its KV fits beside the weights (with room for activations)
+    cleanup()
+    if device != "cuda" or need < free - args.headroom * 2**30:
+        cache = DynamicCache(config=cfg)
+        pre, tok = prefill(model, ids, cache, args.piece)
+        tps = decode(model, cache, tok, args.warmup, args.steps)
+        record("dynamic", pre, tps)
+        del cache
+    else:
+        record("dynamic", None, None, f"does not fit: KV {need / 2**30:.1f} GiB, free {free / 2**30:.1f} GiB")
+    cleanup()
+    if device == "cuda" and not args.skip_offloaded and (ctx * batch <= args.offloaded_max_tokens):
+        cache = DynamicCache(config=cfg, offloading=True)
+        pre, tok = prefill(model, ids, cache, args.piece)
+        tps = decode(model, cache, tok, 1, max(2, args.steps // 4))
+        record("offloaded", pre, tps)
+        del cache
+    else:
+        record("offloaded", None, None, "skipped: too slow at this size")
+    cleanup()
+    gpu_budget = int(0.08 * kv_bytes(cfg, ctx, batch))  # the gpu chunk cache: 8% of the KV
+    tcfg = TierConfig(gpu_budget=gpu_budget, cpu_budget=int(kv_bytes(cfg, ctx, batch) * 1.1) + (256 << 20),
+                      budget=None, format=args.format, sink=args.sink, window=args.window,
+                      chunk_length=args.chunk_length)
+    with tierkv.offload(model, tcfg) as cache:
+        pre, tok = prefill(model, ids, cache, args.piece)
+        torch.cuda.reset_peak_memory_stats() if device == "cuda" else None
+        tps = decode(model, cache, tok, 1, max(2, args.steps // 4))
+        record("tierkv-dense", pre, tps)
+        cache.config = tcfg.replace(budget=budget_tokens)
+        torch.cuda.reset_peak_memory_stats() if device == "cuda" else None
+        tps = decode(model, cache, tok, args.warmup, args.steps)
+        stats = cache.store.stats()
+        held = cache.device_bytes()
+        record("tierkv-sparse", pre, tps, f"budget {budget_tokens} tok, hot set sink {args.sink} + window {args.window}; "
+               f"gpu hit rate {stats.hit_rate('gpu'):.2f}")
+        rows[-1]["store_stats"] = {k: v for k, v in stats.__dict__.items()}
+        rows[-1]["device_kv_bytes"] = held
+        rows[-1]["kv_bytes"] = kv_bytes(cfg, ctx, batch)
+        rows[-1]["device_kv_share"] = sum(held.values()) / kv_bytes(cfg, ctx, batch)
+    cleanup()
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 131072])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--warmup", type=int, default=4)
+    p.add_argument("--piece", type=int, default=16384, help="prefill piece length (tokens)")
+    p.add_argument("--format", default="bf16")
+    p.add_argument("--sink", type=int, default=4)
+    p.add_argument("--window", type=int, default=128)
+    p.add_argument("--chunk-length", type=int, default=64)
+    p.add_argument("--headroom", type=float, default=12.0, help="GiB kept free for activations")
+    p.add_argument("--offloaded-max-tokens", type=int, default=1 << 17)
+    p.add_argument("--skip-offloaded", action="store_true")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.quick:
+        args.contexts, args.batches, args.steps, args.piece = [1024, 4096], [1, 2], 8, 2048
+    cfg = llama8b_config(args.quick)
+    model = build_model(cfg, device)
+    from tierkv import ops
+
+    results = dict(
+        bench="decode", device=torch.cuda.get_device_name() if device == "cuda" else platform.processor(),
+        torch=torch.__version__, transformers=__import__("transformers").__version__, tierkv=tierkv.__version__,
+        backend=ops.backend(), git_commit=_git(), command=" ".join(sys.argv), date=time.strftime("%Y-%m-%d %H:%M:%S"),
+        model="Llama-3-8B-shaped, random bf16 weights" if not args.quick else "small Llama (quick)",
+        args=vars(args), rows=[],
+    )
+    for ctx in args.contexts:
+        for b in args.batches:
+            print(f"context {ctx} batch {b}", flush=True)
+            results["rows"].extend(run_case(model, cfg, ctx, b, args, device))
+            if args.json:
+                _dump(results, args.json)
+    results["ratios"] = ratios(results["rows"])
+    print(json.dumps(results["ratios"], indent=1))
+    if args.json:
+        _dump(results, args.json)
+
+
+def ratios(rows):
+    out = []
+    by = {(r["mode"], r["context"], r["batch"]): r for r in rows}
+    for (mode, ctx, b), r in by.items():
+        if mode != "tierkv-sparse":
+            continue
+        d, o, dense = by.get(("dynamic", ctx, b)), by.get(("offloaded", ctx, b)), by.get(("tierkv-dense", ctx, b))
+
+        def ratio(x, y, key):
+            return (x[key] / y[key]) if x and y and x.get(key) and y.get(key) else None
+
+        out.append(dict(context=ctx, batch=b,
+                        sparse_over_dynamic_tps=ratio(r, d, "tokens_per_s"),
+                        sparse_over_offloaded_tps=ratio(r, o, "tokens_per_s"),
+                        tierkv_prefill_over_dynamic=ratio(dense, d, "prefill_s"),
+                        sparse_device_kv_share=r.get("device_kv_share")))
+    return out
+
+
+def _git():
+    try:
+        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(__file__), text=True).strip()
+    except Exception:
+        return None
+
+
+def _dump(obj, path):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, default=str)
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    main()
