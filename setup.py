@@ -9,6 +9,7 @@ import os
 import sys
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
 here = os.path.dirname(os.path.abspath(__file__))
 version = {}
@@ -40,12 +41,27 @@ def cuda_extension():
         sources=sources,
         include_dirs=[os.path.join(here, "csrc")],
         # no --use_fast_math: the kernels must round exactly as the torch reference does
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo", "--fmad=false"]},
     )
     return ext, {"build_ext": BuildExtension}
 
 
+class build_py_with_kernels(build_py):
+    """Copies csrc/*.cuh into the built package as tierkv/csrc/, where the cupy backend finds the
+    kernel source in an installed tierkv (an editable install reads <repo>/csrc directly)."""
+
+    def run(self):
+        super().run()
+        if self.dry_run:
+            return
+        target = os.path.join(self.build_lib, "tierkv", "csrc")
+        self.mkpath(target)
+        for header in sorted(glob.glob(os.path.join(here, "csrc", "*.cuh"))):
+            self.copy_file(header, os.path.join(target, os.path.basename(header)))
+
+
 ext, cmdclass = cuda_extension()
+cmdclass = {**cmdclass, "build_py": build_py_with_kernels}
 
 setup(
     name="tierkv",

@@ -1,0 +1,782 @@
+// tierkv CUDA kernels: fused gather + dequantize of packed chunks, and quantize-on-ingest.
+//
+// One source for two compilers: nvcc builds it into the torch extension (csrc/tierkv_ops.cu), NVRTC
+// compiles it at run time for the cupy backend (tierkv/_cupy_backend.py). So: no standard or torch
+// headers, no cuda_fp16.h / cuda_bf16.h (conversions are written in PTX), only builtins.
+//
+// The packed byte layout read and written here is defined in tierkv/formats.py (the one source of
+// truth); int_layout() below mirrors ChunkLayout.sections(). Results must equal formats.encode /
+// formats.decode bit for bit, so every float step is a correctly rounded intrinsic (__fmul_rn,
+// __fadd_rn, __fsub_rn, __fdiv_rn, rintf) that the compiler may not contract into an FMA, and every
+// narrowing conversion is round-to-nearest-even, as torch's are.
+#ifndef TIERKV_KERNELS_CUH
+#define TIERKV_KERNELS_CUH
+
+#define TIERKV_THREADS 256
+#define TIERKV_MAX_SOURCES 64
+#define TIERKV_MAX_HEAD_DIM 1024  // one 8-channel unit per thread per row, and bounded shared memory
+
+namespace tierkv {
+
+typedef unsigned long long u64;
+typedef long long i64;
+typedef unsigned int u32;
+typedef unsigned short u16;
+typedef unsigned char u8;
+
+// Element types of K/V tensors (outputs of gather, inputs of ingest).
+enum { DT_BF16 = 0, DT_FP16 = 1, DT_FP32 = 2 };
+// Chunk formats: the raw ones by element type, the integer ones by bit width.
+enum { FMT_BF16 = 0, FMT_FP16 = 1, FMT_INT2 = 2, FMT_INT4 = 4, FMT_INT8 = 8 };
+
+// ---------------------------------------------------------------------------------------------
+// Layout (mirrors tierkv.formats.ChunkLayout; host and device)
+// ---------------------------------------------------------------------------------------------
+__host__ __device__ inline i64 pad16(i64 x) { return (x + 15) & ~(i64)15; }
+
+struct IntLayout {
+  i64 kc, ks, kz, vc, vs, vz, bytes;  // section offsets inside a head block, and its size
+};
+
+// Head block of an integer format: K codes, K scale, K zero, V codes, V scale, V zero.
+__host__ __device__ inline IntLayout int_layout(i64 n, i64 d, i64 bits, i64 ngroups) {
+  IntLayout l;
+  const i64 codes = n * d * bits / 8;
+  const i64 vsz = n * ngroups * 2;
+  l.kc = 0;
+  l.ks = pad16(codes);
+  l.kz = l.ks + 2 * d;  // 2*d is a multiple of 16 since d % 8 == 0
+  l.vc = l.kz + 2 * d;
+  l.vs = l.vc + pad16(codes);
+  l.vz = l.vs + pad16(vsz);
+  l.bytes = l.vz + pad16(vsz);
+  return l;
+}
+
+__host__ __device__ inline i64 head_bytes(int fmt, i64 n, i64 d, i64 group) {
+  if (fmt == FMT_BF16 || fmt == FMT_FP16) return 4 * n * d;  // K then V, n*d*2 each (a multiple of 16)
+  return int_layout(n, d, fmt, d / group).bytes;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernel arguments, passed by value (all fields 8 bytes: the cupy backend builds the same bytes)
+// ---------------------------------------------------------------------------------------------
+struct GatherArgs {
+  u64 src_ptr[TIERKV_MAX_SOURCES];   // base address of each flat uint8 source (device or pinned host)
+  u64 src_size[TIERKV_MAX_SOURCES];  // its size in bytes
+  u64 extra;     // when n_sources > TIERKV_MAX_SOURCES: device u64[2 * n_sources], pointers then sizes
+  u64 table;     // device i64 [n_entries][5]: source, byte offset of the head block, tokens, row, n0
+  u64 k_out;     // [B, H, N, D] elements of the output type, last dim contiguous
+  u64 v_out;
+  i64 n_entries;
+  i64 n_sources;
+  i64 out_b, out_h, out_n;         // B, H, N
+  i64 sk_b, sk_h, sk_n;            // k_out strides (elements)
+  i64 sv_b, sv_h, sv_n;            // v_out strides (elements)
+  i64 head_dim;
+  i64 group;                       // channels per value group (integer formats)
+  i64 parts;                       // blocks per entry (work split along the tokens)
+  i64 tile_tokens;                 // tokens per tile, a multiple of 8
+  i64 out_vec;                     // 1: both outputs allow 16-byte stores
+};
+
+struct IngestArgs {
+  u64 k, v;            // [B, H, T, D] elements of the input type, last dim contiguous
+  u64 packed;          // u8 [B, C, H * head_bytes]
+  u64 abstracts;       // [B, C, H, 2, D] in the input type, contiguous
+  i64 b, h, t, d;
+  i64 chunk;           // tokens per chunk (L)
+  i64 c;               // chunks per sequence (C = T / L)
+  i64 group;           // channels per value group (integer formats)
+  i64 sk_b, sk_h, sk_t;  // k strides (elements)
+  i64 sv_b, sv_h, sv_t;  // v strides (elements)
+  i64 head_bytes;
+  i64 in_vec;          // 1: rows of k and v allow 16-byte loads
+  i64 v_tile;          // tokens whose value scales are held in shared memory at once
+};
+
+// Tokens of values whose per-group scales an ingest block keeps in shared memory at once, and the
+// dynamic shared memory that block needs; the host sides (C++ and Python) call / mirror these.
+__host__ __device__ inline i64 ingest_v_tile(i64 chunk, i64 ngroups) {
+  i64 vt = 1024 / ngroups;
+  if (vt < 1) vt = 1;
+  return vt < chunk ? vt : chunk;
+}
+
+// Dynamic shared memory of a gather block: none for raw formats; for integer formats the K scale
+// and zero (4d bytes) and two tile buffers of tile * (2 * code bytes per token + 4 * ngroups).
+__host__ __device__ inline i64 gather_smem_bytes(int fmt, i64 d, i64 ngroups, i64 tile) {
+  if (fmt == FMT_BF16 || fmt == FMT_FP16) return 0;
+  return 4 * d + 2 * tile * (2 * (d * fmt / 8) + 4 * ngroups);
+}
+
+__host__ __device__ inline i64 ingest_smem_bytes(i64 d, i64 ngroups, i64 v_tile) {
+  const i64 upr = d / 8;
+  const i64 rows = TIERKV_THREADS / upr;
+  return 8 * rows * d + 8 * d + 8 * v_tile * ngroups;  // partial min/max, K scale/zero, V scale/zero
+}
+
+// ---------------------------------------------------------------------------------------------
+// Conversions (PTX: no cuda_fp16.h under NVRTC). All narrowing is round-to-nearest-even.
+// ---------------------------------------------------------------------------------------------
+__device__ __forceinline__ float bf16_to_f32(u32 h) { return __uint_as_float(h << 16); }
+
+__device__ __forceinline__ float f16_to_f32(u32 h) {
+  float f;
+  unsigned short hs = (unsigned short)h;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(hs));
+  return f;
+}
+
+__device__ __forceinline__ u32 f32_to_f16(float f) {
+  unsigned short h;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+  return h;
+}
+
+__device__ __forceinline__ u32 f32_to_bf16(float f) {
+  unsigned short h;
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
+  return h;
+}
+
+// Two floats -> one 32-bit word of two 16-bit values, `lo` in the low half (lower channel).
+template <int DT>
+__device__ __forceinline__ u32 pack2(float lo, float hi) {
+  u32 r;
+  if (DT == DT_BF16) {
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  } else {
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  }
+  return r;
+}
+
+template <int DT>
+__device__ __forceinline__ float half_to_f32(u32 h) {
+  return DT == DT_BF16 ? bf16_to_f32(h & 0xffffu) : f16_to_f32(h & 0xffffu);
+}
+
+template <int DT>
+__device__ __forceinline__ u32 f32_to_half(float f) {
+  return DT == DT_BF16 ? f32_to_bf16(f) : f32_to_f16(f);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Memory helpers
+// ---------------------------------------------------------------------------------------------
+// Read-only 16-byte load. Works on device memory and on pinned host memory mapped through unified
+// addressing alike (the kernel reads host-resident chunks over PCIe itself, no staging copy).
+__device__ __forceinline__ uint4 ld16(const u8* p) {
+  uint4 r;
+  asm volatile("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+               : "l"(p));
+  return r;
+}
+
+// The same 16 bytes from an address of any alignment (the slow path for oddly placed chunks).
+__device__ __forceinline__ uint4 ld16_bytes(const u8* p) {
+  u32 w[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+    w[i] = (u32)p[4 * i] | ((u32)p[4 * i + 1] << 8) | ((u32)p[4 * i + 2] << 16) | ((u32)p[4 * i + 3] << 24);
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+__device__ __forceinline__ u64 to_global(const void* p) {
+  u64 g;
+  asm("cvta.to.global.u64 %0, %1;" : "=l"(g) : "l"(p));
+  return g;
+}
+
+// 8 consecutive 16-bit outputs; `vec` says the address allows one 16-byte store.
+__device__ __forceinline__ void st16(u16* p, uint4 v, bool vec) {
+  if (vec) {
+    asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(to_global(p)), "r"(v.x), "r"(v.y), "r"(v.z),
+                 "r"(v.w)
+                 : "memory");
+  } else {
+    const u32 w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      p[2 * i] = (u16)(w[i] & 0xffffu);
+      p[2 * i + 1] = (u16)(w[i] >> 16);
+    }
+  }
+}
+
+__device__ __forceinline__ u32 smem_addr(const void* p) {
+  u64 a;
+  asm("cvta.to.shared.u64 %0, %1;" : "=l"(a) : "l"(p));
+  return (u32)a;
+}
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(smem)), "l"(to_global(gmem)) : "memory");
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Gather: table entries
+// ---------------------------------------------------------------------------------------------
+struct Entry {
+  const u8* base;  // head block
+  i64 n, n0;
+  u16* k;          // first output element of this entry's row at token n0 (K and V)
+  u16* v;
+  bool ok;
+};
+
+// Reads and checks table row e. An entry that would read or write out of bounds is skipped (the
+// host validates tables when asked; the kernel only refuses to touch memory it was not given).
+__device__ __forceinline__ Entry read_entry(const GatherArgs& a, i64 e, int fmt) {
+  Entry en;
+  const i64* row = reinterpret_cast<const i64*>(a.table) + e * 5;
+  const i64 s = row[0], off = row[1], n = row[2], dst = row[3], n0 = row[4];
+  en.ok = false;
+  en.n = n;
+  en.n0 = n0;
+  if (s < 0 || s >= a.n_sources || n < 1 || off < 0 || dst < 0 || dst >= a.out_b * a.out_h || n0 < 0 ||
+      n > a.out_n || n0 > a.out_n - n)
+    return en;
+  u64 ptr, size;
+  if (s < TIERKV_MAX_SOURCES) {
+    ptr = a.src_ptr[s];
+    size = a.src_size[s];
+  } else {
+    const u64* extra = reinterpret_cast<const u64*>(a.extra);
+    ptr = extra[s];
+    size = extra[a.n_sources + s];
+  }
+  const i64 hb = head_bytes(fmt, n, a.head_dim, a.group);
+  if (ptr == 0 || (u64)hb > size || (u64)off > size - (u64)hb) return en;
+  en.base = reinterpret_cast<const u8*>(ptr) + off;
+  const i64 b = dst / a.out_h, h = dst - b * a.out_h;
+  en.k = reinterpret_cast<u16*>(a.k_out) + b * a.sk_b + h * a.sk_h + n0 * a.sk_n;
+  en.v = reinterpret_cast<u16*>(a.v_out) + b * a.sv_b + h * a.sv_h + n0 * a.sv_n;
+  en.ok = true;
+  return en;
+}
+
+// Token range [t0, t1) of part `part` of an entry of n tokens, split in whole tiles.
+__device__ __forceinline__ void part_tiles(i64 n, i64 tile, i64 parts, i64 part, i64& tile0, i64& tile1) {
+  const i64 nt = (n + tile - 1) / tile;
+  tile0 = nt * part / parts;
+  tile1 = nt * (part + 1) / parts;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Gather, raw formats: each thread moves 8 channels (16 bytes) of one token row at a time; rows of
+// K and V of the part are one loop so both are in flight together.
+// ---------------------------------------------------------------------------------------------
+template <int SRC, int OUT>
+__device__ __forceinline__ uint4 convert8(uint4 x) {
+  if (SRC == OUT) return x;
+  const u32 w[4] = {x.x, x.y, x.z, x.w};
+  u32 r[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) r[i] = pack2<OUT>(half_to_f32<SRC>(w[i]), half_to_f32<SRC>(w[i] >> 16));
+  return make_uint4(r[0], r[1], r[2], r[3]);
+}
+
+template <int SRC, int OUT, bool FAST>
+__device__ __forceinline__ void gather_raw_rows(const GatherArgs& a, const Entry& en, i64 t0, int np) {
+  const int d = (int)a.head_dim;
+  const int upr = d / 8;
+  const int rows = TIERKV_THREADS / upr;
+  const int ro = threadIdx.x / upr;
+  const int col = threadIdx.x - ro * upr;
+  if (ro >= rows) return;
+  const i64 row_bytes = (i64)d * 2;
+  const u8* ksrc = en.base + t0 * row_bytes + col * 16;
+  const u8* vsrc = ksrc + en.n * row_bytes;
+  u16* kdst = en.k + t0 * a.sk_n + col * 8;
+  u16* vdst = en.v + t0 * a.sv_n + col * 8;
+  const int total = 2 * np;
+  const int U = 4;
+  for (int r0 = ro; r0 < total; r0 += rows * U) {
+    uint4 x[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int r = r0 + u * rows;
+      if (r < total) {
+        const bool isv = r >= np;
+        const int t = isv ? r - np : r;
+        const u8* p = (isv ? vsrc : ksrc) + t * row_bytes;
+        x[u] = FAST ? ld16(p) : ld16_bytes(p);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int r = r0 + u * rows;
+      if (r < total) {
+        const bool isv = r >= np;
+        const int t = isv ? r - np : r;
+        u16* q = isv ? vdst + t * a.sv_n : kdst + t * a.sk_n;
+        st16(q, convert8<SRC, OUT>(x[u]), FAST);
+      }
+    }
+  }
+}
+
+template <int SRC, int OUT>
+__global__ void __launch_bounds__(TIERKV_THREADS) gather_raw(const __grid_constant__ GatherArgs a) {
+  const u32 e = (u32)blockIdx.x / (u32)a.parts;
+  const u32 part = (u32)blockIdx.x - e * (u32)a.parts;
+  const Entry en = read_entry(a, e, SRC == DT_BF16 ? FMT_BF16 : FMT_FP16);
+  if (!en.ok) return;
+  i64 tile0, tile1;
+  part_tiles(en.n, a.tile_tokens, a.parts, part, tile0, tile1);
+  const i64 t0 = tile0 * a.tile_tokens;
+  const i64 t1 = tile1 * a.tile_tokens < en.n ? tile1 * a.tile_tokens : en.n;
+  if (t0 >= t1) return;
+  const bool fast = a.out_vec && ((reinterpret_cast<u64>(en.base) & 15) == 0);
+  if (fast)
+    gather_raw_rows<SRC, OUT, true>(a, en, t0, (int)(t1 - t0));
+  else
+    gather_raw_rows<SRC, OUT, false>(a, en, t0, (int)(t1 - t0));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Gather, integer formats. A block stages a tile of the head block (codes and scales of TT tokens,
+// all 16-byte aligned segments) into shared memory with asynchronous 16-byte copies, the next tile
+// in flight while the current one is decoded; each thread then decodes 8 channels of a token row
+// into one 16-byte store. Coalesced wide reads suit PCIe (host sources) and HBM alike; the decode
+// pattern is free of the load pattern.
+// ---------------------------------------------------------------------------------------------
+// Copies four byte segments (sizes multiples of 16) of a head block into shared memory, one flat
+// loop so all threads share the work; 16-byte asynchronous copies when the block is aligned.
+struct Segments {
+  const u8* src0; const u8* src1; const u8* src2; const u8* src3;
+  int end0, end1, end2, end3;  // cumulative sizes
+  int at1, at2, at3;           // destination offsets of segments 1..3 (segment 0 at 0)
+};
+
+__device__ __forceinline__ void seg_locate(const Segments& s, int i, const u8*& src, int& dst) {
+  // segment of flat byte i: select chains, no indexed arrays (they would go to local memory)
+  if (i < s.end0) { src = s.src0 + i; dst = i; }
+  else if (i < s.end1) { src = s.src1 + (i - s.end0); dst = s.at1 + (i - s.end0); }
+  else if (i < s.end2) { src = s.src2 + (i - s.end1); dst = s.at2 + (i - s.end1); }
+  else { src = s.src3 + (i - s.end2); dst = s.at3 + (i - s.end2); }
+}
+
+__device__ __forceinline__ void stage_segments(u8* smem_dst, const Segments& s, bool aligned) {
+  if (aligned) {
+    for (int i = threadIdx.x * 16; i < s.end3; i += TIERKV_THREADS * 16) {
+      const u8* src; int dst;
+      seg_locate(s, i, src, dst);
+      cp_async16(smem_dst + dst, src);
+    }
+  } else {
+    for (int i = threadIdx.x; i < s.end3; i += TIERKV_THREADS) {
+      const u8* src; int dst;
+      seg_locate(s, i, src, dst);
+      smem_dst[dst] = *src;
+    }
+  }
+}
+
+template <int BITS>
+__device__ __forceinline__ float code_at(u32 lo, u32 hi, int j) {
+  // channel j (0..7) of 8 channels whose codes are in lo (and hi for 8-bit codes)
+  if (BITS == 8) return (float)(((j < 4 ? lo : hi) >> (8 * (j & 3))) & 0xffu);
+  return (float)((lo >> (BITS * j)) & ((1u << BITS) - 1u));
+}
+
+template <int BITS>
+__device__ __forceinline__ void smem_codes(const u8* p, u32& lo, u32& hi) {
+  // 8 channels of codes: BITS bytes, aligned to BITS
+  if (BITS == 8) {
+    const uint2 w = *reinterpret_cast<const uint2*>(p);
+    lo = w.x;
+    hi = w.y;
+  } else if (BITS == 4) {
+    lo = *reinterpret_cast<const u32*>(p);
+    hi = 0;
+  } else {
+    lo = *reinterpret_cast<const u16*>(p);
+    hi = 0;
+  }
+}
+
+template <int BITS, int OUT>
+__device__ __forceinline__ uint4 dequant8(u32 lo, u32 hi, const float s[8], const float z[8]) {
+  float y[8];
+#pragma unroll
+  for (int j = 0; j < 8; ++j) y[j] = __fadd_rn(__fmul_rn(code_at<BITS>(lo, hi, j), s[j]), z[j]);
+  return make_uint4(pack2<OUT>(y[0], y[1]), pack2<OUT>(y[2], y[3]), pack2<OUT>(y[4], y[5]), pack2<OUT>(y[6], y[7]));
+}
+
+template <int BITS, int OUT>
+__global__ void __launch_bounds__(TIERKV_THREADS) gather_int(const __grid_constant__ GatherArgs a) {
+  extern __shared__ uint4 smem4[];
+  u8* smem = reinterpret_cast<u8*>(smem4);
+  const u32 e = (u32)blockIdx.x / (u32)a.parts;
+  const u32 part = (u32)blockIdx.x - e * (u32)a.parts;
+  const Entry en = read_entry(a, e, BITS);
+  if (!en.ok) return;
+  const int TT = (int)a.tile_tokens;
+  i64 tile0l, tile1l;
+  part_tiles(en.n, TT, a.parts, part, tile0l, tile1l);
+  const int tile0 = (int)tile0l, tile1 = (int)tile1l;
+  if (tile0 >= tile1) return;
+
+  const int d = (int)a.head_dim;
+  const int g = (int)a.group;
+  const int ng = d / g;
+  const int R = d * BITS / 8;  // code bytes of one token row
+  const IntLayout L = int_layout(en.n, d, BITS, ng);
+  const int n = (int)en.n;
+  const bool aligned = (reinterpret_cast<u64>(en.base) & 15) == 0;
+
+  // shared memory: K scale+zero (4d bytes), then two tile buffers of TT*(2R + 4ng) bytes:
+  // K codes [TT][R], V codes [TT][R], V scale [TT][ng], V zero [TT][ng]
+  const int buf_bytes = TT * (2 * R + 4 * ng);
+  u8* const buf0 = smem + 4 * d;
+
+  Segments seg;
+  seg.src0 = en.base + L.ks;  // K scale and zero are adjacent: one segment of 4d bytes
+  seg.end0 = seg.end1 = seg.end2 = seg.end3 = 4 * d;
+  seg.src1 = seg.src2 = seg.src3 = en.base;
+  seg.at1 = seg.at2 = seg.at3 = 0;
+  stage_segments(smem, seg, aligned);
+
+  seg.at1 = TT * R;
+  seg.at2 = 2 * TT * R;
+  seg.at3 = 2 * TT * R + TT * ng * 2;
+  auto issue = [&](int tile) {
+    const int ta = tile * TT;
+    const int tn = n - ta < TT ? n - ta : TT;
+    const int cb = (int)pad16((i64)tn * R), sb = (int)pad16((i64)tn * ng * 2);
+    seg.src0 = en.base + L.kc + (i64)ta * R;
+    seg.src1 = en.base + L.vc + (i64)ta * R;
+    seg.src2 = en.base + L.vs + (i64)ta * ng * 2;
+    seg.src3 = en.base + L.vz + (i64)ta * ng * 2;
+    seg.end0 = cb;
+    seg.end1 = 2 * cb;
+    seg.end2 = 2 * cb + sb;
+    seg.end3 = 2 * cb + 2 * sb;
+    stage_segments(buf0 + ((tile - tile0) & 1) * buf_bytes, seg, aligned);
+  };
+  issue(tile0);
+  cp_async_commit();
+
+  const int upr = d / 8;
+  const int rows = TIERKV_THREADS / upr;
+  const int ro = threadIdx.x / upr;
+  const int col = threadIdx.x - ro * upr;
+  const bool active = ro < rows;
+  const bool vec = a.out_vec != 0;
+  const bool one_group = (g % 8) == 0;  // a thread's 8 channels share one value group
+  const int vg = (col * 8) / g;         // that group, when they do
+  float ks[8], kz[8];
+
+  for (int tile = tile0; tile < tile1; ++tile) {
+    if (tile + 1 < tile1) {
+      issue(tile + 1);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    if (active) {
+      if (tile == tile0) {
+        const uint4 sv = *reinterpret_cast<const uint4*>(smem + col * 16);
+        const uint4 zv = *reinterpret_cast<const uint4*>(smem + 2 * d + col * 16);
+        const u32 sw[4] = {sv.x, sv.y, sv.z, sv.w}, zw[4] = {zv.x, zv.y, zv.z, zv.w};
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          ks[2 * i] = f16_to_f32(sw[i] & 0xffffu);
+          ks[2 * i + 1] = f16_to_f32(sw[i] >> 16);
+          kz[2 * i] = f16_to_f32(zw[i] & 0xffffu);
+          kz[2 * i + 1] = f16_to_f32(zw[i] >> 16);
+        }
+      }
+      const u8* buf = buf0 + ((tile - tile0) & 1) * buf_bytes;
+      const int ta = tile * TT;
+      const int tn = n - ta < TT ? n - ta : TT;
+      const u8* kc = buf + col * BITS;
+      const u8* vc = buf + TT * R + col * BITS;
+      const u16* vs = reinterpret_cast<const u16*>(buf + 2 * TT * R);
+      const u16* vz = reinterpret_cast<const u16*>(buf + 2 * TT * R + TT * ng * 2);
+      u16* kdst = en.k + (i64)ta * a.sk_n + col * 8;
+      u16* vdst = en.v + (i64)ta * a.sv_n + col * 8;
+      for (int t = ro; t < tn; t += rows) {
+        u32 lo, hi;
+        smem_codes<BITS>(kc + t * R, lo, hi);
+        st16(kdst + (i64)t * a.sk_n, dequant8<BITS, OUT>(lo, hi, ks, kz), vec);
+      }
+      if (one_group) {
+        for (int t = ro; t < tn; t += rows) {
+          u32 lo, hi;
+          smem_codes<BITS>(vc + t * R, lo, hi);
+          const float s0 = f16_to_f32(vs[t * ng + vg]), z0 = f16_to_f32(vz[t * ng + vg]);
+          const float s[8] = {s0, s0, s0, s0, s0, s0, s0, s0}, z[8] = {z0, z0, z0, z0, z0, z0, z0, z0};
+          st16(vdst + (i64)t * a.sv_n, dequant8<BITS, OUT>(lo, hi, s, z), vec);
+        }
+      } else {
+        for (int t = ro; t < tn; t += rows) {
+          u32 lo, hi;
+          smem_codes<BITS>(vc + t * R, lo, hi);
+          float s[8], z[8];
+#pragma unroll
+          for (int j = 0; j < 8; ++j) {
+            const int gi = t * ng + (col * 8 + j) / g;
+            s[j] = f16_to_f32(vs[gi]);
+            z[j] = f16_to_f32(vz[gi]);
+          }
+          st16(vdst + (i64)t * a.sv_n, dequant8<BITS, OUT>(lo, hi, s, z), vec);
+        }
+      }
+    }
+    __syncthreads();
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Ingest: one block per (sequence, chunk, KV head) head block. K is read for its per-channel
+// min/max (the abstract, and the KIVI key scales), then K and V are quantized tile by tile; value
+// groups' scales are computed into shared memory first. Raw formats convert and copy in the same
+// pass as the min/max.
+// ---------------------------------------------------------------------------------------------
+template <int IN>
+__device__ __forceinline__ void load8(const void* p, bool vec, float x[8]) {
+  if (IN == DT_FP32) {
+    const float* f = reinterpret_cast<const float*>(p);
+    if (vec) {
+      const float4 a = *reinterpret_cast<const float4*>(f);
+      const float4 b = *reinterpret_cast<const float4*>(f + 4);
+      x[0] = a.x; x[1] = a.y; x[2] = a.z; x[3] = a.w; x[4] = b.x; x[5] = b.y; x[6] = b.z; x[7] = b.w;
+    } else {
+#pragma unroll
+      for (int j = 0; j < 8; ++j) x[j] = f[j];
+    }
+  } else {
+    const u16* h = reinterpret_cast<const u16*>(p);
+    if (vec) {
+      const uint4 w = *reinterpret_cast<const uint4*>(h);
+      const u32 ws[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        x[2 * i] = half_to_f32<IN>(ws[i]);
+        x[2 * i + 1] = half_to_f32<IN>(ws[i] >> 16);
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < 8; ++j) x[j] = half_to_f32<IN>(h[j]);
+    }
+  }
+}
+
+template <int IN>
+__device__ __forceinline__ float load1(const void* p, i64 i) {
+  if (IN == DT_FP32) return reinterpret_cast<const float*>(p)[i];
+  return half_to_f32<IN>(reinterpret_cast<const u16*>(p)[i]);
+}
+
+// torch.amin / amax propagate NaN; so do these.
+__device__ __forceinline__ float min_nan(float a, float b) { return (b < a || b != b) ? b : a; }
+__device__ __forceinline__ float max_nan(float a, float b) { return (b > a || b != b) ? b : a; }
+
+// scale = fp16(min((hi - lo) / q, 65504)), zero = fp16(clamp(lo, -65504, 65504)); comparisons
+// written so NaN passes through as torch.clamp lets it.
+__device__ __forceinline__ void quant_params(float lo, float hi, float q, u32& s16, u32& z16) {
+  float s = __fdiv_rn(__fsub_rn(hi, lo), q);
+  s = s > 65504.0f ? 65504.0f : s;
+  float z = lo < -65504.0f ? -65504.0f : lo;
+  z = z > 65504.0f ? 65504.0f : z;
+  s16 = f32_to_f16(s);
+  z16 = f32_to_f16(z);
+}
+
+// code = clamp(round_half_even((x - zero) / scale), 0, q), 0 where scale == 0 (s, z already fp16-rounded)
+__device__ __forceinline__ u32 quant_code(float x, float s, float z, float q) {
+  if (!(s > 0.0f)) return 0u;
+  float c = rintf(__fdiv_rn(__fsub_rn(x, z), s));
+  c = fminf(fmaxf(c, 0.0f), q);
+  return (u32)c;
+}
+
+template <int IN>
+__device__ __forceinline__ void store_abstract(void* base, i64 i, float f) {
+  if (IN == DT_FP32) reinterpret_cast<float*>(base)[i] = f;
+  else reinterpret_cast<u16*>(base)[i] = (u16)f32_to_half<IN>(f);
+}
+
+template <int IN, int FMT>
+__global__ void __launch_bounds__(TIERKV_THREADS) ingest(const __grid_constant__ IngestArgs a) {
+  extern __shared__ uint4 smem4[];
+  float* smem = reinterpret_cast<float*>(smem4);
+  const int d = (int)a.d;
+  const int L = (int)a.chunk;
+  const int upr = d / 8;
+  const int rows = TIERKV_THREADS / upr;
+  const int ro = threadIdx.x / upr;
+  const int col = threadIdx.x - ro * upr;
+  const bool active = ro < rows;
+  const bool vec = a.in_vec != 0;
+  const int es = IN == DT_FP32 ? 4 : 2;
+
+  const i64 blk = blockIdx.x;  // ((b * C) + c) * H + h
+  const i64 h = blk % a.h;
+  const i64 c = (blk / a.h) % a.c;
+  const i64 b = blk / (a.h * a.c);
+  const u8* kin = reinterpret_cast<const u8*>(a.k) + (b * a.sk_b + h * a.sk_h + c * L * a.sk_t) * es;
+  const u8* vin = reinterpret_cast<const u8*>(a.v) + (b * a.sv_b + h * a.sv_h + c * L * a.sv_t) * es;
+  u8* out = reinterpret_cast<u8*>(a.packed) + blk * a.head_bytes;
+  u8* abs_out = reinterpret_cast<u8*>(a.abstracts) + blk * 2 * d * es;
+
+  float* red_min = smem;                  // [rows][d]
+  float* red_max = smem + rows * d;       // [rows][d]
+  float* kf = smem + 2 * rows * d;        // K scale [d], zero [d] as floats
+  float* vf = kf + 2 * d;                 // V scale [v_tile * ng], zero [v_tile * ng]
+
+  // pass 1: per-channel min/max of K (and, for raw formats, the converted copy of K and V)
+  float mn[8], mx[8];
+#pragma unroll
+  for (int j = 0; j < 8; ++j) { mn[j] = __int_as_float(0x7f800000); mx[j] = -__int_as_float(0x7f800000); }
+  if (active) {
+    for (int t = ro; t < L; t += rows) {
+      float x[8];
+      load8<IN>(kin + ((i64)t * a.sk_t + col * 8) * es, vec, x);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) { mn[j] = min_nan(mn[j], x[j]); mx[j] = max_nan(mx[j], x[j]); }
+      if (FMT == FMT_BF16 || FMT == FMT_FP16) {
+        const int DT = FMT == FMT_BF16 ? DT_BF16 : DT_FP16;
+        const uint4 o = make_uint4(pack2<DT>(x[0], x[1]), pack2<DT>(x[2], x[3]), pack2<DT>(x[4], x[5]),
+                                   pack2<DT>(x[6], x[7]));
+        *reinterpret_cast<uint4*>(out + (i64)t * d * 2 + col * 16) = o;
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      red_min[ro * d + col * 8 + j] = mn[j];
+      red_max[ro * d + col * 8 + j] = mx[j];
+    }
+    if (FMT == FMT_BF16 || FMT == FMT_FP16) {
+      const int DT = FMT == FMT_BF16 ? DT_BF16 : DT_FP16;
+      for (int t = ro; t < L; t += rows) {
+        float x[8];
+        load8<IN>(vin + ((i64)t * a.sv_t + col * 8) * es, vec, x);
+        const uint4 o = make_uint4(pack2<DT>(x[0], x[1]), pack2<DT>(x[2], x[3]), pack2<DT>(x[4], x[5]),
+                                   pack2<DT>(x[6], x[7]));
+        *reinterpret_cast<uint4*>(out + (i64)L * d * 2 + (i64)t * d * 2 + col * 16) = o;
+      }
+    }
+  }
+  __syncthreads();
+
+  const int rows_used = rows < L ? rows : L;  // rows >= L never wrote partials
+  const float q = (float)((1 << (FMT == FMT_BF16 || FMT == FMT_FP16 ? 1 : FMT)) - 1);
+  IntLayout lay = int_layout(L, d, FMT, d / (int)a.group);
+  for (int ch = threadIdx.x; ch < d; ch += TIERKV_THREADS) {
+    float lo = red_min[ch], hi = red_max[ch];
+    for (int r = 1; r < rows_used; ++r) {
+      lo = min_nan(lo, red_min[r * d + ch]);
+      hi = max_nan(hi, red_max[r * d + ch]);
+    }
+    store_abstract<IN>(abs_out, ch, lo);
+    store_abstract<IN>(abs_out, d + ch, hi);
+    if (FMT != FMT_BF16 && FMT != FMT_FP16) {
+      u32 s16, z16;
+      quant_params(lo, hi, q, s16, z16);
+      reinterpret_cast<u16*>(out + lay.ks)[ch] = (u16)s16;
+      reinterpret_cast<u16*>(out + lay.kz)[ch] = (u16)z16;
+      kf[ch] = f16_to_f32(s16);
+      kf[d + ch] = f16_to_f32(z16);
+    }
+  }
+  if (FMT == FMT_BF16 || FMT == FMT_FP16) return;  // raw head blocks have no padding
+
+  const int BITS = FMT;
+  const int g = (int)a.group;
+  const int ng = d / g;
+  const int R = d * BITS / 8;
+  // zero the padding after each section that does not end on 16 bytes
+  {
+    const i64 codes = (i64)L * R, vsz = (i64)L * ng * 2;
+    const int pc = (int)(pad16(codes) - codes), pv = (int)(pad16(vsz) - vsz);
+    const int tid = threadIdx.x;
+    if (tid < pc) { out[lay.kc + codes + tid] = 0; out[lay.vc + codes + tid] = 0; }
+    if (tid < pv) { out[lay.vs + vsz + tid] = 0; out[lay.vz + vsz + tid] = 0; }
+  }
+  const int VT = (int)a.v_tile;
+  const bool one_group = (g % 8) == 0;
+  for (int t0 = 0; t0 < L; t0 += VT) {
+    const int tn = L - t0 < VT ? L - t0 : VT;
+    __syncthreads();  // K scales visible (first tile); previous tile's V scales no longer read
+    // value groups of this tile: min/max over g channels of one token
+    for (int it = threadIdx.x; it < tn * ng; it += TIERKV_THREADS) {
+      const int t = it / ng, gi = it - t * ng;
+      const u8* p = vin + ((i64)(t0 + t) * a.sv_t + (i64)gi * g) * es;
+      float lo = __int_as_float(0x7f800000), hi = -__int_as_float(0x7f800000);
+      if (one_group && vec) {
+        for (int j = 0; j < g; j += 8) {
+          float x[8];
+          load8<IN>(p + (i64)j * es, true, x);
+#pragma unroll
+          for (int k = 0; k < 8; ++k) { lo = min_nan(lo, x[k]); hi = max_nan(hi, x[k]); }
+        }
+      } else {
+        for (int j = 0; j < g; ++j) {
+          const float x = load1<IN>(p, j);
+          lo = min_nan(lo, x);
+          hi = max_nan(hi, x);
+        }
+      }
+      u32 s16, z16;
+      quant_params(lo, hi, q, s16, z16);
+      reinterpret_cast<u16*>(out + lay.vs)[(i64)(t0 + t) * ng + gi] = (u16)s16;
+      reinterpret_cast<u16*>(out + lay.vz)[(i64)(t0 + t) * ng + gi] = (u16)z16;
+      vf[it] = f16_to_f32(s16);
+      vf[VT * ng + it] = f16_to_f32(z16);
+    }
+    __syncthreads();
+    if (active) {
+      for (int r = ro; r < 2 * tn; r += rows) {
+        const bool isv = r >= tn;
+        const int t = isv ? r - tn : r;
+        float x[8], s[8], z[8];
+        if (isv) {
+          load8<IN>(vin + ((i64)(t0 + t) * a.sv_t + col * 8) * es, vec, x);
+#pragma unroll
+          for (int j = 0; j < 8; ++j) {
+            const int gi = t * ng + (col * 8 + j) / g;
+            s[j] = vf[gi];
+            z[j] = vf[VT * ng + gi];
+          }
+        } else {
+          load8<IN>(kin + ((i64)(t0 + t) * a.sk_t + col * 8) * es, vec, x);
+#pragma unroll
+          for (int j = 0; j < 8; ++j) { s[j] = kf[col * 8 + j]; z[j] = kf[d + col * 8 + j]; }
+        }
+        u32 lo = 0, hi = 0;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          const u32 cj = quant_code(x[j], s[j], z[j], q);
+          if (BITS == 8) {
+            if (j < 4) lo |= cj << (8 * j); else hi |= cj << (8 * (j - 4));
+          } else {
+            lo |= cj << (BITS * j);
+          }
+        }
+        u8* dst = out + (isv ? lay.vc : lay.kc) + (i64)(t0 + t) * R + col * BITS;
+        if (BITS == 8) *reinterpret_cast<uint2*>(dst) = make_uint2(lo, hi);
+        else if (BITS == 4) *reinterpret_cast<u32*>(dst) = lo;
+        else *reinterpret_cast<u16*>(dst) = (u16)lo;
+      }
+    }
+  }
+}
+
+}  // namespace tierkv
+
+#endif  // TIERKV_KERNELS_CUH

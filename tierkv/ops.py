@@ -1,0 +1,389 @@
+"""Kernel dispatch: the compiled extension, else the cupy JIT of the same CUDA source, else torch.
+
+Two operations, each with a plain-torch reference beside it (the definition the kernels are held to,
+bit for bit, and what runs on the CPU):
+
+gather(sources, table, fmt, head_dim, group_size, k_out, v_out)
+    Decodes selected chunks straight into dense K and V [B, H_kv, N, D] in one launch. `sources` are
+    flat uint8 tensors holding packed chunks (formats.ChunkLayout), on the output's GPU or in pinned
+    host memory, which the kernel reads itself over PCIe (no staging copy); one call may mix both.
+    `table` is an int64 [E, 5] tensor on the output's device, one row per (sequence b, KV head h,
+    chunk) written:
+        (source index, byte offset of the head block in that source, n_tokens, b * H_kv + h, n0)
+    where the head block offset is the chunk's offset + h * ChunkLayout(fmt, n_tokens, ...).head_bytes.
+    Row (b, h) of the outputs receives the chunk's n_tokens tokens at [n0, n0 + n_tokens); nothing
+    else of the outputs is written. make_table() builds the table with tensor ops (no per-chunk
+    Python loop), dest_offsets() packs chunks of one row one after another.
+
+ingest(k, v, chunk_len, fmt, group_size) -> (packed [B, C, nbytes] uint8, abstracts [B, C, H, 2, D])
+    Cuts fresh K/V [B, H, T, D] into C = T / chunk_len chunks, encodes each (formats.encode) and
+    computes its abstract (abstracts.chunk_abstract) in one fused pass.
+
+Backends: backend() names the best available for CUDA tensors ("ext", "cupy" or "torch");
+TIERKV_BACKEND=ext|cupy|torch forces one (BackendError if it cannot be had). CPU tensors always take
+the torch reference. Kernels run on torch's current CUDA stream.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from .abstracts import chunk_abstract
+from .config import FORMATS
+from .errors import BackendError, FormatError
+from .formats import BITS, OUT_DTYPES, ChunkLayout, decode, encode, is_quantized
+
+BACKENDS = ("ext", "cupy", "torch")
+THREADS = 256  # TIERKV_THREADS in csrc/tierkv_kernels.cuh
+MAX_SOURCES = 64  # TIERKV_MAX_SOURCES: more are passed through a device array
+MAX_HEAD_DIM = 1024  # TIERKV_MAX_HEAD_DIM
+FMT_CODES = {"bf16": 0, "fp16": 1, "int2": 2, "int4": 4, "int8": 8}
+DTYPE_CODES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
+IN_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+IntOrTensor = Union[int, torch.Tensor]
+
+
+# --- backend choice -----------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _ext_missing() -> Optional[str]:
+    """Why the compiled extension cannot run here, or None if it can (probed once per process)."""
+    if not torch.cuda.is_available():
+        return "CUDA is not available to torch"
+    try:
+        importlib.import_module("tierkv._C")
+    except ImportError as e:
+        return f"the extension tierkv._C is not built ({e}); build it with `pip install --no-build-isolation -e .` beside a CUDA torch and nvcc"
+    if not hasattr(torch.ops.tierkv, "gather"):
+        return "tierkv._C loaded but registered no tierkv ops"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _cupy_missing() -> Optional[str]:
+    if not torch.cuda.is_available():
+        return "CUDA is not available to torch"
+    from . import _cupy_backend
+
+    return _cupy_backend.missing()
+
+
+def _missing(name: str) -> Optional[str]:
+    if name == "ext":
+        return _ext_missing()
+    if name == "cupy":
+        return _cupy_missing()
+    return None
+
+
+def backend() -> str:
+    """The kernel backend used for CUDA tensors: "ext", "cupy" or "torch" (TIERKV_BACKEND forces one)."""
+    forced = os.environ.get("TIERKV_BACKEND", "").strip().lower()
+    if forced:
+        return _resolve(forced, "TIERKV_BACKEND")
+    for name in ("ext", "cupy"):
+        if _missing(name) is None:
+            return name
+    return "torch"
+
+
+def _resolve(name: str, what: str) -> str:
+    if name not in BACKENDS:
+        raise BackendError(f"{what}: unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
+    why = _missing(name)
+    if why is not None:
+        raise BackendError(f"{what}={name} cannot be used: {why}")
+    return name
+
+
+def available_backends() -> List[str]:
+    """Every backend that can run here, best first (torch always)."""
+    return [b for b in BACKENDS if _missing(b) is None]
+
+
+def _pick(device: torch.device, requested: Optional[str]) -> str:
+    if device.type != "cuda":
+        if requested not in (None, "torch"):
+            raise BackendError(f"backend={requested!r} needs CUDA tensors, got tensors on {device}")
+        return "torch"
+    if requested is not None:
+        return _resolve(requested, "backend")
+    return backend()
+
+
+# --- layout helpers -------------------------------------------------------------------------------
+def _group(fmt: str, head_dim: int, group_size: int) -> int:
+    """Channels per value group as the kernels use it (ChunkLayout.group; head_dim for raw formats)."""
+    layout = ChunkLayout(fmt, 1, 1, head_dim, group_size)  # validates fmt, head_dim, group_size
+    return layout.group if is_quantized(fmt) else head_dim
+
+
+def _pad16(x: IntOrTensor) -> IntOrTensor:
+    return (x + 15) // 16 * 16
+
+
+def head_bytes(n_tokens: IntOrTensor, fmt: str, head_dim: int, group_size: int = 32) -> IntOrTensor:
+    """ChunkLayout(fmt, n_tokens, 1, head_dim, group_size).head_bytes, for an int or element-wise for a tensor."""
+    g = _group(fmt, head_dim, group_size)
+    if not is_quantized(fmt):
+        return 4 * n_tokens * head_dim
+    codes = n_tokens * head_dim * BITS[fmt] // 8
+    vsz = n_tokens * (head_dim // g) * 2
+    return 2 * _pad16(codes) + 4 * head_dim + 2 * _pad16(vsz)
+
+
+def make_table(
+    source: IntOrTensor,
+    chunk_offset: IntOrTensor,
+    n_tokens: IntOrTensor,
+    batch: IntOrTensor,
+    head: IntOrTensor,
+    n0: IntOrTensor,
+    *,
+    n_kv_heads: int,
+    fmt: str,
+    head_dim: int,
+    group_size: int = 32,
+    device: Optional[Union[str, torch.device]] = None,
+) -> torch.Tensor:
+    """The gather table, one row per (sequence, KV head, chunk), from broadcastable 1-D int tensors.
+
+    source:       index into the `sources` list of the chunk's buffer.
+    chunk_offset: byte offset of the chunk (all heads) in that buffer; the head's block is found at
+                  chunk_offset + head * head_bytes(n_tokens).
+    n_tokens:     tokens of the chunk; batch, head: where it goes; n0: first token row in the output.
+    """
+    cols = [torch.as_tensor(x, dtype=torch.int64) for x in (source, chunk_offset, n_tokens, batch, head, n0)]
+    if device is None:
+        device = next((c.device for c in cols if c.dim() > 0), cols[0].device)
+    cols = [c.to(device) for c in cols]
+    src, off, n, b, h, start = torch.broadcast_tensors(*cols)
+    if src.dim() != 1:
+        raise FormatError(f"make_table: expected 1-D columns, got shape {tuple(src.shape)}")
+    offset = off + h * head_bytes(n, fmt, head_dim, group_size)
+    return torch.stack((src, offset, n, b * n_kv_heads + h, start), dim=1).contiguous()
+
+
+def dest_offsets(n_tokens: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+    """n0 for entries grouped by output row: each row's chunks packed one after another from 0."""
+    n = torch.as_tensor(n_tokens, dtype=torch.int64)
+    r = torch.as_tensor(row, dtype=torch.int64).to(n.device)
+    if n.numel() == 0:
+        return n.clone()
+    before = torch.cumsum(n, 0) - n
+    first = torch.ones_like(r, dtype=torch.bool)
+    first[1:] = r[1:] != r[:-1]
+    run = torch.cumsum(first.to(torch.int64), 0) - 1
+    return before - before[first][run]
+
+
+# --- validation -----------------------------------------------------------------------------------
+def _check_gather(sources, table, fmt, head_dim, group_size, k_out, v_out, kernel: bool) -> int:
+    if fmt not in FORMATS:
+        raise FormatError(f"fmt: unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    if not isinstance(head_dim, int) or head_dim < 8 or head_dim % 8 or head_dim > MAX_HEAD_DIM:
+        raise FormatError(f"head_dim: expected a multiple of 8 in [8, {MAX_HEAD_DIM}], got {head_dim!r}")
+    g = _group(fmt, head_dim, group_size)
+    for name, t in (("k_out", k_out), ("v_out", v_out)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.shape[-1] != head_dim:
+            raise FormatError(f"{name}: expected a tensor [B, H_kv, N, {head_dim}], got {getattr(t, 'shape', t)!r}")
+        if t.dtype not in OUT_DTYPES:
+            raise FormatError(f"{name}: expected bfloat16 or float16, got {t.dtype}")
+        if t.stride(-1) != 1:
+            raise FormatError(f"{name}: expected a contiguous last dimension, got strides {t.stride()}")
+    if k_out.shape != v_out.shape or k_out.dtype != v_out.dtype or k_out.device != v_out.device:
+        raise FormatError(
+            f"k_out {tuple(k_out.shape)} {k_out.dtype} {k_out.device} and v_out {tuple(v_out.shape)} "
+            f"{v_out.dtype} {v_out.device} must match in shape, dtype and device"
+        )
+    if not isinstance(table, torch.Tensor) or table.dtype != torch.int64 or table.dim() != 2 or table.shape[1] != 5:
+        raise FormatError(f"table: expected an int64 tensor [E, 5], got {getattr(table, 'dtype', type(table))} {tuple(getattr(table, 'shape', ()))}")
+    if not isinstance(sources, (list, tuple)):
+        raise FormatError(f"sources: expected a list of uint8 tensors, got {type(sources).__name__}")
+    for i, s in enumerate(sources):
+        if not isinstance(s, torch.Tensor) or s.dtype != torch.uint8 or s.dim() != 1:
+            raise FormatError(f"sources[{i}]: expected a 1-D uint8 tensor, got {getattr(s, 'dtype', type(s))} {tuple(getattr(s, 'shape', ()))}")
+        if kernel:
+            if not s.is_contiguous():
+                raise FormatError(f"sources[{i}]: expected a contiguous tensor")
+            if s.device.type == "cpu":
+                if not s.is_pinned():
+                    raise FormatError(f"sources[{i}]: a host source must be in pinned memory (tensor.pin_memory())")
+            elif s.device != k_out.device:
+                raise FormatError(f"sources[{i}] is on {s.device}; expected {k_out.device} or pinned host memory")
+    if kernel and table.device != k_out.device:
+        raise FormatError(f"table is on {table.device}; expected it on the output's device {k_out.device}")
+    return g
+
+
+def check_table(sources, table, fmt: str, head_dim: int, group_size: int, k_out) -> None:
+    """Host-side check of every table row (synchronizes); raises FormatError naming the first bad row."""
+    t = table.detach().cpu()
+    if t.numel() == 0:
+        return
+    B, H, N = k_out.shape[0], k_out.shape[1], k_out.shape[2]
+    src, off, n, row, n0 = t.unbind(1)
+    sizes = torch.tensor([s.numel() for s in sources] or [0], dtype=torch.int64)
+    bad_src = (src < 0) | (src >= len(sources))
+    hb = head_bytes(n.clamp(min=1), fmt, head_dim, group_size)
+    size = sizes[src.clamp(0, max(len(sources) - 1, 0))]
+    bad = bad_src | (n < 1) | (off < 0) | (off + hb > size) | (row < 0) | (row >= B * H) | (n0 < 0) | (n0 + n > N)
+    if bool(bad.any()):
+        i = int(torch.nonzero(bad)[0])
+        raise FormatError(
+            f"table row {i} = {t[i].tolist()} (source, offset, n_tokens, row, n0) is out of bounds: "
+            f"{len(sources)} sources, source sizes {sizes.tolist()[:8]}, head block of {int(hb[i])} bytes, "
+            f"{B * H} output rows of {N} tokens"
+        )
+
+
+# --- gather ---------------------------------------------------------------------------------------
+def gather(
+    sources: Sequence[torch.Tensor],
+    table: torch.Tensor,
+    fmt: str,
+    head_dim: int,
+    group_size: int,
+    k_out: torch.Tensor,
+    v_out: torch.Tensor,
+    *,
+    backend: Optional[str] = None,
+    check: bool = False,
+    parts: Optional[int] = None,
+    tile_tokens: Optional[int] = None,
+) -> None:
+    """Decode the chunks named by `table` into k_out / v_out (see the module docstring).
+
+    backend: force one for this call; check: validate every table row on the host first (syncs);
+    parts / tile_tokens: override the launch shape (tests use them; results do not depend on them).
+    Without check, rows that would read or write out of bounds are skipped by the kernels.
+    """
+    name = _pick(k_out.device, backend)
+    g = _check_gather(sources, table, fmt, head_dim, group_size, k_out, v_out, kernel=name != "torch")
+    if check:
+        check_table(sources, table, fmt, head_dim, group_size, k_out)
+    if table.shape[0] == 0:
+        return
+    if name == "torch":
+        gather_reference(sources, table, fmt, head_dim, group_size, k_out, v_out)
+        return
+    plan_parts, plan_tile = launch_plan(fmt, table.shape[0], head_dim, g, k_out.shape[2], k_out.device)
+    parts = parts or plan_parts
+    tile_tokens = tile_tokens or plan_tile
+    if tile_tokens % 8 or tile_tokens < 8:
+        raise FormatError(f"tile_tokens: expected a positive multiple of 8, got {tile_tokens}")
+    table = table.contiguous()
+    if name == "ext":
+        torch.ops.tierkv.gather(list(sources), table, FMT_CODES[fmt], head_dim, g, k_out, v_out, parts, tile_tokens)
+    else:
+        from . import _cupy_backend
+
+        _cupy_backend.gather(list(sources), table, FMT_CODES[fmt], head_dim, g, k_out, v_out, parts, tile_tokens)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def launch_plan(fmt: str, n_entries: int, head_dim: int, group: int, n_out: int, device) -> Tuple[int, int]:
+    """(parts, tile_tokens) of a gather launch.
+
+    Integer formats are staged through shared memory in tiles of tile_tokens tokens (a power of two
+    whose codes and scales take at most 8 KiB, double buffered); raw formats move 16-token tiles.
+    When there are too few entries to fill the GPU (about 8 blocks per multiprocessor), each entry is
+    split into `parts` blocks along its tiles, never more than the longest possible chunk has tiles.
+    """
+    if is_quantized(fmt):
+        per_token = 2 * head_dim * BITS[fmt] // 8 + 4 * (head_dim // group)
+        tile = 8
+        while tile < 128 and 2 * tile * per_token <= 8192:
+            tile *= 2
+    else:
+        tile = 16
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    target = 8 * _sm_count(index)
+    parts = max(1, -(-target // max(n_entries, 1)))
+    parts = min(parts, max(1, -(-n_out // tile)))
+    return parts, tile
+
+
+def gather_reference(sources, table, fmt: str, head_dim: int, group_size: int, k_out, v_out) -> None:
+    """Torch reference of gather: index_select the head blocks, formats.decode them, scatter the rows.
+
+    Entries are grouped by (source, n_tokens) so each group is one gather and one batched decode.
+    """
+    if table.shape[0] == 0:
+        return
+    H = k_out.shape[1]
+    dev = k_out.device
+    t = table.to(torch.int64)
+    keys = torch.unique(t[:, [0, 2]], dim=0).tolist()
+    tcpu = t.cpu()
+    for s, n in keys:
+        sel = torch.nonzero((tcpu[:, 0] == s) & (tcpu[:, 2] == n)).flatten()
+        rows = tcpu[sel]
+        layout = ChunkLayout(fmt, int(n), 1, head_dim, group_size)
+        src = sources[int(s)]
+        idx = (rows[:, 1:2] + torch.arange(layout.head_bytes)).flatten().to(src.device)
+        blocks = src.index_select(0, idx).reshape(-1, layout.head_bytes).to(dev)
+        k, v = decode(blocks, layout, k_out.dtype)  # [E_g, 1, n, D]
+        b = (rows[:, 3] // H).to(dev)
+        h = (rows[:, 3] % H).to(dev)
+        tok = (rows[:, 4:5] + torch.arange(int(n))).to(dev)
+        k_out[b[:, None], h[:, None], tok] = k[:, 0]
+        v_out[b[:, None], h[:, None], tok] = v[:, 0]
+
+
+# --- ingest ---------------------------------------------------------------------------------------
+def _check_ingest(k, v, chunk_len, fmt, group_size) -> int:
+    if fmt not in FORMATS:
+        raise FormatError(f"fmt: unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    if not isinstance(k, torch.Tensor) or not isinstance(v, torch.Tensor) or k.dim() != 4 or k.shape != v.shape:
+        raise FormatError(f"expected k and v [B, H, T, D] of one shape, got {tuple(getattr(k, 'shape', ()))} and {tuple(getattr(v, 'shape', ()))}")
+    if k.dtype != v.dtype or k.dtype not in IN_DTYPES or k.device != v.device:
+        raise FormatError(f"expected k and v of one dtype (bfloat16, float16 or float32) on one device, got {k.dtype} {k.device} and {v.dtype} {v.device}")
+    B, H, T, D = k.shape
+    if D % 8 or D < 8 or D > MAX_HEAD_DIM:
+        raise FormatError(f"head_dim: expected a multiple of 8 in [8, {MAX_HEAD_DIM}], got {D}")
+    if isinstance(chunk_len, bool) or not isinstance(chunk_len, int) or chunk_len < 1 or T % chunk_len:
+        raise FormatError(f"chunk_len: expected a positive divisor of T={T}, got {chunk_len!r}")
+    return _group(fmt, D, group_size)
+
+
+def ingest(
+    k: torch.Tensor, v: torch.Tensor, chunk_len: int, fmt: str, group_size: int = 32, *, backend: Optional[str] = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """K, V [B, H, T, D] -> (packed chunks [B, T/chunk_len, nbytes] uint8, abstracts [B, C, H, 2, D] in k's dtype)."""
+    g = _check_ingest(k, v, chunk_len, fmt, group_size)
+    name = _pick(k.device, backend)
+    if name == "torch":
+        return ingest_reference(k, v, chunk_len, fmt, group_size)
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    if v.stride(-1) != 1:
+        v = v.contiguous()
+    if name == "ext":
+        return torch.ops.tierkv.ingest(k, v, chunk_len, FMT_CODES[fmt], g)
+    from . import _cupy_backend
+
+    return _cupy_backend.ingest(k, v, chunk_len, FMT_CODES[fmt], g)
+
+
+def ingest_reference(k, v, chunk_len: int, fmt: str, group_size: int = 32):
+    """Torch reference of ingest: formats.encode and abstracts.chunk_abstract of every chunk."""
+    _check_ingest(k, v, chunk_len, fmt, group_size)
+    B, H, T, D = k.shape
+    C = T // chunk_len
+
+    def chunks(x):  # [B, H, T, D] -> [B, C, H, L, D]
+        return x.reshape(B, H, C, chunk_len, D).permute(0, 2, 1, 3, 4)
+
+    kc, vc = chunks(k), chunks(v)
+    packed = encode(kc, vc, ChunkLayout(fmt, chunk_len, H, D, group_size))
+    return packed.reshape(B, C, -1), chunk_abstract(kc)
