@@ -1,0 +1,363 @@
+"""Train the small long-context retrieval model that tierkv ships (tierkv/models/retrieval/).
+
+Why a model of our own: no pretrained model can be downloaded here, and a random model's attention says
+nothing about whether chunk selection or 2-bit keys keep the answer. This one is trained on passkey and
+multi-key associative recall (tierkv/models/tasks.py) up to 4K+ tokens, so a lost chunk is a wrong answer.
+
+Loss is on answer tokens only: filler and values are uniformly random, so a language-modelling loss on
+them would be pure noise. A curriculum grows the context from 256 tokens to the training length (plus a
+margin so that answers generated after a full-length prompt sit at trained positions), always mixing in
+shorter contexts so the model keeps working at the small contexts the CPU tests use. Each step holds
+about the same number of tokens, so short steps carry many sequences and long steps few.
+
+Data depend on (seed, step, row) only; the run is reproducible up to GPU kernels' own nondeterminism
+(flash-attention backward sums in a nondeterministic order). --time-budget stops the loop early as a
+guard; the JSON then records the steps actually done, and `--steps <that>` replays the same data.
+
+    python bench/train_retrieval_model.py --out /tmp/retrieval                # GPU, the shipped run
+    python bench/train_retrieval_model.py --quick --out /tmp/q                # CPU smoke run, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tierkv.models.tasks import TASKS, VOCAB, evaluate, make_prompts, make_training_sequence, training_rng  # noqa: E402
+
+MIN_TRAIN_LENGTH = 256
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="directory for model.safetensors, config.json and the run's JSON")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=4000)
+    p.add_argument("--time-budget", type=float, default=480.0, help="seconds of training before stopping early")
+    p.add_argument("--train-length", type=int, default=4096, help="longest evaluated prompt; training goes a bit beyond")
+    p.add_argument("--tokens-per-step", type=int, default=65536)
+    p.add_argument("--hold", type=float, default=0.15, help="fraction of steps kept at <= 512 tokens, where retrieval is learnt cheaply")
+    p.add_argument("--ramp", type=float, default=0.55, help="fraction of steps by which the longest context reaches full length")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=384)
+    p.add_argument("--heads", type=int, default=6)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--intermediate", type=int, default=1024)
+    p.add_argument("--rope-theta", type=float, default=500000.0)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--min-lr-ratio", type=float, default=0.1)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--kv-queries", type=int, default=8)
+    p.add_argument("--eval-lengths", default="512,1024,2048,4096")
+    p.add_argument("--eval-prompts", type=int, default=200)
+    p.add_argument("--eval-seed", type=int, default=1234, help="held-out prompts; training rows come from another RNG stream")
+    p.add_argument("--eval-batch", type=int, default=50)
+    p.add_argument("--workers", type=int, default=6)
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--device", default=None)
+    p.add_argument("--git-commit", default=None)
+    p.add_argument("--profile-shapes", action="store_true", help="first time a few steps per context length on a throwaway model")
+    p.add_argument("--quick", action="store_true", help="tiny model, short contexts, a few CPU steps: checks the code path")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.steps, a.layers, a.hidden, a.heads, a.kv_heads, a.intermediate = 30, 2, 128, 2, 1, 256
+        a.train_length, a.tokens_per_step, a.warmup, a.log_every = 384, 4096, 5, 10
+        a.eval_lengths, a.eval_prompts, a.eval_batch, a.workers = "256,384", 8, 8, 0
+        a.device = a.device or "cpu"
+    if a.hidden % a.heads or a.hidden // a.heads not in (64, 128, 256) and not a.quick:
+        p.error(f"hidden {a.hidden} / heads {a.heads} must give head_dim 64, 128 or 256 (what the kernels support)")
+    if a.heads % a.kv_heads:
+        p.error(f"heads {a.heads} must be a multiple of kv-heads {a.kv_heads}")
+    return a
+
+
+def top_length(args, step: int) -> int:
+    """Longest context at this step: 512 while held, then geometric growth to the full length by the ramp's end."""
+    full = args.train_length + 128
+    start = min(full, 2 * MIN_TRAIN_LENGTH)
+    hold, ramp = args.hold * args.steps, max(args.hold * args.steps + 1, args.ramp * args.steps)
+    if step < hold:
+        return start
+    f = min(1.0, (step - hold) / (ramp - hold))
+    length = math.exp(math.log(start) + f * (math.log(full) - math.log(start)))
+    return max(start, int(length) // 64 * 64) if f < 1 else full
+
+
+def step_shape(args, step: int) -> tuple[int, int]:
+    """(length, rows) of a step: half the steps at the current top length, the rest log-uniform below it."""
+    rng = np.random.default_rng([args.seed, 99, step])
+    top = top_length(args, step)
+    if rng.random() < 0.5 or top <= MIN_TRAIN_LENGTH:
+        length = top
+    else:
+        length = int(math.exp(rng.uniform(math.log(MIN_TRAIN_LENGTH), math.log(top)))) // 64 * 64
+        length = max(MIN_TRAIN_LENGTH, length)
+    return length, max(1, args.tokens_per_step // length)
+
+
+class StepData(torch.utils.data.Dataset):
+    """Item i is the whole batch of step i, so worker processes build batches ahead of the GPU."""
+
+    def __init__(self, args):
+        self.args = args
+
+    def __len__(self):
+        return self.args.steps
+
+    def __getitem__(self, step):
+        length, rows = step_shape(self.args, step)
+        ids, mask, kind = [], [], []
+        for r in range(rows):
+            task = TASKS[r % len(TASKS)]
+            i, m = make_training_sequence(task, length, training_rng(self.args.seed, step, r), self.args.kv_queries)
+            ids.append(i)
+            mask.append(m)
+            kind.append(TASKS.index(task))
+        return torch.tensor(ids), torch.tensor(mask, dtype=torch.bool), torch.tensor(kind)
+
+
+def build_model(args, device):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=VOCAB.SIZE,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        head_dim=args.hidden // args.heads,
+        max_position_embeddings=2 * (args.train_length + 128),
+        rope_theta=args.rope_theta,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=VOCAB.BOS,
+        eos_token_id=VOCAB.EOS,
+        pad_token_id=VOCAB.PAD,
+        use_cache=True,
+    )
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(args.seed)
+    model = LlamaForCausalLM(config).to(device)
+    return config, model
+
+
+def answer_loss(model, ids, mask, kind, amp):
+    """Cross-entropy on answer tokens only; the LM head runs on those positions alone (a few per row)."""
+    with torch.autocast(device_type=ids.device.type, dtype=torch.bfloat16, enabled=amp):
+        hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state
+        tgt = mask[:, 1:]
+        logits = model.lm_head(hidden[:, :-1][tgt]).float()
+    labels = ids[:, 1:][tgt]
+    per_token = F.cross_entropy(logits, labels, reduction="none")
+    loss = per_token.mean()
+    with torch.no_grad():
+        row_of = torch.arange(ids.shape[0], device=ids.device).unsqueeze(1).expand_as(tgt)[tgt]
+        task_loss = [per_token[kind[row_of] == t].mean() for t in range(len(TASKS))]
+        right = torch.zeros_like(tgt)
+        right[tgt] = logits.argmax(-1) == labels
+        # a row's first answer is exactly an evaluation prompt's answer, and teacher-forced all-correct
+        # equals greedy exact match, so this is a free held-out accuracy estimate on fresh data
+        first = tgt.float().cumsum(1)
+        n_first = torch.where(kind == 0, 5, 4).unsqueeze(1)  # passkey has 5 digits, kv values 4
+        in_first = tgt & (first <= n_first)
+        exact = ((right | ~in_first).all(1)).float()
+    return loss, exact, torch.stack(task_loss)
+
+
+def profile_shapes(args, device, log):
+    """ms per training step at a few context lengths, on a throwaway model: sizes the step count of a run."""
+    _, model = build_model(args, device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    data = StepData(args)
+    rows = []
+    for length in (256, 512, 1024, 2048, args.train_length + 128):
+        n = max(1, args.tokens_per_step // length)
+        batch = [make_training_sequence(TASKS[r % 2], length, training_rng(999, length, r), args.kv_queries) for r in range(n)]
+        ids = torch.tensor([b[0] for b in batch], device=device)
+        mask = torch.tensor([b[1] for b in batch], dtype=torch.bool, device=device)
+        kind = torch.tensor([r % 2 for r in range(n)], device=device)
+        times = []
+        for i in range(5):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            loss, _, _ = answer_loss(model, ids, mask, kind, device.type == "cuda")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+        t0 = time.perf_counter()
+        for r in range(n):
+            make_training_sequence(TASKS[r % 2], length, training_rng(998, length, r), args.kv_queries)
+        gen = time.perf_counter() - t0
+        rows.append({"length": length, "rows": n, "ms_per_step": round(1000 * float(np.median(times[2:])), 2),
+                     "data_ms_per_step_one_worker": round(1000 * gen, 1)})
+        log(json.dumps({"profile": rows[-1]}))
+    del model, opt, data
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def lr_at(args, step):
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    f = (step - args.warmup) / max(1, args.steps - args.warmup)
+    return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, f))))
+
+
+def train(args, model, device, log):
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda",
+    )
+    loader = torch.utils.data.DataLoader(
+        StepData(args), batch_size=None, shuffle=False, num_workers=args.workers,
+        prefetch_factor=4 if args.workers else None, persistent_workers=False,
+    )
+    amp = device.type == "cuda"
+    model.train()
+    history = []
+    window = {t: [] for t in TASKS}
+    t0 = time.perf_counter()
+    steps_done = 0
+    stopped_early = False
+    for step, (ids, mask, kind) in enumerate(loader):
+        if time.perf_counter() - t0 > args.time_budget:
+            stopped_early = True
+            break
+        for g in opt.param_groups:
+            g["lr"] = lr_at(args, step)
+        ids, mask, kind = ids.to(device, non_blocking=True), mask.to(device, non_blocking=True), kind.to(device)
+        loss, exact, task_loss = answer_loss(model, ids, mask, kind, amp)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        steps_done = step + 1
+        length = ids.shape[1]
+        if length >= args.train_length:
+            for ti, t in enumerate(TASKS):
+                sel = exact[kind == ti]
+                if sel.numel():
+                    window[t].append(sel.mean().item())
+        if step % args.log_every == 0 or step == args.steps - 1:
+            rec = {
+                "step": step, "length": length, "rows": ids.shape[0], "loss": round(loss.item(), 4),
+                **{f"loss_{t}": round(x, 4) for t, x in zip(TASKS, task_loss.tolist())},
+                "grad_norm": round(gnorm.item(), 3), "lr": round(lr_at(args, step), 6),
+                "batch_exact": round(exact.mean().item(), 3), "elapsed_s": round(time.perf_counter() - t0, 1),
+            }
+            for t in TASKS:  # exact match over the recent full-length steps, per task
+                if window[t]:
+                    rec[f"full_len_exact_{t}"] = round(float(np.mean(window[t][-20:])), 3)
+            history.append(rec)
+            log(json.dumps(rec))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return {"steps_done": steps_done, "stopped_early": stopped_early,
+            "train_seconds": round(time.perf_counter() - t0, 1), "history": history}
+
+
+def run_eval(args, model, log):
+    table = []
+    for length in [int(x) for x in args.eval_lengths.split(",") if x]:
+        for task in TASKS:
+            prompts = make_prompts(task, length, args.eval_prompts, seed=args.eval_seed)
+            t = time.perf_counter()
+            res = evaluate(model, prompts, batch_size=args.eval_batch)
+            row = {"task": task, "length": length, "prompts": res.total, "correct": res.correct,
+                   "accuracy": round(res.accuracy, 4), "seconds": round(time.perf_counter() - t, 2)}
+            table.append(row)
+            log(json.dumps(row))
+    return table
+
+
+def git_commit(args):
+    if args.git_commit:
+        return args.git_commit
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).resolve().parent).stdout.strip()
+    except Exception:
+        return "unknown"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log_file = open(out / "train_log.txt", "w")
+
+    def log(msg):
+        print(msg, flush=True)
+        log_file.write(msg + "\n")
+        log_file.flush()
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(args.seed)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    config, model = build_model(args, device)
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"device {device} params {n_params} config {config.to_json_string(use_diff=False)}")
+
+    shapes = profile_shapes(args, device, log) if args.profile_shapes else None
+    result = train(args, model, device, log)
+    log(f"trained {result['steps_done']} steps in {result['train_seconds']} s (stopped early: {result['stopped_early']})")
+
+    # evaluate exactly what ships: the bf16 weights, sdpa attention, a fresh DynamicCache per batch
+    model = model.to(torch.bfloat16).eval()
+    t = time.perf_counter()
+    table = run_eval(args, model, log)
+    eval_seconds = round(time.perf_counter() - t, 1)
+
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().to(torch.bfloat16).contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt", "tierkv": "retrieval-model"})
+    config.save_pretrained(str(out))
+    import transformers
+
+    report = {
+        "what": "train the shipped retrieval model; greedy exact-match accuracy on held-out prompts, full attention (DynamicCache, sdpa, bf16 weights)",
+        "command": "python " + " ".join([sys.argv[0]] + sys.argv[1:]) if argv is None else "main(" + repr(argv) + ")",
+        "git_commit": git_commit(args),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()},
+        "args": vars(args),
+        "params": n_params,
+        "weights_bytes": os.path.getsize(out / "model.safetensors"),
+        "config": config.to_dict(),
+        "profile_shapes": shapes,
+        "eval_seconds": eval_seconds,
+        "eval": table,
+        **result,
+    }
+    with open(out / "train_retrieval.json", "w") as f:
+        json.dump(report, f, indent=1, default=str)
+    log(f"saved to {out} ({report['weights_bytes']} bytes of weights)")
+    log_file.close()
+    return report
+
+
+if __name__ == "__main__":
+    main()

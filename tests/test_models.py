@@ -1,0 +1,183 @@
+"""The shipped retrieval model: its vocabulary, task generators, evaluation helper and packaged weights."""
+
+import json
+
+import pytest
+import torch
+
+from tierkv.errors import ConfigError
+from tierkv.models import load_retrieval_model, retrieval_model_dir
+from tierkv.models.tasks import (
+    PASSKEY_DIGITS, TASKS, VALUE_DIGITS, VOCAB, Vocab, evaluate, make_prompt, make_prompts,
+    make_training_sequence, training_rng,
+)
+
+HAVE_WEIGHTS = (retrieval_model_dir() / "model.safetensors").is_file()
+needs_weights = pytest.mark.skipif(not HAVE_WEIGHTS, reason="retrieval weights not trained yet")
+
+
+def test_vocab_is_fixed_and_round_trips():
+    v = Vocab()
+    assert len(v) == 640 and len(set(v.tokens)) == 640
+    assert v.tokens == VOCAB.tokens  # construction is deterministic
+    # the ids the shipped weights depend on
+    assert (v.PAD, v.BOS, v.EOS) == (0, 1, 2)
+    assert [v.tokens[i] for i in (4, 5, 6, 7, 8, 9)] == ["PASSKEY", "KEY", "VALUE", "QUERY", "ANSWER", "."]
+    assert [v.tokens[v.digit(d)] for d in range(10)] == [str(d) for d in range(10)]
+    assert v.tokens[26] == "baba" and v.tokens[346] == "Bab"
+    ids = list(range(640))
+    assert v.encode(v.decode(ids)) == ids
+    assert v.decode(torch.tensor([[1, 16, 25]])) == "<bos> 0 9"
+    with pytest.raises(ConfigError, match="'hello'"):
+        v.encode("KEY hello")
+    with pytest.raises(ConfigError, match="640"):
+        v.decode([640])
+
+
+@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("length", [64, 257, 1000, 4096])
+def test_prompts_are_well_formed(task, length):
+    p = make_prompt(task, length, seed=3, index=5)
+    assert len(p.input_ids) == length and p.task == task
+    assert p.input_ids[0] == VOCAB.BOS and p.input_ids[-1] == VOCAB.ANSWER
+    assert p.input_ids[-3] == VOCAB.QUERY
+    digits = set(range(VOCAB.DIGIT0, VOCAB.DIGIT0 + 10))
+    assert len(p.answer_ids) == (PASSKEY_DIGITS if task == "passkey" else VALUE_DIGITS)
+    assert set(p.answer_ids) <= digits
+    s, e = p.needle
+    needle = list(p.input_ids[s:e])
+    if task == "passkey":
+        assert p.input_ids[-2] == VOCAB.PASSKEY
+        assert needle == [VOCAB.PASSKEY, *p.answer_ids, VOCAB.PERIOD]
+        assert p.input_ids.count(VOCAB.PASSKEY) == 2  # the needle and the question, nothing else
+    else:
+        key = p.input_ids[-2]
+        assert VOCAB.KEY0 <= key < VOCAB.KEY0 + VOCAB.N_KEYS
+        assert needle == [VOCAB.KEY, key, VOCAB.VALUE, *p.answer_ids, VOCAB.PERIOD]
+        assert p.input_ids.count(key) == 2  # keys are unique within a prompt
+        assert p.input_ids.count(VOCAB.KEY) == max(2, length // 64)
+    # digits appear only inside needles/pairs, never in the filler
+    outside = p.input_ids[:s] + p.input_ids[e:]
+    if task == "passkey":
+        assert not set(outside) & digits
+
+
+def test_prompts_are_deterministic_and_seeds_differ():
+    a = make_prompts("kv", 512, 4, seed=7)
+    assert a == make_prompts("kv", 512, 4, seed=7)
+    assert a[0] != a[1]
+    assert all(x.input_ids != y.input_ids for x, y in zip(a, make_prompts("kv", 512, 4, seed=8)))
+    # lengths draw from separate streams: the 512 prompt is not a prefix-extension of the 256 one
+    assert make_prompt("passkey", 256, 7).answer_ids != make_prompt("passkey", 512, 7).answer_ids or \
+        make_prompt("passkey", 256, 7).needle != make_prompt("passkey", 512, 7).needle
+
+
+def test_needle_depths_cover_the_context():
+    depths = [p.needle[0] / len(p) for p in make_prompts("passkey", 1024, 200, seed=0)]
+    assert min(depths) < 0.1 and max(depths) > 0.9
+
+
+def test_bad_arguments_are_rejected():
+    with pytest.raises(ConfigError, match="task 'nope'"):
+        make_prompt("nope", 256, 0)
+    with pytest.raises(ConfigError, match="length 10"):
+        make_prompt("kv", 10, 0)
+    with pytest.raises(ConfigError, match="n_pairs 300"):
+        make_prompt("kv", 512, 0, n_pairs=300)
+    with pytest.raises(ConfigError, match="do not fit"):
+        make_prompt("kv", 128, 0, n_pairs=100)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_training_sequences(task):
+    ids, mask = make_training_sequence(task, 512, training_rng(0, 3, 1), n_queries=8)
+    again = make_training_sequence(task, 512, training_rng(0, 3, 1), n_queries=8)
+    assert (ids, mask) == again and len(ids) == len(mask) == 512
+    targets = [t for t, m in zip(ids, mask) if m]
+    assert all(VOCAB.DIGIT0 <= t < VOCAB.DIGIT0 + 10 for t in targets)
+    # every answer token follows ANSWER or another answer token
+    for i, m in enumerate(mask):
+        if m:
+            assert ids[i - 1] == VOCAB.ANSWER or mask[i - 1]
+    assert len(targets) == (PASSKEY_DIGITS if task == "passkey" else 8 * VALUE_DIGITS)
+
+
+class _Oracle(torch.nn.Module):
+    """A stand-in model that 'retrieves' by reading the prompt: checks evaluate's decoding and caching loop."""
+
+    def __init__(self, prompts, wrong=()):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.by_prefix = {p.input_ids: p.answer_ids for p in prompts}
+        self.wrong = set(wrong)
+        self.calls = []
+
+    def forward(self, input_ids, past_key_values=None, use_cache=True, logits_to_keep=0):
+        from types import SimpleNamespace
+        if past_key_values is None:
+            past_key_values = {"rows": input_ids.tolist()}
+        else:
+            for row, t in zip(past_key_values["rows"], input_ids.tolist()):
+                row.extend(t)
+        self.calls.append(input_ids.shape)
+        logits = torch.zeros(input_ids.shape[0], 1, VOCAB.SIZE)
+        for b, row in enumerate(past_key_values["rows"]):
+            for n in range(len(row), 0, -1):
+                if tuple(row[:n]) in self.by_prefix:
+                    ans = self.by_prefix[tuple(row[:n])]
+                    k = len(row) - n
+                    tok = ans[k] if k < len(ans) else VOCAB.EOS
+                    if tuple(row[:n]) in self.wrong and k == len(ans) - 1:
+                        tok = VOCAB.DIGIT0 + (tok - VOCAB.DIGIT0 + 1) % 10
+                    logits[b, 0, tok] = 1.0
+                    break
+        return SimpleNamespace(logits=logits, past_key_values=past_key_values)
+
+
+def test_evaluate_decodes_through_the_cache_and_scores_exact_match():
+    prompts = make_prompts("kv", 128, 5, seed=1) + make_prompts("passkey", 96, 4, seed=1)
+    oracle = _Oracle(prompts, wrong={prompts[1].input_ids, prompts[6].input_ids})
+    made = []
+
+    def factory():
+        made.append(1)
+        return None  # the oracle builds its own "cache" like a model given past_key_values=None
+
+    res = evaluate(oracle, prompts, cache_factory=factory, batch_size=3)
+    assert (res.correct, res.total) == (7, 9) and res.accuracy == pytest.approx(7 / 9)
+    assert res.hits == [i not in (1, 6) for i in range(9)]
+    assert res.predictions[0][:VALUE_DIGITS] == prompts[0].answer_ids
+    # batches never mix lengths: 96 x4 -> 3+1, 128 x5 -> 3+2 prefills
+    prefills = [s for s in oracle.calls if s[1] > 1]
+    assert sorted(s[0] for s in prefills) == [1, 2, 3, 3] and len(made) == 4
+    with pytest.raises(ConfigError):
+        evaluate(oracle, [])
+
+
+def test_loader_reports_missing_files(tmp_path):
+    with pytest.raises(ConfigError, match="config.json"):
+        load_retrieval_model(path=tmp_path)
+
+
+@needs_weights
+def test_shipped_weights_load_with_the_documented_config():
+    from transformers import LlamaForCausalLM
+
+    model, vocab = load_retrieval_model(device="cpu", dtype=torch.bfloat16)
+    assert isinstance(model, LlamaForCausalLM) and vocab is VOCAB and not model.training
+    cfg = json.loads((retrieval_model_dir() / "config.json").read_text())
+    c = model.config
+    assert (c.vocab_size, c.hidden_size, c.num_hidden_layers) == (640, cfg["hidden_size"], cfg["num_hidden_layers"])
+    assert c.head_dim in (64, 128, 256) and c.num_attention_heads % c.num_key_value_heads == 0
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    size = (retrieval_model_dir() / "model.safetensors").stat().st_size
+    assert size <= 30 * 2**20
+
+
+@needs_weights
+@pytest.mark.parametrize("task", TASKS)
+def test_shipped_model_answers_short_prompts(task):
+    model, _ = load_retrieval_model(device="cpu", dtype=torch.bfloat16)
+    prompts = make_prompts(task, 512, 8, seed=4242)
+    res = evaluate(model, prompts, batch_size=8)
+    assert res.correct >= 7, res.summary()
