@@ -74,6 +74,8 @@ class ChunkStore:
         self._evictions = defaultdict(int)
         self._stall = 0.0
         self._listeners: List[Callable[[ChunkKey, str], None]] = []
+        self._inflight: List[tuple] = []  # (CUDA event, tensor kept alive until the copy is done)
+        self._copy_stream = None
         self._sources: List[torch.Tensor] = []
         self._source_index: Dict[Tuple[str, int], int] = {}
         if self.disk is not None:  # a reopened disk tier brings its chunks with it
@@ -133,24 +135,41 @@ class ChunkStore:
         for fn in self._listeners:
             fn(key, tier)
 
+    def _settle(self) -> None:
+        """Wait for asynchronous copies into the cpu tier before the host reads or frees those bytes."""
+        while self._inflight:
+            ev, _ = self._inflight.pop()
+            ev.synchronize()
+
+    def wait_inflight(self, stream) -> None:
+        """Order `stream` (a CUDA stream about to read the cpu tier) after the copies still in flight."""
+        with self._lock:
+            self._inflight = [(ev, ref) for ev, ref in self._inflight if not ev.query()]
+            for ev, _ in self._inflight:
+                stream.wait_event(ev)
+
     def _evict_copy(self, tier, key: ChunkKey) -> int:
+        self._settle()
         n = tier.evict(key)
         self._evictions[tier.name] += 1
         self._notify(key, tier.name)
         return n
 
-    def _put_memory(self, tier, key: ChunkKey, data: torch.Tensor) -> None:
-        while not tier.put(key, data):
+    def _reserve_memory(self, tier, key: ChunkKey, nbytes: int) -> torch.Tensor:
+        while True:
+            view = tier.reserve(key, nbytes)
+            if view is not None:
+                return view
             if not any(k != key for k in tier.keys()):
-                break
-            self._make_room(tier, data.numel(), key)
-        else:
-            self._notify(key, tier.name)
-            return
-        raise CapacityError(
-            f"the {tier.name} tier (budget {tier.budget} bytes, {tier.used_bytes} used) has no room for "
-            f"chunk {key} of {data.numel()} bytes even after eviction"
-        )
+                raise CapacityError(
+                    f"the {tier.name} tier (budget {tier.budget} bytes, {tier.used_bytes} used) has no room for "
+                    f"chunk {key} of {nbytes} bytes even after eviction"
+                )
+            self._make_room(tier, nbytes, key)
+
+    def _put_memory(self, tier, key: ChunkKey, data: torch.Tensor) -> None:
+        self._reserve_memory(tier, key, data.numel()).copy_(data.reshape(-1))
+        self._notify(key, tier.name)
 
     def _put_disk(self, key: ChunkKey, data: torch.Tensor) -> None:
         self._tier("disk").put(key, data.cpu() if data.device.type != "cpu" else data)
@@ -165,6 +184,7 @@ class ChunkStore:
 
     def _evict_from(self, key: ChunkKey, tier: str) -> int:
         """Drop a chunk's copy from `tier`, moving it down first when that copy is the last one above disk."""
+        self._settle()
         holders = self._holders(key)
         below = [t for t in holders if TIER_NAMES.index(t) > TIER_NAMES.index(tier)]
         if tier == "disk":
@@ -210,13 +230,63 @@ class ChunkStore:
 
         Data on the GPU comes over in one copy rather than one per chunk.
         """
-        if data.dim() != 2 or data.shape[0] != len(keys):
-            raise ConfigError(f"data: expected [{len(keys)}, nbytes] for {len(keys)} keys, got {tuple(data.shape)}")
+        if not isinstance(data, torch.Tensor) or data.dtype != torch.uint8 or data.dim() != 2 or data.shape[0] != len(keys):
+            raise ConfigError(f"data: expected a uint8 tensor [{len(keys)}, nbytes] for {len(keys)} keys, got "
+                              f"{getattr(data, 'dtype', type(data))} {tuple(getattr(data, 'shape', ()))}")
+        if tier == "cpu" and data.device.type == "cuda" and self.cpu.arena.pinned:
+            self._put_many_async(keys, data, importance)
+            return
         if tier != "gpu" and data.device.type != "cpu":
             data = data.to("cpu")
         with self._lock:
             for i, key in enumerate(keys):
                 self.put(key, data[i], tier=tier, importance=importance)
+
+    def _put_many_async(self, keys: Sequence[ChunkKey], data: torch.Tensor, importance: float) -> None:
+        """Device-to-host copies straight into pinned cpu slots on a side stream; nothing waits here.
+
+        Adjacent slots are filled by one copy. Until the copies finish, host readers settle first and
+        device readers order themselves after them (wait_inflight).
+        """
+        n = data.shape[1]
+        with self._lock:
+            for key in keys:
+                if not isinstance(key, ChunkKey):
+                    raise ConfigError(f"key: expected a ChunkKey, got {type(key).__name__}")
+                if key in self._meta:
+                    self._drop(key)
+            views = []
+            try:
+                for key in keys:
+                    self._meta[key] = _Meta(n, float(importance), self._clock, self._next_order())
+                    views.append(self._reserve_memory(self.cpu, key, n))
+            except BaseException:
+                for key in keys:
+                    if key in self._meta:
+                        self._drop(key)
+                raise
+            if self._copy_stream is None:
+                self._copy_stream = torch.cuda.Stream(device=data.device)
+            stream = self._copy_stream
+            stream.wait_stream(torch.cuda.current_stream(data.device))
+            with torch.cuda.stream(stream):
+                i = 0
+                while i < len(views):
+                    j = i + 1
+                    while j < len(views) and views[j].data_ptr() == views[j - 1].data_ptr() + n \
+                            and views[j].untyped_storage().data_ptr() == views[i].untyped_storage().data_ptr():
+                        j += 1
+                    base = views[i]
+                    run = base.untyped_storage()
+                    dst = torch.empty(0, dtype=torch.uint8).set_(run, base.storage_offset(), ((j - i) * n,))
+                    dst.copy_(data[i:j].reshape(-1), non_blocking=True)
+                    i = j
+                ev = torch.cuda.Event()
+                ev.record(stream)
+            self._inflight.append((ev, data))
+            self._moved["ingest->cpu"] += n * len(keys)
+            for key in keys:
+                self._notify(key, "cpu")
 
     def read(self, key: ChunkKey, tier: Optional[str] = None) -> torch.Tensor:
         """The chunk's bytes from the fastest tier holding it (or from `tier`).
@@ -225,6 +295,7 @@ class ChunkStore:
         """
         with self._lock:
             m = self._require(key)
+            self._settle()
             holders = self._holders(key)
             order = [tier] if tier is not None else list(TIER_NAMES)
             for name in order:
@@ -250,6 +321,7 @@ class ChunkStore:
                 self._hits[to] += 1
                 return
             self._misses[to] += 1
+            self._settle()
             if to == "gpu" and "cpu" not in holders:
                 self.promote(key, "cpu")
                 holders = self._holders(key)
@@ -265,6 +337,7 @@ class ChunkStore:
             if to not in ("cpu", "disk"):
                 raise ConfigError(f"demote: target tier must be 'cpu' or 'disk', got {to!r}")
             self._tier(to)
+            self._settle()
             holders = self._holders(key)
             if to not in holders:
                 src = holders[0]
@@ -283,6 +356,7 @@ class ChunkStore:
             self._evict_from(key, tier)
 
     def _drop(self, key: ChunkKey) -> None:
+        self._settle()
         for name in ("gpu", "cpu"):
             t = self._tier(name)
             if key in t:

@@ -256,6 +256,8 @@ class TierKVLayer(CacheLayerMixin):
         ).reshape(-1, 5)
         k_out = torch.empty(B, H, kk * L, D, dtype=self.dtype, device=self.device)
         v_out = torch.empty_like(k_out)
+        if self.device.type == "cuda":
+            self.cache.store.wait_inflight(torch.cuda.current_stream(self.device))
         ops.gather(sources, table, self.layout.format, D, self.layout.group_size, k_out, v_out)
         return k_out, v_out
 

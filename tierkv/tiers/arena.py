@@ -165,15 +165,21 @@ class MemoryTier:
     def keys(self):
         return self._where.keys()
 
-    def put(self, key, data: torch.Tensor, non_blocking: bool = False) -> bool:
+    def reserve(self, key, nbytes: int) -> Optional[torch.Tensor]:
+        """Claim room for a chunk and return the view to fill, or None if it does not fit now."""
         if key in self._where:
             raise KeyError(f"{key} is already in the {self.name} tier")
-        n = data.numel()
-        ext = self.arena.alloc(n)
+        ext = self.arena.alloc(nbytes)
         if ext is None:
+            return None
+        self._where[key] = (ext, nbytes)
+        return self.arena.view(ext, nbytes)
+
+    def put(self, key, data: torch.Tensor) -> bool:
+        view = self.reserve(key, data.numel())
+        if view is None:
             return False
-        self.arena.view(ext, n).copy_(data.reshape(-1), non_blocking=non_blocking)
-        self._where[key] = (ext, n)
+        view.copy_(data.reshape(-1))
         return True
 
     def read(self, key) -> torch.Tensor:
