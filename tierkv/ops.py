@@ -158,9 +158,9 @@ def make_table(
                   chunk_offset + head * head_bytes(n_tokens).
     n_tokens:     tokens of the chunk; batch, head: where it goes; n0: first token row in the output.
     """
-    cols = [torch.as_tensor(x, dtype=torch.int64) for x in (source, chunk_offset, n_tokens, batch, head, n0)]
+    cols = [torch.atleast_1d(torch.as_tensor(x, dtype=torch.int64)) for x in (source, chunk_offset, n_tokens, batch, head, n0)]
     if device is None:
-        device = next((c.device for c in cols if c.dim() > 0), cols[0].device)
+        device = next((c.device for c in cols if c.device.type != "cpu"), cols[0].device)
     cols = [c.to(device) for c in cols]
     src, off, n, b, h, start = torch.broadcast_tensors(*cols)
     if src.dim() != 1:
