@@ -39,7 +39,7 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 @pytest.fixture
-def seed(seed):
+def seed(rng_seed):
     """Python's random too draws from the per-run seed (printed on failure)."""
     random.seed(rng_seed)
     return rng_seed
