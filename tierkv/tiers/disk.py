@@ -73,12 +73,12 @@ class DiskStats:
 
 
 class _Loc:
-    """Where a durable chunk lives: its array directory, raw size and file size."""
+    """Where a durable chunk lives: its file, array directory, raw size and file size."""
 
-    __slots__ = ("adir", "nbytes", "size")
+    __slots__ = ("path", "adir", "nbytes", "size")
 
-    def __init__(self, adir: str, nbytes: int, size: int) -> None:
-        self.adir, self.nbytes, self.size = adir, nbytes, size
+    def __init__(self, path: str, adir: str, nbytes: int, size: int) -> None:
+        self.path, self.adir, self.nbytes, self.size = path, adir, nbytes, size
 
 
 class _Entry:
@@ -218,7 +218,7 @@ class DiskTier:
                     if not cm or not ce.is_file(follow_symlinks=False) or int(cm[1]) >= io.ROWS:
                         continue
                     key = ChunkKey(se.name, layer, int(cm[1]))
-                    loc = _Loc(ae.path, nbytes, ce.stat(follow_symlinks=False).st_size)
+                    loc = _Loc(ce.path, ae.path, nbytes, ce.stat(follow_symlinks=False).st_size)
                     prev = self._index.get(key)
                     if prev is not None:
                         loc = self._resolve_duplicate(key, prev, loc)
@@ -229,9 +229,8 @@ class DiskTier:
     def _resolve_duplicate(key: ChunkKey, a: _Loc, b: _Loc) -> _Loc:
         """A chunk rewritten with a new size was cut short between writing the new file and removing
         the old: both are complete; the later write wins (rename keeps the temp file's mtime)."""
-        pa, pb = (os.path.join(x.adir, io.chunk_name(key.index)) for x in (a, b))
-        newer, older = (a, pb) if os.stat(pa).st_mtime_ns >= os.stat(pb).st_mtime_ns else (b, pa)
-        io.remove_quietly(older)
+        newer, older = (a, b) if os.stat(a.path).st_mtime_ns >= os.stat(b.path).st_mtime_ns else (b, a)
+        io.remove_quietly(older.path)
         return newer
 
     # --- properties ----------------------------------------------------------------------------
@@ -363,7 +362,7 @@ class DiskTier:
                 e.cancelled = True
             loc = self._index.pop(key, None)
             if loc is not None:
-                io.remove_quietly(os.path.join(loc.adir, io.chunk_name(key.index)))
+                io.remove_quietly(loc.path)
                 self._used -= loc.size
         return bool(entries) or loc is not None
 
@@ -372,7 +371,8 @@ class DiskTier:
         """Chunk `key` as a 1-D uint8 CPU tensor; into out[:nbytes] when `out` (a contiguous uint8 CPU
         tensor, pinned for instance) is given. Raises ChunkNotFoundError, or CorruptChunkError when the
         file fails its checksum or does not decode."""
-        self._raise_stored_error()
+        if self._errors:
+            self._raise_stored_error()
         with self._lock:
             pend = self._pending.get(key)
             src = pend[-1].data if pend else None
@@ -430,7 +430,7 @@ class DiskTier:
         buf = getattr(self._tls, "buf", None)
         if buf is None or buf.shape[0] < cap:
             buf = self._tls.buf = np.empty(max(cap, 1 << 16), np.uint8)
-        path = os.path.join(loc.adir, io.chunk_name(key.index))
+        path = loc.path
         try:
             n = io.read_file(path, buf[:cap], loc.size)
             if n == cap:
@@ -522,9 +522,9 @@ class DiskTier:
                 if old is not None:
                     self._used -= old.size
                     if old.adir != adir:  # rewritten with another size: the old file goes
-                        io.remove_quietly(os.path.join(old.adir, io.chunk_name(e.key.index)))
+                        io.remove_quietly(old.path)
                         dirs.add(old.adir)
-                self._index[e.key] = _Loc(adir, e.nbytes, size)
+                self._index[e.key] = _Loc(final, adir, e.nbytes, size)
                 self._used += size
                 self._drop_pending(e)
                 dirs.add(adir)
