@@ -119,13 +119,13 @@ def test_sparse_decode_attends_within_budget():
     seen = []
     with tierkv.offload(model, cfg) as cache:
         layer0 = cache.layers[0]
-        original = layer0.gather
+        original = layer0.gather_into
 
-        def spy(idx):
+        def spy(idx, *args, **kwargs):
             seen.append(tuple(idx.shape))
-            return original(idx)
+            return original(idx, *args, **kwargs)
 
-        layer0.gather = spy
+        layer0.gather_into = spy
         out = gen(model, ids, cache, max_new_tokens=16)
         stats = cache.store.stats()
     assert out.shape == (2, 416)
@@ -206,3 +206,22 @@ def test_planner_gives_layers_different_lengths():
         rates = [layer.rate for layer in cache.layers]
     assert rates[0] > rates[1]
     assert lengths[0] < lengths[1] == 128, (lengths, rates)
+
+
+def test_layer_scores_equal_reference_bounds():
+    """The decode path's scores (stored abstracts, one matmul) equal abstracts.score on the chunks' keys."""
+    from tierkv.abstracts import chunk_abstract, score
+
+    model = build("qwen2", seed=9)
+    ids = torch.randint(1, 512, (2, 300))
+    with tierkv.offload(model, EXACT) as cache, torch.no_grad():
+        model(ids, past_key_values=cache)
+        layer = cache.layers[1]
+        k, _ = layer.gather_all()  # [B, H, C*L, D], exact in bf16
+        B, H, _, D = k.shape
+        C, L = layer.n_chunks, layer.chunk_len
+        ref_ab = chunk_abstract(k.reshape(B, H, C, L, D).permute(0, 2, 1, 3, 4))  # [B, C, H, 2, D]
+        q = torch.randn(B, 4, 1, D, dtype=torch.bfloat16)
+        got = layer.score(q)
+        want = score(q, ref_ab)
+    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)

@@ -149,7 +149,8 @@ class ChunkStore:
                 stream.wait_event(ev)
 
     def _evict_copy(self, tier, key: ChunkKey) -> int:
-        self._settle()
+        if tier is self.cpu:  # a copy still in flight may read or write this slot
+            self._settle()
         n = tier.evict(key)
         self._evictions[tier.name] += 1
         self._notify(key, tier.name)
@@ -168,7 +169,16 @@ class ChunkStore:
             self._make_room(tier, nbytes, key)
 
     def _put_memory(self, tier, key: ChunkKey, data: torch.Tensor) -> None:
-        self._reserve_memory(tier, key, data.numel()).copy_(data.reshape(-1))
+        view = self._reserve_memory(tier, key, data.numel())
+        if view.device.type == "cuda" and data.device.type == "cpu" and data.is_pinned():
+            # host-to-device from a pinned slot: asynchronous on the current stream, which is also the
+            # stream that later reads it; the event guards the source slot against host reuse meanwhile
+            view.copy_(data.reshape(-1), non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record(torch.cuda.current_stream(view.device))
+            self._inflight.append((ev, data))
+        else:
+            view.copy_(data.reshape(-1))
         self._notify(key, tier.name)
 
     def _put_disk(self, key: ChunkKey, data: torch.Tensor) -> None:
@@ -184,7 +194,8 @@ class ChunkStore:
 
     def _evict_from(self, key: ChunkKey, tier: str) -> int:
         """Drop a chunk's copy from `tier`, moving it down first when that copy is the last one above disk."""
-        self._settle()
+        if tier == "cpu":
+            self._settle()
         holders = self._holders(key)
         below = [t for t in holders if TIER_NAMES.index(t) > TIER_NAMES.index(tier)]
         if tier == "disk":
@@ -295,7 +306,8 @@ class ChunkStore:
         """
         with self._lock:
             m = self._require(key)
-            self._settle()
+            if tier in (None, "cpu"):
+                self._settle()
             holders = self._holders(key)
             order = [tier] if tier is not None else list(TIER_NAMES)
             for name in order:
@@ -321,7 +333,6 @@ class ChunkStore:
                 self._hits[to] += 1
                 return
             self._misses[to] += 1
-            self._settle()
             if to == "gpu" and "cpu" not in holders:
                 self.promote(key, "cpu")
                 holders = self._holders(key)

@@ -14,7 +14,6 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from ..abstracts import score
 
 
 @dataclass
@@ -76,23 +75,32 @@ def attend(layer, module, q, original_mask, padding, scaling, dropout, original_
 
 
 def sparse_attend(layer, q, padding, scaling):
-    """One query token: sink + the top-scoring chunks per KV head under the budget + the tail."""
+    """One query token: sink + the top-scoring chunks per KV head under the budget + the tail.
+
+    The three parts are laid out in one work buffer [sink | selected chunks | tail]: the kernel decodes
+    the chunks straight into the middle, so attention reads them where they land.
+    """
     cfg = layer.cache.config
     B, Hq, _, D = q.shape
     H, C, L = layer.n_heads, layer.n_chunks, layer.chunk_len
     k_sel = min(cfg.budget // L, C)
-    ck = cv = None
+    S, T = layer.sink_len, layer.tail_len
+    N = S + k_sel * L + T
+    w = layer.cache.work_buffer(layer, N)
+    kw, vw = w[0], w[1]
+    if S:
+        kw[:, :, :S] = layer.sink_k
+        vw[:, :, :S] = layer.sink_v
     idx = None
     if k_sel > 0:
-        s = score(q, layer.abstracts[:, :C])  # [B, H, C]
-        idx = torch.topk(s, k_sel, dim=-1).indices.sort(dim=-1).values  # [B, H, k]
-        ck, cv = layer.gather(idx)
+        idx = torch.topk(layer.score(q), k_sel, dim=-1, sorted=False).indices  # [B, H, k]
+        layer.gather_into(idx, kw, vw, n0=S)
         layer.note_selection(idx)
-    k = _cat([layer.sink_k, ck, layer.tail_k])
-    v = _cat([layer.sink_v, cv, layer.tail_v])
+        layer.cache.selected_layers.add(layer.layer_idx)
+    kw[:, :, S + k_sel * L : N] = layer.tail_k
+    vw[:, :, S + k_sel * L : N] = layer.tail_v
     attn_mask = None
     if padding is not None:
-        S, T = layer.sink_len, layer.tail_len
         pos = [torch.arange(S, device=q.device).view(1, 1, S).expand(B, H, S)]
         if idx is not None:
             within = torch.arange(L, device=q.device)
@@ -101,5 +109,6 @@ def sparse_attend(layer, q, padding, scaling):
         pos = torch.cat(pos, dim=-1)  # [B, H, N]
         keep = padding.to(q.device).gather(1, pos.reshape(B, -1)).reshape(B, H, 1, -1)
         attn_mask = keep.repeat_interleave(Hq // H, dim=1)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scaling, enable_gqa=Hq != H)
+    out = F.scaled_dot_product_attention(q, kw[:, :, :N], vw[:, :, :N], attn_mask=attn_mask, scale=scaling,
+                                         enable_gqa=Hq != H)
     return out.transpose(1, 2).contiguous(), None

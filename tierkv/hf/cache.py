@@ -6,6 +6,11 @@ planned length, encoded in the configured format and handed to the store (cpu ti
 when it is full). `update` only appends the new tokens to the tail; the registered attention function
 (hf/attention.py) does the attention over what it needs and then calls `compact`, which moves tokens
 from the tail into chunks.
+
+The decode path is kept to a handful of kernel launches per layer and no host synchronisation: chunk
+addresses live in a device table that is patched only where the store moved something, abstracts are
+stored ready for one matrix product, and the selected chunks are decoded straight into a work buffer
+between copies of the sink and the tail, which is what attention then reads.
 """
 
 from __future__ import annotations
@@ -20,12 +25,21 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from .. import ops
 from ..config import TierConfig
 from ..errors import CapacityError, TierKVError
-from ..formats import ChunkLayout, RAW_DTYPES, is_quantized
+from ..formats import ChunkLayout
 from ..keys import ChunkKey
 from ..planner import desert_rate, plan_length
 from ..store import ChunkStore
 
 _ids = itertools.count()
+PROMOTE_EVERY = 4  # decode steps between refreshes of the gpu tier's contents (each costs a host sync)
+
+
+def _pinned(values, dtype, device) -> torch.Tensor:
+    """A small host list as a device tensor without the stream sync a pageable copy implies."""
+    t = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t
 
 
 class TierKVLayer(CacheLayerMixin):
@@ -39,18 +53,24 @@ class TierKVLayer(CacheLayerMixin):
         self.length = 0  # tokens seen
         self.sink_k: Optional[torch.Tensor] = None
         self.sink_v: Optional[torch.Tensor] = None
-        self.tail_k: Optional[torch.Tensor] = None
+        self.tail_k: Optional[torch.Tensor] = None  # views into _tbuf_k/_tbuf_v once the prompt is ingested
         self.tail_v: Optional[torch.Tensor] = None
+        self._tbuf_k: Optional[torch.Tensor] = None
+        self._tbuf_v: Optional[torch.Tensor] = None
         self.n_chunks = 0
         self.layout: Optional[ChunkLayout] = None  # set by the plan, when the first chunk is cut
-        self.abstracts: Optional[torch.Tensor] = None  # [B, capacity, H, 2, D]
-        self.addr: Optional[torch.Tensor] = None  # [B, capacity, 2] int64 (source, offset) or -1: disk only
+        # per chunk, with room to grow: abstracts [B, H, 2D, cap] (rows :D min, D: max, in the keys' dtype),
+        # address [B, cap, 2] (index into the store's sources, byte offset; -1: only on disk),
+        # on_gpu [B, cap], importance [B, cap] (decayed count of heads that chose the chunk)
+        self.abstracts: Optional[torch.Tensor] = None
+        self.addr: Optional[torch.Tensor] = None
+        self.on_gpu: Optional[torch.Tensor] = None
+        self.importance: Optional[torch.Tensor] = None
         self.rate: Optional[float] = None  # attention-desert rate measured at prefill
         self.pending: Optional[torch.Tensor] = None  # key states returned by the last update
-        self.on_gpu: Optional[torch.Tensor] = None  # [B, capacity] bool: a copy sits in the gpu tier
-        self.importance: Optional[torch.Tensor] = None  # [B, capacity] float32: decayed selection counts
         self.dirty: set = set()  # (b, c) whose address must be refreshed from the store
         self.disk_only: set = set()
+        self._static = None  # per-(k) cached parts of the gather table
 
     # --- CacheLayerMixin -------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -66,12 +86,19 @@ class TierKVLayer(CacheLayerMixin):
                 f"batch size changed from {self.batch_size} to {key_states.shape[0]} within one tierkv cache; "
                 "use a new cache for a new batch"
             )
-        if self.tail_k is None:
+        q = key_states.shape[-2]
+        T = self.tail_len
+        buf = self._tbuf_k
+        if T == 0 and buf is None:
             self.tail_k, self.tail_v = key_states, value_states
+        elif buf is not None and self.tail_k.data_ptr() == buf.data_ptr() and T + q <= buf.shape[2]:
+            self._tbuf_k[:, :, T : T + q] = key_states
+            self._tbuf_v[:, :, T : T + q] = value_states
+            self.tail_k, self.tail_v = self._tbuf_k[:, :, : T + q], self._tbuf_v[:, :, : T + q]
         else:
             self.tail_k = torch.cat([self.tail_k, key_states], dim=-2)
             self.tail_v = torch.cat([self.tail_v, value_states], dim=-2)
-        self.length += key_states.shape[-2]
+        self.length += q
         self.pending = key_states
         return key_states, value_states
 
@@ -112,9 +139,6 @@ class TierKVLayer(CacheLayerMixin):
     def chunk_len(self) -> int:
         return self.layout.n_tokens if self.layout is not None else 0
 
-    def chunk_start(self, c: int) -> int:
-        return self.sink_len + c * self.chunk_len
-
     # --- moving tokens from the tail into sink and chunks ------------------------------------------
     def observe_prefill(self, q: torch.Tensor, k: torch.Tensor, scaling: float) -> None:
         """Measure the layer's attention skew on its first (prefill) queries, for the plan."""
@@ -140,41 +164,51 @@ class TierKVLayer(CacheLayerMixin):
             self.sink_k = head_k.clone() if self.sink_k is None else torch.cat([self.sink_k, head_k], dim=-2)
             self.sink_v = head_v.clone() if self.sink_v is None else torch.cat([self.sink_v, head_v], dim=-2)
             self.tail_k, self.tail_v = self.tail_k[:, :, n:], self.tail_v[:, :, n:]
-        if self.sink_len < cfg.sink:
-            self._own_tail()
-            return
-        if self.layout is None:
-            if self.tail_len - cfg.window < min(cfg.chunk_lengths if cfg.chunk_length is None else (cfg.chunk_length,)):
-                self._own_tail()
-                return
-            fmt = cfg.format
-            self.layout = ChunkLayout(fmt, self._plan(), self.n_heads, self.head_dim, cfg.group_size)
-        L = self.chunk_len
-        n_cut = (self.tail_len - cfg.window) // L
-        if n_cut > 0:
-            k = self.tail_k[:, :, : n_cut * L]
-            v = self.tail_v[:, :, : n_cut * L]
-            self._ingest(k, v, n_cut)
-            self.tail_k, self.tail_v = self.tail_k[:, :, n_cut * L :], self.tail_v[:, :, n_cut * L :]
+        if self.sink_len >= cfg.sink:
+            if self.layout is None:
+                shortest = cfg.chunk_length if cfg.chunk_length is not None else min(cfg.chunk_lengths)
+                if self.tail_len - cfg.window >= shortest:
+                    self.layout = ChunkLayout(cfg.format, self._plan(), self.n_heads, self.head_dim, cfg.group_size)
+            if self.layout is not None:
+                L = self.chunk_len
+                n_cut = (self.tail_len - cfg.window) // L
+                if n_cut > 0:
+                    self._ingest(self.tail_k[:, :, : n_cut * L], self.tail_v[:, :, : n_cut * L], n_cut)
+                    self.tail_k, self.tail_v = self.tail_k[:, :, n_cut * L :], self.tail_v[:, :, n_cut * L :]
         self._own_tail()
 
     def _own_tail(self) -> None:
-        # a slice keeps the whole prompt's K/V alive; a copy of the tail lets it go
-        if self.tail_k is not None and self.tail_k.storage_offset() != 0:
-            self.tail_k, self.tail_v = self.tail_k.clone(), self.tail_v.clone()
+        """Keep the tail at the front of a buffer of its own with room to grow.
+
+        A slice of the prompt's K/V would keep the whole prompt alive; a fresh buffer lets it go, and
+        the room lets the next steps append in place instead of reallocating.
+        """
+        if self.tail_k is None:
+            return
+        buf = self._tbuf_k
+        if buf is not None and self.tail_k.data_ptr() == buf.data_ptr():
+            return
+        T = self.tail_len
+        cap = T + max(self.chunk_len, 64) + 64
+        B, H, D = self.batch_size, self.n_heads, self.head_dim
+        self._tbuf_k = torch.empty(B, H, cap, D, dtype=self.dtype, device=self.device)
+        self._tbuf_v = torch.empty_like(self._tbuf_k)
+        self._tbuf_k[:, :, :T] = self.tail_k
+        self._tbuf_v[:, :, :T] = self.tail_v
+        self.tail_k, self.tail_v = self._tbuf_k[:, :, :T], self._tbuf_v[:, :, :T]
 
     def _grow(self, need: int) -> None:
-        cap = 0 if self.abstracts is None else self.abstracts.shape[1]
+        cap = 0 if self.abstracts is None else self.abstracts.shape[-1]
         if need <= cap:
             return
         new_cap = max(need, 2 * cap, 16)
         B, H, D = self.batch_size, self.n_heads, self.head_dim
-        ab = torch.empty(B, new_cap, H, 2, D, dtype=self.dtype, device=self.device)
+        ab = torch.empty(B, H, 2 * D, new_cap, dtype=self.dtype, device=self.device)
         addr = torch.full((B, new_cap, 2), -1, dtype=torch.int64, device=self.device)
         on_gpu = torch.zeros(B, new_cap, dtype=torch.bool, device=self.device)
         imp = torch.zeros(B, new_cap, dtype=torch.float32, device=self.device)
         if cap:
-            ab[:, :cap] = self.abstracts
+            ab[..., :cap] = self.abstracts
             addr[:, :cap] = self.addr
             on_gpu[:, :cap] = self.on_gpu
             imp[:, :cap] = self.importance
@@ -182,13 +216,34 @@ class TierKVLayer(CacheLayerMixin):
 
     def _ingest(self, k: torch.Tensor, v: torch.Tensor, n: int) -> None:
         lay = self.layout
-        packed, abstracts = ops.ingest(k, v, lay.n_tokens, lay.format, lay.group_size)
+        B, H, D = self.batch_size, self.n_heads, self.head_dim
+        packed, abstracts = ops.ingest(k, v, lay.n_tokens, lay.format, lay.group_size)  # [B,n,nb], [B,n,H,2,D]
         c0 = self.n_chunks
         self._grow(c0 + n)
-        self.abstracts[:, c0 : c0 + n] = abstracts
-        keys = [self.cache.key(b, self.layer_idx, c) for b in range(self.batch_size) for c in range(c0, c0 + n)]
-        self.cache.store_put(keys, packed.reshape(self.batch_size * n, lay.nbytes))
+        self.abstracts[..., c0 : c0 + n] = abstracts.permute(0, 2, 3, 4, 1).reshape(B, H, 2 * D, n)
+        keys = [self.cache.key(b, self.layer_idx, c) for b in range(B) for c in range(c0, c0 + n)]
+        self.cache.store.put_many(keys, packed.reshape(B * n, lay.nbytes), tier="cpu")
         self.n_chunks += n
+
+    # --- scoring and selection ---------------------------------------------------------------------
+    def score(self, q: torch.Tensor) -> torch.Tensor:
+        """Upper bounds of q . k per KV head per chunk [B, H, C], max over grouped heads and query tokens.
+
+        Same bound as abstracts.score, from the stored layout: [min(q, 0), max(q, 0)] . [min; max].
+        """
+        B, Hq, T, D = q.shape
+        H, C = self.n_heads, self.n_chunks
+        qg = q.reshape(B, H, (Hq // H) * T, D)
+        qc = torch.cat([qg.clamp(max=0), qg.clamp(min=0)], dim=-1).to(self.dtype)
+        return torch.matmul(qc, self.abstracts[..., :C]).amax(dim=2)
+
+    def note_selection(self, idx: torch.Tensor) -> None:
+        """Count the heads that chose each chunk this step into its decayed importance."""
+        B, C = self.batch_size, self.n_chunks
+        flat = idx.reshape(B, -1)
+        imp = self.importance[:, :C]
+        imp.mul_(self.cache.config.importance_decay)
+        imp.scatter_add_(1, flat, torch.ones(flat.shape, dtype=torch.float32, device=self.device))
 
     # --- reading chunks back -------------------------------------------------------------------------
     def refresh_addresses(self) -> None:
@@ -196,11 +251,10 @@ class TierKVLayer(CacheLayerMixin):
         if not self.dirty:
             return
         cache = self.cache
-        idx, vals, gpu = [], [], []
+        rows, vals, gpu = [], [], []
         for b, c in self.dirty:
-            key = cache.key(b, self.layer_idx, c)
-            loc, tier = cache.best_location(key)
-            idx.append((b, c))
+            loc, tier = cache.best_location(cache.key(b, self.layer_idx, c))
+            rows.append((b, c))
             vals.append(loc if loc is not None else (-1, -1))
             gpu.append(tier == "gpu")
             if loc is None:
@@ -208,9 +262,9 @@ class TierKVLayer(CacheLayerMixin):
             else:
                 self.disk_only.discard((b, c))
         self.dirty.clear()
-        ii = torch.tensor(idx, dtype=torch.int64).to(self.device)
-        self.addr[ii[:, 0], ii[:, 1]] = torch.tensor(vals, dtype=torch.int64).to(self.device)
-        self.on_gpu[ii[:, 0], ii[:, 1]] = torch.tensor(gpu, dtype=torch.bool).to(self.device)
+        ii = _pinned(rows, torch.int64, self.device)
+        self.addr[ii[:, 0], ii[:, 1]] = _pinned(vals, torch.int64, self.device)
+        self.on_gpu[ii[:, 0], ii[:, 1]] = _pinned(gpu, torch.bool, self.device)
 
     def _stage_from_disk(self, chunk_idx: torch.Tensor, a: torch.Tensor, sources: List[torch.Tensor]) -> torch.Tensor:
         """Read the selected chunks that live only on disk into one staging buffer, added as a source.
@@ -223,79 +277,71 @@ class TierKVLayer(CacheLayerMixin):
             return a
         B, H, kk = chunk_idx.shape
         b_of = torch.arange(B, device=self.device).view(B, 1, 1).expand(B, H, kk)
-        pairs = torch.stack([b_of[missing], chunk_idx[missing]], dim=1)
-        uniq = torch.unique(pairs, dim=0)
+        uniq = torch.unique(torch.stack([b_of[missing], chunk_idx[missing]], dim=1), dim=0)
         nb = self.layout.nbytes
-        pin = self.device.type == "cuda"
-        staging = torch.empty(len(uniq), nb, dtype=torch.uint8, pin_memory=pin)
+        staging = torch.empty(len(uniq), nb, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
         slot = torch.full((B, self.n_chunks), -1, dtype=torch.int64)
         for m, (b, c) in enumerate(uniq.tolist()):
             staging[m] = self.cache.store.read(self.cache.key(b, self.layer_idx, c), tier="disk")
             slot[b, c] = m
         sources.append(staging.view(-1))
-        slot = slot.to(self.device)
-        off = slot.gather(1, chunk_idx.reshape(B, H * kk)).reshape(B, H, kk) * nb
+        self.cache.keep_alive(staging)
+        off = slot.to(self.device).gather(1, chunk_idx.reshape(B, H * kk)).reshape(B, H, kk) * nb
         src = torch.full_like(off, len(sources) - 1)
         return torch.stack([torch.where(missing, src, a[..., 0]), torch.where(missing, off, a[..., 1])], dim=-1)
 
-    def gather(self, chunk_idx: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Dense K, V [B, H, k*L, D] of the chunks chunk_idx [B, H, k] (per KV head), via the kernels."""
+    def _table_parts(self, kk: int, n0: int):
+        """The columns of the gather table that do not change from step to step (cached per shape)."""
+        key = (kk, n0)
+        if self._static is None or self._static[0] != key:
+            B, H, L = self.batch_size, self.n_heads, self.chunk_len
+            dev = self.device
+            b = torch.arange(B, device=dev).view(B, 1, 1).expand(B, H, kk)
+            h = torch.arange(H, device=dev).view(1, H, 1).expand(B, H, kk)
+            j = torch.arange(kk, device=dev).view(1, 1, kk).expand(B, H, kk)
+            base = torch.stack([torch.zeros_like(j), torch.zeros_like(j), torch.full_like(j, L), b * H + h, n0 + j * L], dim=-1)
+            hoff = torch.stack([torch.zeros_like(h), h * self.layout.head_bytes], dim=-1)
+            self._static = (key, base.reshape(-1, 5).contiguous(), hoff.reshape(-1, 2).contiguous())
+        return self._static[1], self._static[2]
+
+    def gather_into(self, chunk_idx: torch.Tensor, k_out: torch.Tensor, v_out: torch.Tensor, n0: int = 0) -> None:
+        """Decode the chunks chunk_idx [B, H, k] (per KV head) into rows n0 + j*L of k_out / v_out [B, H, N, D]."""
         self.refresh_addresses()
         B, H, kk = chunk_idx.shape
-        L, D = self.chunk_len, self.head_dim
         a = self.addr.gather(1, chunk_idx.reshape(B, H * kk, 1).expand(B, H * kk, 2)).reshape(B, H, kk, 2)
-        sources = self.cache.store_sources()
+        sources = self.cache.store.sources()
         if self.disk_only:
             a = self._stage_from_disk(chunk_idx, a, sources)
-        hb = self.layout.head_bytes
-        b_idx = torch.arange(B, device=self.device).view(B, 1, 1).expand(B, H, kk)
-        h_idx = torch.arange(H, device=self.device).view(1, H, 1).expand(B, H, kk)
-        j_idx = torch.arange(kk, device=self.device).view(1, 1, kk).expand(B, H, kk)
-        table = torch.stack(
-            [a[..., 0], a[..., 1] + h_idx * hb, torch.full_like(j_idx, L), b_idx * H + h_idx, j_idx * L], dim=-1
-        ).reshape(-1, 5)
-        k_out = torch.empty(B, H, kk * L, D, dtype=self.dtype, device=self.device)
-        v_out = torch.empty_like(k_out)
+        base, hoff = self._table_parts(kk, n0)
+        table = base.clone()
+        table[:, :2] = a.reshape(-1, 2) + hoff
         if self.device.type == "cuda":
             self.cache.store.wait_inflight(torch.cuda.current_stream(self.device))
-        ops.gather(sources, table, self.layout.format, D, self.layout.group_size, k_out, v_out)
+        ops.gather(sources, table, self.layout.format, self.head_dim, self.layout.group_size, k_out, v_out)
+
+    def gather(self, chunk_idx: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Dense K, V [B, H, k*L, D] of the chunks chunk_idx [B, H, k]."""
+        B, H, kk = chunk_idx.shape
+        k_out = torch.empty(B, H, kk * self.chunk_len, self.head_dim, dtype=self.dtype, device=self.device)
+        v_out = torch.empty_like(k_out)
+        self.gather_into(chunk_idx, k_out, v_out)
         return k_out, v_out
-
-    def note_selection(self, idx: torch.Tensor) -> None:
-        """Count the heads that chose each chunk this step into its decayed importance."""
-        B, C = self.batch_size, self.n_chunks
-        counts = torch.zeros(B, C, dtype=torch.float32, device=self.device)
-        flat = idx.reshape(B, -1)
-        counts.scatter_add_(1, flat, torch.ones(flat.shape, dtype=torch.float32, device=self.device))
-        self.importance[:, :C].mul_(self.cache.config.importance_decay).add_(counts)
-        self.cache.selected_layers.add(self.layer_idx)
-
-    def promote_hot(self, limit: int) -> None:
-        """Copy up to `limit` of the most important chunks not yet on the GPU into the gpu tier."""
-        C = self.n_chunks
-        if limit <= 0 or C == 0:
-            return
-        self.refresh_addresses()
-        # only chunks in the cpu tier: a disk read here would stall the step (the pipeline prefetches those)
-        skip = self.on_gpu[:, :C] | (self.addr[:, :C, 0] < 0)
-        imp = torch.where(skip, torch.zeros_like(self.importance[:, :C]), self.importance[:, :C])
-        vals, flat = torch.topk(imp.reshape(-1), min(limit, imp.numel()))
-        store = self.cache.store
-        for val, f in zip(vals.tolist(), flat.tolist()):
-            if val < 1.0:  # chosen by fewer than one head per step on average: not worth a copy
-                break
-            key = self.cache.key(f // C, self.layer_idx, f % C)
-            store.touch([key], val)
-            try:
-                store.promote(key, "gpu")
-            except CapacityError:
-                break
-        self.refresh_addresses()
 
     def gather_all(self) -> Tuple[torch.Tensor, torch.Tensor]:
         C = self.n_chunks
         idx = torch.arange(C, device=self.device).view(1, 1, C).expand(self.batch_size, self.n_heads, C)
         return self.gather(idx)
+
+    def promotion_candidates(self, limit: int) -> Optional[torch.Tensor]:
+        """Up to `limit` (value, b * C + c) of the most important chunks in the cpu tier but not on the GPU."""
+        C = self.n_chunks
+        if limit <= 0 or C == 0:
+            return None
+        self.refresh_addresses()
+        skip = self.on_gpu[:, :C] | (self.addr[:, :C, 0] < 0)
+        imp = torch.where(skip, torch.zeros_like(self.importance[:, :C]), self.importance[:, :C]).reshape(-1)
+        vals, flat = torch.topk(imp, min(limit, imp.numel()))
+        return torch.stack([vals, flat.to(torch.float32)], dim=1)
 
 
 class TierKVCache(Cache):
@@ -307,6 +353,9 @@ class TierKVCache(Cache):
         self.cache_id = name or f"c{next(_ids)}-{uuid.uuid4().hex[:8]}"
         super().__init__(layers=[TierKVLayer(self, i) for i in range(num_layers)])
         self.selected_layers: set = set()
+        self.steps = 0
+        self._work: Optional[torch.Tensor] = None
+        self._alive: list = []
         store.add_listener(self._on_move)
 
     # --- keys and addresses ---------------------------------------------------------------------------
@@ -319,9 +368,6 @@ class TierKVCache(Cache):
         b = int(key.stream[len(self.cache_id) + 2 :])
         self.layers[key.layer].dirty.add((b, key.index))
 
-    def store_sources(self) -> List[torch.Tensor]:
-        return self.store.sources()
-
     def best_location(self, key: ChunkKey) -> Tuple[Optional[Tuple[int, int]], Optional[str]]:
         for tier in ("gpu", "cpu"):
             loc = self.store.source_location(key, tier)
@@ -329,27 +375,61 @@ class TierKVCache(Cache):
                 return loc, tier
         return None, None
 
+    def keep_alive(self, t: torch.Tensor) -> None:
+        """Hold a host buffer a kernel may still be reading until the end of the forward pass."""
+        self._alive.append(t)
+
+    def work_buffer(self, layer: TierKVLayer, n: int) -> torch.Tensor:
+        """[2, B, H, >= n, D] scratch shared by all layers (they run one after another)."""
+        w = self._work
+        shape = (2, layer.batch_size, layer.n_heads, n, layer.head_dim)
+        if w is None or w.shape[3] < n or w.shape[:3] != shape[:3] or w.shape[4] != shape[4] or w.dtype != layer.dtype:
+            w = torch.empty(shape[:3] + (max(n, 256),) + shape[4:], dtype=layer.dtype, device=layer.device)
+            self._work = w
+        return w
+
     def end_forward(self) -> None:
-        """After the last layer of a forward pass: age importance, refresh the gpu tier's contents."""
+        """After the last layer of a forward pass: age importance, now and then refresh the gpu tier."""
         self.store.tick()
-        limit = self.config.prefetch_depth
+        self._alive.clear()
+        self.steps += 1
+        if not self.selected_layers or self.steps % PROMOTE_EVERY:
+            return
+        per_layer = self.config.prefetch_depth
+        cands = []
         for i in sorted(self.selected_layers):
             layer = self.layers[i]
-            layer.promote_hot(limit * layer.n_heads)
+            c = layer.promotion_candidates(per_layer * layer.n_heads)
+            if c is not None:
+                cands.append((layer, c))
         self.selected_layers.clear()
+        if not cands:
+            return
+        values = torch.cat([c for _, c in cands]).tolist()  # one host sync for all layers
+        pos = 0
+        for layer, c in cands:
+            rows, pos = values[pos : pos + len(c)], pos + len(c)
+            for val, flat in rows:
+                if val < 1.0:  # chosen by fewer than one head per step on average: not worth a copy
+                    break
+                flat = int(flat)
+                key = self.key(flat // layer.n_chunks, layer.layer_idx, flat % layer.n_chunks)
+                self.store.touch([key], val)
+                try:
+                    self.store.promote(key, "gpu")
+                except CapacityError:
+                    break
 
     def device_bytes(self) -> dict:
         """Bytes of KV state this cache keeps in device memory: the hot set, the abstracts, the gpu tier."""
         hot = abstracts = 0
         for layer in self.layers:
-            for t in (layer.sink_k, layer.sink_v, layer.tail_k, layer.tail_v):
+            for t in (layer.sink_k, layer.sink_v, layer._tbuf_k, layer._tbuf_v):
                 hot += 0 if t is None else t.numel() * t.element_size()
             if layer.abstracts is not None:
-                abstracts += layer.abstracts[:, : layer.n_chunks].numel() * layer.abstracts.element_size()
+                abstracts += layer.abstracts[..., : layer.n_chunks].numel() * layer.abstracts.element_size()
         return {"hot_set": hot, "abstracts": abstracts, "gpu_tier": self.store.gpu.used_bytes}
-
-    def store_put(self, keys: List[ChunkKey], packed: torch.Tensor) -> None:
-        self.store.put_many(keys, packed, tier="cpu")
 
     def close(self) -> None:
         self.store.remove_listener(self._on_move)
+        self._work = None
