@@ -44,8 +44,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="directory for model.safetensors, config.json and the run's JSON")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=4000)
-    p.add_argument("--time-budget", type=float, default=480.0, help="seconds of training before stopping early")
+    p.add_argument("--steps", type=int, default=9000)
+    p.add_argument("--time-budget", type=float, default=500.0, help="seconds of training before stopping early")
     p.add_argument("--train-length", type=int, default=4096, help="longest evaluated prompt; training goes a bit beyond")
     p.add_argument("--tokens-per-step", type=int, default=65536)
     p.add_argument("--hold", type=float, default=0.15, help="fraction of steps kept at <= 512 tokens, where retrieval is learnt cheaply")
@@ -61,7 +61,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--kv-queries", type=int, default=8)
-    p.add_argument("--eval-lengths", default="512,1024,2048,4096")
+    p.add_argument("--eval-lengths", default="256,512,1024,2048,4096,8192")
     p.add_argument("--eval-prompts", type=int, default=200)
     p.add_argument("--eval-seed", type=int, default=1234, help="held-out prompts; training rows come from another RNG stream")
     p.add_argument("--eval-batch", type=int, default=50)
@@ -324,17 +324,18 @@ def main(argv=None):
     result = train(args, model, device, log)
     log(f"trained {result['steps_done']} steps in {result['train_seconds']} s (stopped early: {result['stopped_early']})")
 
-    # evaluate exactly what ships: the bf16 weights, sdpa attention, a fresh DynamicCache per batch
+    from safetensors.torch import save_file
+
+    # saved before evaluating, so a run cut short still leaves its weights behind
     model = model.to(torch.bfloat16).eval()
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt", "tierkv": "retrieval-model"})
+    config.save_pretrained(str(out))
+
+    # evaluate exactly what ships: the bf16 weights, sdpa attention, a fresh DynamicCache per batch
     t = time.perf_counter()
     table = run_eval(args, model, log)
     eval_seconds = round(time.perf_counter() - t, 1)
-
-    from safetensors.torch import save_file
-
-    state = {k: v.detach().to(torch.bfloat16).contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt", "tierkv": "retrieval-model"})
-    config.save_pretrained(str(out))
     import transformers
 
     report = {

@@ -22,7 +22,7 @@ def test_vocab_is_fixed_and_round_trips():
     assert v.tokens == VOCAB.tokens  # construction is deterministic
     # the ids the shipped weights depend on
     assert (v.PAD, v.BOS, v.EOS) == (0, 1, 2)
-    assert [v.tokens[i] for i in (4, 5, 6, 7, 8, 9)] == ["PASSKEY", "KEY", "VALUE", "QUERY", "ANSWER", "."]
+    assert [v.tokens[i] for i in (4, 5, 6, 7)] == ["PASSKEY", "KEY", "QUERY", "."]
     assert [v.tokens[v.digit(d)] for d in range(10)] == [str(d) for d in range(10)]
     assert v.tokens[26] == "baba" and v.tokens[346] == "Bab"
     ids = list(range(640))
@@ -39,21 +39,20 @@ def test_vocab_is_fixed_and_round_trips():
 def test_prompts_are_well_formed(task, length):
     p = make_prompt(task, length, seed=3, index=5)
     assert len(p.input_ids) == length and p.task == task
-    assert p.input_ids[0] == VOCAB.BOS and p.input_ids[-1] == VOCAB.ANSWER
-    assert p.input_ids[-3] == VOCAB.QUERY
+    assert p.input_ids[0] == VOCAB.BOS and p.input_ids[-2] == VOCAB.QUERY
     digits = set(range(VOCAB.DIGIT0, VOCAB.DIGIT0 + 10))
     assert len(p.answer_ids) == (PASSKEY_DIGITS if task == "passkey" else VALUE_DIGITS)
     assert set(p.answer_ids) <= digits
     s, e = p.needle
     needle = list(p.input_ids[s:e])
     if task == "passkey":
-        assert p.input_ids[-2] == VOCAB.PASSKEY
+        assert p.input_ids[-1] == VOCAB.PASSKEY
         assert needle == [VOCAB.PASSKEY, *p.answer_ids, VOCAB.PERIOD]
         assert p.input_ids.count(VOCAB.PASSKEY) == 2  # the needle and the question, nothing else
     else:
-        key = p.input_ids[-2]
+        key = p.input_ids[-1]
         assert VOCAB.KEY0 <= key < VOCAB.KEY0 + VOCAB.N_KEYS
-        assert needle == [VOCAB.KEY, key, VOCAB.VALUE, *p.answer_ids, VOCAB.PERIOD]
+        assert needle == [VOCAB.KEY, key, *p.answer_ids, VOCAB.PERIOD]
         assert p.input_ids.count(key) == 2  # keys are unique within a prompt
         assert p.input_ids.count(VOCAB.KEY) == max(2, length // 64)
     # digits appear only inside needles/pairs, never in the filler
@@ -95,10 +94,10 @@ def test_training_sequences(task):
     assert (ids, mask) == again and len(ids) == len(mask) == 512
     targets = [t for t, m in zip(ids, mask) if m]
     assert all(VOCAB.DIGIT0 <= t < VOCAB.DIGIT0 + 10 for t in targets)
-    # every answer token follows ANSWER or another answer token
+    # every answer run follows the asked token (PASSKEY or a key name) right after QUERY
     for i, m in enumerate(mask):
-        if m:
-            assert ids[i - 1] == VOCAB.ANSWER or mask[i - 1]
+        if m and not mask[i - 1]:
+            assert ids[i - 2] == VOCAB.QUERY and (ids[i - 1] == VOCAB.PASSKEY or ids[i - 1] >= VOCAB.KEY0)
     assert len(targets) == (PASSKEY_DIGITS if task == "passkey" else 8 * VALUE_DIGITS)
 
 

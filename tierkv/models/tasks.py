@@ -7,13 +7,18 @@ is one whitespace-separated word of the decoded text, which keeps prompts printa
 Two tasks, both built so that losing the one region that holds the answer makes the answer wrong:
 
 - passkey: a 5-digit passkey hidden at a random depth among filler words, asked for at the end.
-      <bos> fa ... PASSKEY 7 3 9 1 2 . ... QUERY PASSKEY ANSWER   ->  7 3 9 1 2
-- kv (multi-key associative recall): many `KEY name VALUE d d d d .` pairs scattered among filler
-  (the other pairs are the distractors), one key asked for at the end.
-      <bos> ... KEY Bak VALUE 4 8 1 2 . ... KEY Tum VALUE 0 5 5 9 . ... QUERY Bak ANSWER  ->  4 8 1 2
+      <bos> fa ... PASSKEY 7 3 9 1 2 . ... QUERY PASSKEY   ->  7 3 9 1 2
+- kv (multi-key associative recall): many `KEY name d d d d .` pairs scattered among filler (the other
+  pairs are the distractors), one key asked for at the end.
+      <bos> ... KEY Bak 4 8 1 2 . ... KEY Tum 0 5 5 9 . ... QUERY Bak   ->  4 8 1 2
 
-A prompt of length L has exactly L tokens and ends with ANSWER; the answer is generated greedily after
-it. Every prompt is a pure function of (seed, task, length, index), so evaluations are reproducible and
+The question ends with the very token that precedes the answer in the context (the key name, or
+PASSKEY), so the answer is found by matching that token and copying what followed it: the induction
+pattern small transformers learn fastest. (With a marker between key and value, `KEY Bak VALUE 4 ...`
+asked as `QUERY Bak ANSWER`, a first training run learnt passkeys but only 14% of kv answers at 512
+tokens: the first value digit needed a two-token match.)
+
+A prompt of length L has exactly L tokens; the answer is generated greedily after it. Every prompt is a pure function of (seed, task, length, index), so evaluations are reproducible and
 held-out sets are simply other seeds than the one used for training.
 """
 
@@ -56,7 +61,7 @@ class Vocab:
 
     Layout (640 ids, a multiple of 64 for tidy matrix shapes):
       0-3     <pad> <bos> <eos> <unk>
-      4-15    markers: PASSKEY KEY VALUE QUERY ANSWER . and reserved <m10>..<m15>
+      4-15    markers: PASSKEY KEY QUERY . and reserved <m8>..<m15>
       16-25   digits 0-9
       26-345  320 filler words (lowercase, 4 letters: "bako")
       346-601 256 key names (capitalised, 3 letters: "Bak")
@@ -68,13 +73,13 @@ class Vocab:
 
     SIZE = 640
     PAD, BOS, EOS, UNK = 0, 1, 2, 3
-    PASSKEY, KEY, VALUE, QUERY, ANSWER, PERIOD = 4, 5, 6, 7, 8, 9
+    PASSKEY, KEY, QUERY, PERIOD = 4, 5, 6, 7
     DIGIT0 = 16
     FILLER0, N_FILLER = 26, 320
     KEY0, N_KEYS = 346, MAX_KEYS
 
     def __post_init__(self):
-        toks = ["<pad>", "<bos>", "<eos>", "<unk>", "PASSKEY", "KEY", "VALUE", "QUERY", "ANSWER", "."]
+        toks = ["<pad>", "<bos>", "<eos>", "<unk>", "PASSKEY", "KEY", "QUERY", "."]
         toks += [f"<m{i}>" for i in range(len(toks), self.DIGIT0)]
         toks += [str(d) for d in range(10)]
         assert len(toks) == self.FILLER0
@@ -175,7 +180,7 @@ def _scatter(rng: np.random.Generator, filler: list[int], pieces: list[list[int]
 def _passkey(rng: np.random.Generator, length: int) -> tuple[list[int], list[int], tuple[int, int]]:
     key = _digits(rng, PASSKEY_DIGITS)
     needle = [VOCAB.PASSKEY] + key + [VOCAB.PERIOD]
-    question = [VOCAB.QUERY, VOCAB.PASSKEY, VOCAB.ANSWER]
+    question = [VOCAB.QUERY, VOCAB.PASSKEY]
     n_fill = length - 1 - len(needle) - len(question)
     ctx, spans = _scatter(rng, _filler(rng, n_fill), [needle])
     span = (spans[0][0] + 1, spans[0][1] + 1)
@@ -183,19 +188,19 @@ def _passkey(rng: np.random.Generator, length: int) -> tuple[list[int], list[int
 
 
 def _kv_context(rng: np.random.Generator, n_ctx: int, n_pairs: int):
-    pair_len = 3 + VALUE_DIGITS + 1
+    pair_len = 2 + VALUE_DIGITS + 1
     if n_pairs * pair_len > n_ctx - 1:
         raise ConfigError(f"n_pairs {n_pairs} do not fit in {n_ctx} context tokens; expected at most {(n_ctx - 1) // pair_len}")
     keys = (VOCAB.KEY0 + rng.choice(VOCAB.N_KEYS, size=n_pairs, replace=False)).tolist()
     values = [_digits(rng, VALUE_DIGITS) for _ in range(n_pairs)]
-    pieces = [[VOCAB.KEY, k, VOCAB.VALUE] + v + [VOCAB.PERIOD] for k, v in zip(keys, values)]
+    pieces = [[VOCAB.KEY, k] + v + [VOCAB.PERIOD] for k, v in zip(keys, values)]
     ctx, spans = _scatter(rng, _filler(rng, n_ctx - 1 - n_pairs * pair_len), pieces)
     spans = [(a + 1, b + 1) for a, b in spans]
     return [VOCAB.BOS] + ctx, keys, values, spans
 
 
 def make_prompt(task: str, length: int, seed: int, index: int = 0, n_pairs: int | None = None) -> Prompt:
-    """The `index`-th prompt of (task, length, seed): exactly `length` tokens ending in ANSWER."""
+    """The `index`-th prompt of (task, length, seed): exactly `length` tokens ending in the question."""
     _check(task, length)
     rng = np.random.default_rng([int(seed), _PURPOSE_PROMPT, _TASK_CODE[task], int(length), int(index)])
     if task == "passkey":
@@ -204,9 +209,9 @@ def make_prompt(task: str, length: int, seed: int, index: int = 0, n_pairs: int 
         n_pairs = default_pairs(length) if n_pairs is None else n_pairs
         if not 1 <= n_pairs <= MAX_KEYS:
             raise ConfigError(f"n_pairs {n_pairs} is out of range; expected 1..{MAX_KEYS}")
-        ctx, keys, values, spans = _kv_context(rng, length - 3, n_pairs)
+        ctx, keys, values, spans = _kv_context(rng, length - 2, n_pairs)
         q = int(rng.integers(0, n_pairs))
-        ids = ctx + [VOCAB.QUERY, keys[q], VOCAB.ANSWER]
+        ids = ctx + [VOCAB.QUERY, keys[q]]
         answer, span = values[q], spans[q]
     assert len(ids) == length
     return Prompt(task, tuple(ids), tuple(answer), span)
@@ -222,7 +227,7 @@ def make_prompts(task: str, length: int, n: int, seed: int, **kw) -> list[Prompt
 def make_training_sequence(task: str, length: int, rng: np.random.Generator, n_queries: int = 8) -> tuple[list[int], list[int]]:
     """A training sequence of exactly `length` tokens and a 0/1 mask marking answer tokens (the loss targets).
 
-    kv sequences carry up to `n_queries` questions in a row (`QUERY k ANSWER v .`), each about a different
+    kv sequences carry up to `n_queries` questions in a row (`QUERY k v .`), each about a different
     key, which multiplies the learning signal per sequence; the first question sits exactly where an
     evaluation prompt's does. A passkey sequence has one question (later ones could copy the first answer).
     """
@@ -231,14 +236,14 @@ def make_training_sequence(task: str, length: int, rng: np.random.Generator, n_q
         ids, answer, _ = _passkey(rng, length - PASSKEY_DIGITS)
         mask = [0] * len(ids) + [1] * len(answer)
         return ids + answer, mask
-    block = 3 + VALUE_DIGITS + 1
+    block = 2 + VALUE_DIGITS + 1
     n_pairs = default_pairs(length)
     nq = max(1, min(n_queries, n_pairs))
     ctx, keys, values, _ = _kv_context(rng, length - nq * block + 1, n_pairs)
     ids, mask = list(ctx), [0] * len(ctx)
     for j, q in enumerate(rng.choice(n_pairs, size=nq, replace=False).tolist()):
-        ids += [VOCAB.QUERY, keys[q], VOCAB.ANSWER] + values[q]
-        mask += [0, 0, 0] + [1] * VALUE_DIGITS
+        ids += [VOCAB.QUERY, keys[q]] + values[q]
+        mask += [0, 0] + [1] * VALUE_DIGITS
         if j < nq - 1:  # the last question ends the sequence without its period
             ids.append(VOCAB.PERIOD)
             mask.append(0)
