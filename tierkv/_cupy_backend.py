@@ -66,7 +66,7 @@ def header_path() -> str:
 def missing() -> Optional[str]:
     """Why this backend cannot run here, or None."""
     try:
-        import cupy  # noqa: F401
+        import cupy  # noqa: F401  (importable is what is asked)
     except Exception as e:  # ImportError, or a cupy built for another CUDA failing at import
         return f"cupy is not importable ({type(e).__name__}: {e})"
     try:

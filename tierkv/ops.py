@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import math
 import os
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -316,22 +317,24 @@ def launch_plan(fmt: str, n_entries: int, head_dim: int, group: int, n_out: int,
 def gather_reference(sources, table, fmt: str, head_dim: int, group_size: int, k_out, v_out) -> None:
     """Torch reference of gather: index_select the head blocks, formats.decode them, scatter the rows.
 
-    Entries are grouped by (source, n_tokens) so each group is one gather and one batched decode.
+    Entries are grouped by (source, n_tokens), so each group is one index_select and one batched
+    decode; the source is indexed in units of the greatest common divisor of the offsets
+    and the block size, so the index is not one int64 per byte.
     """
     if table.shape[0] == 0:
         return
     H = k_out.shape[1]
     dev = k_out.device
-    t = table.to(torch.int64)
-    keys = torch.unique(t[:, [0, 2]], dim=0).tolist()
-    tcpu = t.cpu()
-    for s, n in keys:
-        sel = torch.nonzero((tcpu[:, 0] == s) & (tcpu[:, 2] == n)).flatten()
-        rows = tcpu[sel]
+    tcpu = table.to(torch.int64).cpu()
+    for s, n in torch.unique(tcpu[:, [0, 2]], dim=0).tolist():
+        rows = tcpu[(tcpu[:, 0] == s) & (tcpu[:, 2] == n)]
         layout = ChunkLayout(fmt, int(n), 1, head_dim, group_size)
+        hb = layout.head_bytes
         src = sources[int(s)]
-        idx = (rows[:, 1:2] + torch.arange(layout.head_bytes)).flatten().to(src.device)
-        blocks = src.index_select(0, idx).reshape(-1, layout.head_bytes).to(dev)
+        unit = functools.reduce(math.gcd, rows[:, 1].tolist(), hb)
+        units = src[: src.numel() // unit * unit].view(-1, unit)
+        idx = (rows[:, 1:2] // unit + torch.arange(hb // unit)).flatten().to(src.device)
+        blocks = units.index_select(0, idx).reshape(-1, hb).to(dev)
         k, v = decode(blocks, layout, k_out.dtype)  # [E_g, 1, n, D]
         b = (rows[:, 3] // H).to(dev)
         h = (rows[:, 3] % H).to(dev)

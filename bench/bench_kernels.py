@@ -1,0 +1,216 @@
+"""Gather + dequantize kernel throughput, next to the copies it should approach, in one run.
+
+Per format and chunk length, a pool of packed chunks twice the size of what is selected lies in GPU
+memory ("device") or pinned host memory ("host"); every (sequence, KV head) selects a random half of
+its pool's chunks, N tokens, which one gather writes to K/V [B, H, N, D]. Measured side by side:
+
+  kernel      ops.gather with the ext backend (and cupy with --cupy)
+  ref         the torch reference (index_select + formats.decode), same table
+  memcpy      one cudaMemcpyAsync per table entry (head block), no decode: the naive DMA path
+  copy        one cudaMemcpyAsync of the same source bytes, contiguous: D2D for device sources,
+              pinned H2D for host sources
+and once per run the copy peaks: a 256 MiB device-to-device copy and a 256 MiB pinned H2D copy.
+
+Effective GB/s counts bytes read plus bytes written (the packed source bytes + the K/V output) over
+the time. Targets: device sources at least 80% of the D2D copy peak (both read+written); host
+sources at least 85% of the pinned H2D peak in source bytes over PCIe per second, for head blocks of
+8 KiB and more; at least 5x the torch reference.
+
+    python bench/bench_kernels.py --out bench/results/kernels_h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tierkv import ops  # noqa: E402
+from tierkv.formats import ChunkLayout  # noqa: E402
+
+FORMATS = ("bf16", "fp16", "int8", "int4", "int2")
+
+
+def timed(fn, iters: int, warmup: int = 3) -> float:
+    """Median seconds of fn() over iters runs, CUDA events around each."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        a = torch.cuda.Event(enable_timing=True)
+        b = torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    return statistics.median(times)
+
+
+def copy_peaks(nbytes: int, iters: int) -> dict:
+    src = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    t_d2d = timed(lambda: dst.copy_(src, non_blocking=True), iters)
+    host = torch.randint(0, 256, (nbytes,), dtype=torch.uint8).pin_memory()
+    t_h2d = timed(lambda: dst.copy_(host, non_blocking=True), iters)
+    return {
+        "bytes": nbytes,
+        "d2d_s": t_d2d, "d2d_GBps_read_plus_written": 2 * nbytes / t_d2d / 1e9,
+        "h2d_s": t_h2d, "h2d_GBps": nbytes / t_h2d / 1e9, "h2d_GBps_read_plus_written": 2 * nbytes / t_h2d / 1e9,
+    }
+
+
+def scene(fmt: str, L: int, B: int, H: int, D: int, N: int, G: int, where: str):
+    """A pool of 2N/L chunks per sequence (all heads, packed back to back) and a table selecting N/L of
+    them per (sequence, head) at random."""
+    lay = ChunkLayout(fmt, L, H, D, G)
+    per_row = N // L
+    pool = 2 * per_row
+    nbytes = B * pool * lay.nbytes
+    data = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, device="cuda")
+    src = data if where == "device" else data.cpu().pin_memory()
+    sel = torch.rand(B, H, pool, device="cuda").argsort(-1)[..., :per_row].sort(-1).values  # [B, H, per_row]
+    b = torch.arange(B, device="cuda").view(B, 1, 1).expand_as(sel)
+    h = torch.arange(H, device="cuda").view(1, H, 1).expand_as(sel)
+    j = torch.arange(per_row, device="cuda").view(1, 1, per_row).expand_as(sel)
+    table = ops.make_table(0, (b * pool + sel).reshape(-1) * lay.nbytes, L, b.reshape(-1), h.reshape(-1),
+                           (j * L).reshape(-1), n_kv_heads=H, fmt=fmt, head_dim=D, group_size=G)
+    return src, table, lay
+
+
+def run(args) -> dict:
+    dev = torch.cuda.get_device_properties(0)
+    results = {
+        "device": dev.name, "sm_count": dev.multi_processor_count,
+        "torch": torch.__version__, "cuda": torch.version.cuda,
+        "python": platform.python_version(), "backends": ops.available_backends(),
+        "git_commit": _git(), "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "config": {"batch": args.batch, "kv_heads": args.heads, "head_dim": args.head_dim, "tokens_per_row": args.tokens,
+                   "group_size": args.group, "out_dtype": "bfloat16", "iters": args.iters},
+    }
+    peaks = copy_peaks(256 << 20, args.iters)
+    results["peaks"] = peaks
+    print(f"{dev.name}: D2D copy peak {peaks['d2d_GBps_read_plus_written']:.0f} GB/s (read+written), "
+          f"pinned H2D peak {peaks['h2d_GBps']:.1f} GB/s", flush=True)
+    B, H, D, N, G = args.batch, args.heads, args.head_dim, args.tokens, args.group
+    k_out = torch.empty(B, H, N, D, dtype=torch.bfloat16, device="cuda")
+    v_out = torch.empty_like(k_out)
+    written = 2 * k_out.numel() * k_out.element_size()
+    rows = []
+    kernel_backends = ["ext"] + (["cupy"] if args.cupy and "cupy" in ops.available_backends() else [])
+    for fmt in args.formats:
+        for L in args.lengths:
+            for where in ("device", "host"):
+                src, table, lay = scene(fmt, L, B, H, D, N, G, where)
+                E = table.shape[0]
+                hb = lay.head_bytes
+                read = E * hb
+                r = {"format": fmt, "chunk_len": L, "source": where, "entries": E, "head_block_bytes": hb,
+                     "chunk_bytes": lay.nbytes, "bytes_read": read, "bytes_written": written}
+                for name in kernel_backends:
+                    fn = lambda name=name: ops.gather([src], table, fmt, D, G, k_out, v_out, backend=name)  # noqa: E731
+                    t = timed(fn, args.iters)
+                    r[f"{name}_s"] = t
+                    r[f"{name}_GBps"] = (read + written) / t / 1e9
+                t_ref = timed(lambda: ops.gather([src], table, fmt, D, G, k_out, v_out, backend="torch"),
+                              args.ref_iters, warmup=1)
+                r["ref_s"] = t_ref
+                r["ref_GBps"] = (read + written) / t_ref / 1e9
+                # one cudaMemcpyAsync per entry (head block) into a staging buffer, no decode
+                staging = torch.empty(read, dtype=torch.uint8, device="cuda")
+                tc = table.cpu()
+                copies = torch.stack([tc[:, 0], tc[:, 1], torch.full_like(tc[:, 0], hb), torch.arange(E) * hb], 1).contiguous()
+                t_mc = timed(lambda: torch.ops.tierkv.copy_chunks([src], copies, staging), max(3, args.iters // 4), warmup=1)
+                r["memcpy_per_chunk_s"] = t_mc
+                r["memcpy_per_chunk_GBps"] = 2 * read / t_mc / 1e9
+                # one contiguous copy of the same number of source bytes
+                t_cp = timed(lambda: staging.copy_(src[:read], non_blocking=True), args.iters)  # D2D or pinned H2D
+                r["copy_same_bytes_s"] = t_cp
+                r["copy_same_bytes_GBps"] = read / t_cp / 1e9
+                t = r["ext_s"]
+                if where == "device":
+                    r["frac_of_d2d_peak"] = r["ext_GBps"] / peaks["d2d_GBps_read_plus_written"]
+                else:
+                    r["pcie_GBps"] = read / t / 1e9
+                    r["frac_of_h2d_peak"] = r["pcie_GBps"] / peaks["h2d_GBps"]
+                r["x_ref"] = t_ref / t
+                r["x_memcpy_per_chunk"] = t_mc / t
+                rows.append(r)
+                _print_row(r)
+                src = staging = None  # free before the next scene is allocated
+                torch.cuda.empty_cache()
+    results["rows"] = rows
+    results["small"] = small_calls(args)
+    return results
+
+
+def small_calls(args) -> list:
+    """Latency of one decode-sized gather: B=1, 8 KV heads, 2048 selected tokens of 32-token chunks."""
+    out = []
+    for fmt in args.formats:
+        for where in ("device", "host"):
+            src, table, lay = scene(fmt, 32, 1, 8, args.head_dim, 2048, args.group, where)
+            k = torch.empty(1, 8, 2048, args.head_dim, dtype=torch.bfloat16, device="cuda")
+            v = torch.empty_like(k)
+            t = timed(lambda: ops.gather([src], table, fmt, args.head_dim, args.group, k, v, backend="ext"), args.iters * 2)
+            out.append({"format": fmt, "source": where, "us": t * 1e6, "bytes_read": table.shape[0] * lay.head_bytes,
+                        "bytes_written": 2 * k.numel() * 2})
+            print(f"  decode-sized gather {fmt:5s} {where:6s}: {t * 1e6:7.1f} us", flush=True)
+    return out
+
+
+def _print_row(r):
+    extra = (f"{100 * r['frac_of_d2d_peak']:5.1f}% of D2D peak" if r["source"] == "device"
+             else f"PCIe {r['pcie_GBps']:5.1f} GB/s = {100 * r['frac_of_h2d_peak']:5.1f}% of H2D peak")
+    cupy = f" cupy {r['cupy_GBps']:7.1f}" if "cupy_GBps" in r else ""
+    print(f"{r['format']:5s} L={r['chunk_len']:3d} {r['source']:6s} block {r['head_block_bytes'] / 1024:6.1f} KiB: "
+          f"ext {r['ext_GBps']:7.1f} GB/s{cupy} | {extra} | ref {r['ref_GBps']:6.1f} (x{r['x_ref']:.0f}) | "
+          f"memcpy/chunk {r['memcpy_per_chunk_GBps']:6.1f} (x{r['x_memcpy_per_chunk']:.1f}) | "
+          f"copy same bytes {r['copy_same_bytes_GBps']:6.1f}", flush=True)
+
+
+def _git() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
+    except Exception:
+        return "unknown"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--formats", nargs="+", default=list(FORMATS))
+    p.add_argument("--lengths", nargs="+", type=int, default=[16, 32, 64, 128, 256])
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--tokens", type=int, default=4096, help="selected tokens per (sequence, KV head)")
+    p.add_argument("--group", type=int, default=32)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--ref-iters", type=int, default=3)
+    p.add_argument("--cupy", action="store_true", help="also time the cupy backend")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_kernels needs a CUDA device")
+    if "ext" not in ops.available_backends():
+        raise SystemExit(f"the extension is not built: {ops._missing('ext')}")
+    res = run(args)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
