@@ -16,6 +16,9 @@ from .errors import ConfigError
 
 FORMATS = ("bf16", "fp16", "int8", "int4", "int2")
 MISS_POLICIES = ("wait", "skip")
+DEFAULT_CHUNK_LENGTHS = (16, 32, 64, 128, 256)
+DEFAULT_PREFETCH_DEPTH = 2
+AUTO_FIELDS = ("chunk_lengths", "prefetch_depth")
 
 _UNITS = {
     "": 1, "b": 1,
@@ -75,13 +78,19 @@ class TierConfig:
     budget:       tokens attended per query per layer beyond the hot set (None: every chunk, exact).
     format:       chunk encoding: bf16, fp16 (raw), int8, int4, int2 (KIVI).
     group_size:   channels per value quantization group in the integer formats.
-    chunk_lengths: the chunk lengths the planner may give a layer.
+    chunk_lengths: the chunk lengths the planner may give a layer (None: auto, see below).
     chunk_length: a fixed chunk length for every layer (None: the planner chooses).
     importance_decay: per-step decay of a chunk's importance for eviction (1.0: never forget).
     miss_policy:  when a selected chunk is not on the GPU or CPU in time: 'wait' or 'skip'.
     write_queue:  depth of the bounded write-behind queue to disk.
-    prefetch_depth: chunks per head prefetched ahead of need.
+    prefetch_depth: chunks per head prefetched ahead of need (None: auto, see below).
     profile:      path of a saved `tierkv profile` JSON whose measurements set defaults.
+
+    Auto fields (left None) are resolved here, so the rest of the code always sees concrete values:
+    without a profile, chunk_lengths = DEFAULT_CHUNK_LENGTHS and prefetch_depth = DEFAULT_PREFETCH_DEPTH;
+    with one, the profile's recommended prefetch depth for this format and planner lengths around its
+    recommended chunk length (profiling.lengths_around). Values set explicitly always win, and stay
+    auto / explicit through replace().
     """
 
     gpu_budget: Size = "1GiB"
@@ -93,13 +102,16 @@ class TierConfig:
     budget: Optional[int] = 2048
     format: str = "bf16"
     group_size: int = 32
-    chunk_lengths: tuple = (16, 32, 64, 128, 256)
+    chunk_lengths: Optional[tuple] = None
     chunk_length: Optional[int] = None
     importance_decay: float = 0.9
     miss_policy: str = "wait"
     write_queue: int = 64
-    prefetch_depth: int = 2
+    prefetch_depth: Optional[int] = None
     profile: Optional[str] = None
+    # which fields were auto (None) when given: replace() keeps them auto so that a new profile or format
+    # resolves them afresh instead of inheriting values resolved from the old ones
+    _auto: frozenset = field(default=frozenset(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass)
@@ -116,6 +128,22 @@ class TierConfig:
         _int_at_least("group_size", self.group_size, 8)
         if self.group_size & (self.group_size - 1) or self.group_size % 8:
             raise ConfigError(f"group_size: expected a power of two >= 8, got {self.group_size}")
+        if self.profile is not None and not os.path.isfile(self.profile):
+            raise ConfigError(f"profile: no saved profile at {self.profile!r}")
+        auto = frozenset(n for n in AUTO_FIELDS if getattr(self, n) is None)
+        set_("_auto", auto)
+        lengths, depth = DEFAULT_CHUNK_LENGTHS, DEFAULT_PREFETCH_DEPTH
+        if self.profile is not None:  # read even when nothing is auto: a broken profile is an error
+            from .profiling import lengths_around, profile_defaults  # reads JSON only; no torch
+
+            length, depth = profile_defaults(self.profile, self.format)
+            lengths = lengths_around(length)
+        if "chunk_lengths" in auto:
+            set_("chunk_lengths", lengths)
+        if "prefetch_depth" in auto:
+            set_("prefetch_depth", depth)
+        if isinstance(self.chunk_lengths, (str, bytes)) or not hasattr(self.chunk_lengths, "__iter__"):
+            raise ConfigError(f"chunk_lengths: expected a sequence of positive integers, got {self.chunk_lengths!r}")
         lengths = tuple(self.chunk_lengths)
         if not lengths:
             raise ConfigError("chunk_lengths: expected at least one chunk length")
@@ -135,10 +163,10 @@ class TierConfig:
             if os.path.exists(path) and not os.path.isdir(path):
                 raise ConfigError(f"disk_path: expected a directory, but {path!r} is a file")
             set_("disk_path", path)
-        if self.profile is not None and not os.path.isfile(self.profile):
-            raise ConfigError(f"profile: no saved profile at {self.profile!r}")
 
     def replace(self, **changes) -> "TierConfig":
+        for name in self._auto:
+            changes.setdefault(name, None)
         return dataclasses.replace(self, **changes)
 
 
