@@ -146,6 +146,22 @@ def test_plot_without_matplotlib_exits_2_before_measuring(tmp_path, monkeypatch,
     assert not called and not (tmp_path / "p.png").exists()
 
 
+def test_show_prints_and_plots_a_saved_profile(saved, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(profiling, "run_profile", lambda *a, **k: pytest.fail("--show must not measure"))
+    args = ["profile", "--show", saved["json"]]
+    if saved["png"] is not None:
+        args += ["--plot", str(tmp_path / "again.png")]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "recommendations" in out and "gather + dequantize" in out
+    if saved["png"] is not None:
+        assert (tmp_path / "again.png").read_bytes()[:4] == b"\x89PNG"
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps({k: v for k, v in saved["data"].items() if k != "gather"}))
+    assert main(["profile", "--show", str(broken)]) == 2
+    assert "--show" in capsys.readouterr().err
+
+
 # --- derived figures on known numbers -------------------------------------------------------------
 def _synthetic(host_gbps, disk_parallel_gbps, disk_latency_s, nbytes_per_token=4096):
     lengths = sorted(host_gbps)
@@ -287,6 +303,8 @@ def _bad_args(tmp):
         (["--json", str(tmp / "missing" / "p.json")], "--json"),
         (["--json", str(tmp)], "--json"),
         (["--plot", str(tmp / "missing" / "p.png")], "--plot"),
+        (["--show", str(tmp / "missing.json")], "--show"),
+        (["--show", str(f)], "--show"),
     ]
     if os.geteuid() != 0:  # root may write anywhere
         ro = tmp / "ro"

@@ -92,6 +92,7 @@ FULL_LENGTHS = (16, 32, 64, 128, 256, 512, 1024)
 QUICK_LENGTHS = (16, 64, 256)
 
 Tick = Callable[[str], None]
+SECTIONS = ("device", "backend", "backends", "settings", "transfers", "gather", "disk", "effective", "recommendations")
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,9 @@ runtime should use, and save it all as JSON that TierConfig(profile=...) reads (
     tierkv profile                                   # cuda:0 if there is one, else the CPU
     tierkv profile --quick --json prof.json --plot prof.png
     tierkv profile --device cuda:0 --disk-dir /mnt/nvme --sizes 1MiB 64MiB --chunk-lengths 32 128
+    tierkv profile --show prof.json --plot prof.png    # print / draw a saved profile, measuring nothing
+
+Bad arguments exit with status 2 and a message naming the argument (argparse's convention).
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ def register(sub) -> None:
     p.add_argument("--plot", type=_new_file, default=None, metavar="FILE",
                    help="draw bandwidth against size per path as a PNG (needs matplotlib: pip install 'tierkv[plot]')")
     p.add_argument("--quick", action="store_true", help="fewer sizes and shorter timings (under a minute on a CPU)")
+    p.add_argument("--show", type=_existing_file, default=None, metavar="FILE",
+                   help="print (and with --plot draw) a profile saved with --json instead of measuring")
     p.set_defaults(func=run)
 
 
@@ -90,6 +95,13 @@ def _new_file(text: str) -> str:
         raise argparse.ArgumentTypeError(f"the directory of {text!r} ({parent}) does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise argparse.ArgumentTypeError(f"the directory of {text!r} ({parent}) is not writable")
+    return path
+
+
+def _existing_file(text: str) -> str:
+    path = os.path.abspath(os.path.expanduser(text))
+    if not os.path.isfile(path):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a file")
     return path
 
 
@@ -157,6 +169,8 @@ def run(args) -> int:
         err.print(f"tierkv profile: error: argument --plot: {_matplotlib_missing()}; "
                   "install it with pip install 'tierkv[plot]' (or matplotlib)", markup=False, highlight=False)
         return 2
+    if args.show is not None:
+        return _show(args, console, err)
     formats = _flat(args.formats) or list(FORMATS)
     if any(f.startswith("int") for f in formats) and args.head_dim > 32 and args.head_dim % 32:
         err.print(f"tierkv profile: error: argument --head-dim: {args.head_dim} is not a multiple of the integer "
@@ -185,6 +199,26 @@ def run(args) -> int:
         profiling.save(result, args.json)
         console.print(f"saved the profile to {args.json}  (use it with TierConfig(profile={args.json!r}))",
                       markup=False, highlight=False)
+    if args.plot is not None:
+        plot(result, args.plot)
+        console.print(f"plot written to {args.plot}", markup=False, highlight=False)
+    return 0
+
+
+def _show(args, console: Console, err: Console) -> int:
+    from .. import profiling
+
+    try:
+        result = profiling.load(args.show)
+    except ConfigError as e:
+        err.print(f"tierkv profile: error: argument --show: {e}", markup=False, highlight=False)
+        return 2
+    missing = [k for k in profiling.SECTIONS if k not in result]
+    if missing:
+        err.print(f"tierkv profile: error: argument --show: {args.show!r} lacks {', '.join(missing)}",
+                  markup=False, highlight=False)
+        return 2
+    print_report(console, result)
     if args.plot is not None:
         plot(result, args.plot)
         console.print(f"plot written to {args.plot}", markup=False, highlight=False)
@@ -379,7 +413,7 @@ def plot(r: dict, path: str) -> None:
             if pts:
                 ax.plot(*zip(*pts), style, marker="o", label=f"{fmt} {x_src}")
     ax.set(title=f"gather + dequantize ({r['backend']}), read + written", xlabel="chunk size (bytes)", ylabel="GB/s",
-           xscale="log")
+           xscale="log", yscale="log")
     ax.legend(fontsize=7, ncol=2)
 
     ax = axes[1][0]
@@ -409,7 +443,7 @@ def plot(r: dict, path: str) -> None:
     ax.set_xticks(lengths, [str(n) for n in lengths])
     ax.minorticks_off()
     if ax.has_data():
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="center right")
     fig.tight_layout()
     fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
