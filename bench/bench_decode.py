@@ -91,6 +91,22 @@ def decode(model, cache, tok, warmup, steps):
     return steps * tok.shape[0] / (time.perf_counter() - t0)
 
 
+def _profile_steps(model, cache, tok, args, name):
+    """Where a sparse decode step spends host and device time (torch.profiler), as a text table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with torch.no_grad(), profile(activities=acts) as prof:
+        for _ in range(4):
+            tok = model(tok, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+        sync()
+    os.makedirs(args.profile_dir, exist_ok=True)
+    with open(os.path.join(args.profile_dir, name + ".txt"), "w") as f:
+        f.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
+        f.write("\n\n")
+        f.write(prof.key_averages().table(sort_by="cpu_time_total", row_limit=40))
+
+
 def cleanup():
     gc.collect()
     if torch.cuda.is_available():
@@ -148,7 +164,9 @@ def run_case(model, cfg, ctx, batch, args, device):
         cache.config = tcfg.replace(budget=budget_tokens)
         torch.cuda.reset_peak_memory_stats() if device == "cuda" else None
         tps = decode(model, cache, tok, args.warmup, args.steps)
-        stats = cache.store.stats()
+        if args.profile_dir:
+            _profile_steps(model, cache, tok, args, f"sparse_ctx{ctx}_b{batch}")
+        stats = cache.stats()
         held = cache.device_bytes()
         record("tierkv-sparse", pre, tps, f"budget {budget_tokens} tok, hot set sink {args.sink} + window {args.window}; "
                f"gpu hit rate {stats.hit_rate('gpu'):.2f}")
@@ -175,6 +193,7 @@ def main(argv=None):
     p.add_argument("--offloaded-max-tokens", type=int, default=1 << 17)
     p.add_argument("--skip-offloaded", action="store_true")
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--profile-dir", default=None, help="write torch.profiler tables of sparse decode steps here")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"

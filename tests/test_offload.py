@@ -118,6 +118,7 @@ def test_sparse_decode_attends_within_budget():
     cfg = TierConfig(budget=64, format="int4", sink=4, window=32, chunk_length=16, gpu_budget="32KiB", cpu_budget="16MiB")
     seen = []
     with tierkv.offload(model, cfg) as cache:
+        cache.promote_every = 2
         layer0 = cache.layers[0]
         original = layer0.gather_into
 
@@ -127,8 +128,11 @@ def test_sparse_decode_attends_within_budget():
 
         layer0.gather_into = spy
         out = gen(model, ids, cache, max_new_tokens=16)
-        stats = cache.store.stats()
+        stats = cache.stats()
+        entries_seen = cache.entries
     assert out.shape == (2, 416)
+    entries = 15 * 2 * 2 * 2 * 4  # decode steps x layers x batch x KV heads x chunks
+    assert entries_seen == entries and stats.hits["gpu"] > 0 and stats.hits["cpu"] > 0
     assert seen and all(s == (2, 2, 4) for s in seen)  # 64 tokens / 16 per chunk, per KV head
     assert stats.resident_chunks["gpu"] > 0  # hot chunks were promoted into the gpu tier
     assert stats.used_bytes["gpu"] <= 32 * 1024

@@ -75,6 +75,7 @@ class ChunkStore:
         self._stall = 0.0
         self._listeners: List[Callable[[ChunkKey, str], None]] = []
         self._inflight: List[tuple] = []  # (CUDA event, tensor kept alive until the copy is done)
+        self._h2d_pending = False  # asynchronous promotions read cpu slots on the current stream
         self._copy_stream = None
         self._sources: List[torch.Tensor] = []
         self._source_index: Dict[Tuple[str, int], int] = {}
@@ -140,13 +141,23 @@ class ChunkStore:
         while self._inflight:
             ev, _ = self._inflight.pop()
             ev.synchronize()
+        if self._h2d_pending:
+            torch.cuda.current_stream(self.gpu.device).synchronize()
+            self._h2d_pending = False
 
     def wait_inflight(self, stream) -> None:
         """Order `stream` (a CUDA stream about to read the cpu tier) after the copies still in flight."""
+        if not self._inflight:
+            return
         with self._lock:
             self._inflight = [(ev, ref) for ev, ref in self._inflight if not ev.query()]
             for ev, _ in self._inflight:
                 stream.wait_event(ev)
+
+    def settle(self) -> None:
+        """Wait for every asynchronous copy into the cpu tier (and release what they kept alive)."""
+        with self._lock:
+            self._settle()
 
     def _evict_copy(self, tier, key: ChunkKey) -> int:
         if tier is self.cpu:  # a copy still in flight may read or write this slot
@@ -170,13 +181,11 @@ class ChunkStore:
 
     def _put_memory(self, tier, key: ChunkKey, data: torch.Tensor) -> None:
         view = self._reserve_memory(tier, key, data.numel())
-        if view.device.type == "cuda" and data.device.type == "cpu" and data.is_pinned():
+        if view.device.type == "cuda" and tier is self.gpu and self.cpu.arena.pinned and data.device.type == "cpu":
             # host-to-device from a pinned slot: asynchronous on the current stream, which is also the
-            # stream that later reads it; the event guards the source slot against host reuse meanwhile
+            # stream that later reads it; _settle syncs that stream before the host reuses cpu slots
             view.copy_(data.reshape(-1), non_blocking=True)
-            ev = torch.cuda.Event()
-            ev.record(torch.cuda.current_stream(view.device))
-            self._inflight.append((ev, data))
+            self._h2d_pending = True
         else:
             view.copy_(data.reshape(-1))
         self._notify(key, tier.name)
@@ -444,10 +453,17 @@ class ChunkStore:
                     self._sources.append(seg)
 
     def sources(self) -> List[torch.Tensor]:
-        """Every memory segment of the gpu and cpu tiers, in a stable order: the gather kernel's sources."""
+        """Every memory segment of the gpu and cpu tiers, in a stable order: the gather kernel's sources.
+
+        The list only ever grows (segments are never freed), so callers may keep it while its length
+        equals n_sources().
+        """
         with self._lock:
             self._sync_sources()
             return list(self._sources)
+
+    def n_sources(self) -> int:
+        return len(self.gpu.sources) + len(self.cpu.sources)
 
     def source_location(self, key: ChunkKey, tier: str) -> Optional[Tuple[int, int]]:
         """(index into sources(), byte offset) of the chunk's copy in a memory tier, or None if it has none."""

@@ -89,16 +89,18 @@ def sparse_attend(layer, q, padding, scaling):
     w = layer.cache.work_buffer(layer, N)
     kw, vw = w[0], w[1]
     if S:
-        kw[:, :, :S] = layer.sink_k
-        vw[:, :, :S] = layer.sink_v
+        w[:, :, :, :S] = layer.sink
     idx = None
     if k_sel > 0:
         idx = torch.topk(layer.score(q), k_sel, dim=-1, sorted=False).indices  # [B, H, k]
         layer.gather_into(idx, kw, vw, n0=S)
         layer.note_selection(idx)
         layer.cache.selected_layers.add(layer.layer_idx)
-    kw[:, :, S + k_sel * L : N] = layer.tail_k
-    vw[:, :, S + k_sel * L : N] = layer.tail_v
+    if layer.tail_in_buffer():
+        w[:, :, :, S + k_sel * L : N] = layer._tbuf[:, :, :, :T]
+    else:
+        kw[:, :, S + k_sel * L : N] = layer.tail_k
+        vw[:, :, S + k_sel * L : N] = layer.tail_v
     attn_mask = None
     if padding is not None:
         pos = [torch.arange(S, device=q.device).view(1, 1, S).expand(B, H, S)]

@@ -31,7 +31,7 @@ from ..planner import desert_rate, plan_length
 from ..store import ChunkStore
 
 _ids = itertools.count()
-PROMOTE_EVERY = 4  # decode steps between refreshes of the gpu tier's contents (each costs a host sync)
+PROMOTE_EVERY = 16  # decode steps between refreshes of the gpu tier's contents (each costs a host sync)
 
 
 def _pinned(values, dtype, device) -> torch.Tensor:
@@ -51,12 +51,10 @@ class TierKVLayer(CacheLayerMixin):
         self.cache = cache
         self.layer_idx = layer_idx
         self.length = 0  # tokens seen
-        self.sink_k: Optional[torch.Tensor] = None
-        self.sink_v: Optional[torch.Tensor] = None
-        self.tail_k: Optional[torch.Tensor] = None  # views into _tbuf_k/_tbuf_v once the prompt is ingested
+        self.sink: Optional[torch.Tensor] = None  # [2, B, H, S, D]: K and V of the first tokens
+        self.tail_k: Optional[torch.Tensor] = None  # views into _tbuf once the prompt is ingested
         self.tail_v: Optional[torch.Tensor] = None
-        self._tbuf_k: Optional[torch.Tensor] = None
-        self._tbuf_v: Optional[torch.Tensor] = None
+        self._tbuf: Optional[torch.Tensor] = None  # [2, B, H, capacity, D]
         self.n_chunks = 0
         self.layout: Optional[ChunkLayout] = None  # set by the plan, when the first chunk is cut
         # per chunk, with room to grow: abstracts [B, H, 2D, cap] (rows :D min, D: max, in the keys' dtype),
@@ -71,6 +69,8 @@ class TierKVLayer(CacheLayerMixin):
         self.dirty: set = set()  # (b, c) whose address must be refreshed from the store
         self.disk_only: set = set()
         self._static = None  # per-(k) cached parts of the gather table
+        self._launch_plans: dict = {}
+        self._ones: Optional[torch.Tensor] = None
 
     # --- CacheLayerMixin -------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -88,13 +88,13 @@ class TierKVLayer(CacheLayerMixin):
             )
         q = key_states.shape[-2]
         T = self.tail_len
-        buf = self._tbuf_k
+        buf = self._tbuf
         if T == 0 and buf is None:
             self.tail_k, self.tail_v = key_states, value_states
-        elif buf is not None and self.tail_k.data_ptr() == buf.data_ptr() and T + q <= buf.shape[2]:
-            self._tbuf_k[:, :, T : T + q] = key_states
-            self._tbuf_v[:, :, T : T + q] = value_states
-            self.tail_k, self.tail_v = self._tbuf_k[:, :, : T + q], self._tbuf_v[:, :, : T + q]
+        elif buf is not None and self.tail_in_buffer() and T + q <= buf.shape[3]:
+            buf[0, :, :, T : T + q] = key_states
+            buf[1, :, :, T : T + q] = value_states
+            self.tail_k, self.tail_v = buf[0, :, :, : T + q], buf[1, :, :, : T + q]
         else:
             self.tail_k = torch.cat([self.tail_k, key_states], dim=-2)
             self.tail_v = torch.cat([self.tail_v, value_states], dim=-2)
@@ -129,7 +129,18 @@ class TierKVLayer(CacheLayerMixin):
     # --- geometry ----------------------------------------------------------------------------------
     @property
     def sink_len(self) -> int:
-        return 0 if self.sink_k is None else self.sink_k.shape[-2]
+        return 0 if self.sink is None else self.sink.shape[-2]
+
+    @property
+    def sink_k(self) -> Optional[torch.Tensor]:
+        return None if self.sink is None else self.sink[0]
+
+    @property
+    def sink_v(self) -> Optional[torch.Tensor]:
+        return None if self.sink is None else self.sink[1]
+
+    def tail_in_buffer(self) -> bool:
+        return self._tbuf is not None and self.tail_k.data_ptr() == self._tbuf.data_ptr()
 
     @property
     def tail_len(self) -> int:
@@ -160,9 +171,8 @@ class TierKVLayer(CacheLayerMixin):
         need_sink = cfg.sink - self.sink_len
         if need_sink > 0 and self.tail_len > 0:
             n = min(need_sink, self.tail_len)
-            head_k, head_v = self.tail_k[:, :, :n], self.tail_v[:, :, :n]
-            self.sink_k = head_k.clone() if self.sink_k is None else torch.cat([self.sink_k, head_k], dim=-2)
-            self.sink_v = head_v.clone() if self.sink_v is None else torch.cat([self.sink_v, head_v], dim=-2)
+            head = torch.stack([self.tail_k[:, :, :n], self.tail_v[:, :, :n]])
+            self.sink = head if self.sink is None else torch.cat([self.sink, head], dim=-2)
             self.tail_k, self.tail_v = self.tail_k[:, :, n:], self.tail_v[:, :, n:]
         if self.sink_len >= cfg.sink:
             if self.layout is None:
@@ -183,19 +193,16 @@ class TierKVLayer(CacheLayerMixin):
         A slice of the prompt's K/V would keep the whole prompt alive; a fresh buffer lets it go, and
         the room lets the next steps append in place instead of reallocating.
         """
-        if self.tail_k is None:
-            return
-        buf = self._tbuf_k
-        if buf is not None and self.tail_k.data_ptr() == buf.data_ptr():
+        if self.tail_k is None or self.tail_in_buffer():
             return
         T = self.tail_len
         cap = T + max(self.chunk_len, 64) + 64
         B, H, D = self.batch_size, self.n_heads, self.head_dim
-        self._tbuf_k = torch.empty(B, H, cap, D, dtype=self.dtype, device=self.device)
-        self._tbuf_v = torch.empty_like(self._tbuf_k)
-        self._tbuf_k[:, :, :T] = self.tail_k
-        self._tbuf_v[:, :, :T] = self.tail_v
-        self.tail_k, self.tail_v = self._tbuf_k[:, :, :T], self._tbuf_v[:, :, :T]
+        buf = torch.empty(2, B, H, cap, D, dtype=self.dtype, device=self.device)
+        buf[0, :, :, :T] = self.tail_k
+        buf[1, :, :, :T] = self.tail_v
+        self._tbuf = buf
+        self.tail_k, self.tail_v = buf[0, :, :, :T], buf[1, :, :, :T]
 
     def _grow(self, need: int) -> None:
         cap = 0 if self.abstracts is None else self.abstracts.shape[-1]
@@ -243,7 +250,10 @@ class TierKVLayer(CacheLayerMixin):
         flat = idx.reshape(B, -1)
         imp = self.importance[:, :C]
         imp.mul_(self.cache.config.importance_decay)
-        imp.scatter_add_(1, flat, torch.ones(flat.shape, dtype=torch.float32, device=self.device))
+        ones = self._ones
+        if ones is None or ones.shape != flat.shape:
+            ones = self._ones = torch.ones(flat.shape, dtype=torch.float32, device=self.device)
+        imp.scatter_add_(1, flat, ones)
 
     # --- reading chunks back -------------------------------------------------------------------------
     def refresh_addresses(self) -> None:
@@ -286,6 +296,7 @@ class TierKVLayer(CacheLayerMixin):
             slot[b, c] = m
         sources.append(staging.view(-1))
         self.cache.keep_alive(staging)
+        self.cache.disk_entries += int(missing.sum())
         off = slot.to(self.device).gather(1, chunk_idx.reshape(B, H * kk)).reshape(B, H, kk) * nb
         src = torch.full_like(off, len(sources) - 1)
         return torch.stack([torch.where(missing, src, a[..., 0]), torch.where(missing, off, a[..., 1])], dim=-1)
@@ -309,15 +320,32 @@ class TierKVLayer(CacheLayerMixin):
         self.refresh_addresses()
         B, H, kk = chunk_idx.shape
         a = self.addr.gather(1, chunk_idx.reshape(B, H * kk, 1).expand(B, H * kk, 2)).reshape(B, H, kk, 2)
-        sources = self.cache.store.sources()
+        sources = self.cache.sources()
         if self.disk_only:
             a = self._stage_from_disk(chunk_idx, a, sources)
         base, hoff = self._table_parts(kk, n0)
         table = base.clone()
         table[:, :2] = a.reshape(-1, 2) + hoff
-        if self.device.type == "cuda":
-            self.cache.store.wait_inflight(torch.cuda.current_stream(self.device))
-        ops.gather(sources, table, self.layout.format, self.head_dim, self.layout.group_size, k_out, v_out)
+        self.cache.count_gather(self.on_gpu.gather(1, chunk_idx.reshape(B, H * kk)), table.shape[0])
+        self._launch(sources, table, k_out, v_out)
+
+    def _launch(self, sources, table, k_out, v_out) -> None:
+        lay = self.layout
+        if self.device.type != "cuda" or not self.cache.fast_ext:
+            ops.gather(sources, table, lay.format, self.head_dim, lay.group_size, k_out, v_out)
+            return
+        # the extension op straight: the arguments are ours and known good, and the per-call checks
+        # (is every source pinned?) cost more host time than the launch itself
+        self.cache.store.wait_inflight(torch.cuda.current_stream(self.device))
+        E, N = table.shape[0], k_out.shape[2]
+        key = (E, N)
+        plan = self._launch_plans.get(key)
+        if plan is None:
+            g = ops._group(lay.format, self.head_dim, lay.group_size)
+            plan = (g,) + tuple(ops.launch_plan(lay.format, E, self.head_dim, g, N, self.device))
+            self._launch_plans[key] = plan
+        g, parts, tile = plan
+        torch.ops.tierkv.gather(sources, table, ops.FMT_CODES[lay.format], self.head_dim, g, k_out, v_out, parts, tile)
 
     def gather(self, chunk_idx: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Dense K, V [B, H, k*L, D] of the chunks chunk_idx [B, H, k]."""
@@ -354,8 +382,16 @@ class TierKVCache(Cache):
         super().__init__(layers=[TierKVLayer(self, i) for i in range(num_layers)])
         self.selected_layers: set = set()
         self.steps = 0
+        self.promote_every = PROMOTE_EVERY
         self._work: Optional[torch.Tensor] = None
+        self._sources: Optional[List[torch.Tensor]] = None
         self._alive: list = []
+        # gather entries (one per KV head per chunk) served from the gpu tier: counted on the device so
+        # counting costs no sync; the rest came from the cpu tier, or from disk (counted on the host)
+        self._gpu_entries: Optional[torch.Tensor] = None
+        self.entries = 0
+        self.disk_entries = 0
+        self.fast_ext = ops.backend() == "ext" and store.gpu.device.type == "cuda"
         store.add_listener(self._on_move)
 
     # --- keys and addresses ---------------------------------------------------------------------------
@@ -375,6 +411,34 @@ class TierKVCache(Cache):
                 return loc, tier
         return None, None
 
+    def sources(self) -> List[torch.Tensor]:
+        """The store's sources, cached until a tier adds a segment (a fresh list each call: callers append)."""
+        n = self.store.n_sources()
+        if self._sources is None or len(self._sources) != n:
+            self._sources = self.store.sources()
+        return list(self._sources)
+
+    def count_gather(self, from_gpu: torch.Tensor, entries: int) -> None:
+        if self._gpu_entries is None:
+            self._gpu_entries = torch.zeros((), dtype=torch.int64, device=from_gpu.device)
+        self._gpu_entries += from_gpu.sum()
+        self.entries += entries
+
+    def stats(self):
+        """The store's statistics, with the gather entries of this cache counted as tier hits and misses.
+
+        Units there: one entry is one KV head's block of one chunk. An entry served from the gpu tier is
+        a gpu hit; from the cpu tier a gpu miss and cpu hit; from disk a miss at both and a disk hit.
+        """
+        s = self.store.stats()
+        gpu = int(self._gpu_entries) if self._gpu_entries is not None else 0
+        disk = self.disk_entries
+        cpu = self.entries - gpu - disk
+        for tier, hit, miss in (("gpu", gpu, cpu + disk), ("cpu", cpu, disk), ("disk", disk, 0)):
+            s.hits[tier] = s.hits.get(tier, 0) + hit
+            s.misses[tier] = s.misses.get(tier, 0) + miss
+        return s
+
     def keep_alive(self, t: torch.Tensor) -> None:
         """Hold a host buffer a kernel may still be reading until the end of the forward pass."""
         self._alive.append(t)
@@ -392,8 +456,10 @@ class TierKVCache(Cache):
         """After the last layer of a forward pass: age importance, now and then refresh the gpu tier."""
         self.store.tick()
         self._alive.clear()
+        if self.store._inflight:  # the end of a forward pass is where ingest may be waited for
+            self.store.settle()
         self.steps += 1
-        if not self.selected_layers or self.steps % PROMOTE_EVERY:
+        if not self.selected_layers or self.steps % self.promote_every:
             return
         per_layer = self.config.prefetch_depth
         cands = []
@@ -424,7 +490,7 @@ class TierKVCache(Cache):
         """Bytes of KV state this cache keeps in device memory: the hot set, the abstracts, the gpu tier."""
         hot = abstracts = 0
         for layer in self.layers:
-            for t in (layer.sink_k, layer.sink_v, layer._tbuf_k, layer._tbuf_v):
+            for t in (layer.sink, layer._tbuf):
                 hot += 0 if t is None else t.numel() * t.element_size()
             if layer.abstracts is not None:
                 abstracts += layer.abstracts[..., : layer.n_chunks].numel() * layer.abstracts.element_size()
