@@ -103,11 +103,16 @@ __host__ __device__ inline i64 ingest_v_tile(i64 chunk, i64 ngroups) {
   return vt < chunk ? vt : chunk;
 }
 
-// Dynamic shared memory of a gather block: none for raw formats; for integer formats the K scale
-// and zero (4d bytes) and two tile buffers of tile * (2 * code bytes per token + 4 * ngroups).
-__host__ __device__ inline i64 gather_smem_bytes(int fmt, i64 d, i64 ngroups, i64 tile) {
+// Shared memory of one gather warp: none for raw formats; for integer formats the K scale and zero
+// as floats (8d bytes) and one tile of `tile` tokens (codes of K and V, value scales and zeros).
+__host__ __device__ inline i64 gather_warp_smem_bytes(int fmt, i64 d, i64 ngroups, i64 tile) {
   if (fmt == FMT_BF16 || fmt == FMT_FP16) return 0;
-  return 4 * d + 2 * tile * (2 * (d * fmt / 8) + 4 * ngroups);
+  return pad16(8 * d + tile * (2 * (d * fmt / 8) + 4 * ngroups));
+}
+
+// Dynamic shared memory of a gather block (TIERKV_THREADS / 32 warps).
+__host__ __device__ inline i64 gather_smem_bytes(int fmt, i64 d, i64 ngroups, i64 tile) {
+  return (TIERKV_THREADS / 32) * gather_warp_smem_bytes(fmt, d, ngroups, tile);
 }
 
 __host__ __device__ inline i64 ingest_smem_bytes(i64 d, i64 ngroups, i64 v_tile) {
@@ -206,23 +211,6 @@ __device__ __forceinline__ void st16(u16* p, uint4 v, bool vec) {
   }
 }
 
-__device__ __forceinline__ u32 smem_addr(const void* p) {
-  u64 a;
-  asm("cvta.to.shared.u64 %0, %1;" : "=l"(a) : "l"(p));
-  return (u32)a;
-}
-
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(smem)), "l"(to_global(gmem)) : "memory");
-}
-
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
-}
-
 // ---------------------------------------------------------------------------------------------
 // Gather: table entries
 // ---------------------------------------------------------------------------------------------
@@ -273,8 +261,68 @@ __device__ __forceinline__ void part_tiles(i64 n, i64 tile, i64 parts, i64 part,
 }
 
 // ---------------------------------------------------------------------------------------------
-// Gather, raw formats: each thread moves 8 channels (16 bytes) of one token row at a time; rows of
-// K and V of the part are one loop so both are in flight together.
+// Gather work division. The unit of work is a warp-sized item: one part (a run of whole tiles) of
+// one table entry. Warps are persistent: each walks items blockIdx * WARPS + warp, + grid * WARPS,
+// ... with no block-wide barrier, so a warp waiting on its loads (HBM, or PCIe for host chunks)
+// never holds up another, and many items are in flight per SM.
+//
+// Inside an item a lane handles 8 channels (one 16-byte output store) of a token row at a time.
+// For head_dim <= 256 the warp covers 32 / (head_dim / 8) rows per step with a fixed column per
+// lane; wider heads walk a flat index over (row, column).
+// ---------------------------------------------------------------------------------------------
+#define TIERKV_WARPS (TIERKV_THREADS / 32)
+
+struct LaneMap {
+  int upr;    // 8-channel units per row
+  int rows;   // rows per warp step (row mapping)
+  int ro;     // this lane's row in the step
+  int col;    // this lane's column (row mapping)
+  bool flat;  // wide heads: flat index instead
+};
+
+__device__ __forceinline__ LaneMap lane_map(int d, int lane) {
+  LaneMap m;
+  m.upr = d / 8;
+  m.flat = m.upr > 32;
+  m.rows = m.flat ? 1 : 32 / m.upr;
+  m.ro = m.flat ? 0 : lane / m.upr;
+  m.col = m.flat ? lane : lane - m.ro * m.upr;
+  return m;
+}
+
+// Units this lane handles among `rows_total` rows, and the (row, column) of its k-th.
+template <bool FLAT>
+__device__ __forceinline__ int lane_units(const LaneMap& m, int lane, int rows_total) {
+  if (FLAT) {
+    const int tu = rows_total * m.upr;
+    return lane < tu ? (tu - lane + 31) / 32 : 0;
+  }
+  return m.ro < m.rows && m.ro < rows_total ? (rows_total - m.ro + m.rows - 1) / m.rows : 0;
+}
+
+template <bool FLAT>
+__device__ __forceinline__ void lane_unit(const LaneMap& m, int lane, int k, int& r, int& c) {
+  if (FLAT) {
+    const int u = lane + 32 * k;
+    r = u / m.upr;
+    c = u - r * m.upr;
+  } else {
+    r = m.ro + k * m.rows;
+    c = m.col;
+  }
+}
+
+__device__ __forceinline__ u32 shfl_u32(u32 v, int src) {
+  u32 r;
+  asm volatile("shfl.sync.idx.b32 %0, %1, %2, 0x1f, 0xffffffff;" : "=r"(r) : "r"(v), "r"(src));
+  return r;
+}
+
+__device__ __forceinline__ void syncwarp() { asm volatile("bar.warp.sync 0xffffffff;" ::: "memory"); }
+
+// ---------------------------------------------------------------------------------------------
+// Gather, raw formats: 16-byte loads straight from the source (device or host) into registers,
+// U per lane in flight, converted if the output type differs, stored as 16 bytes.
 // ---------------------------------------------------------------------------------------------
 template <int SRC, int OUT>
 __device__ __forceinline__ uint4 convert8(uint4 x) {
@@ -286,100 +334,113 @@ __device__ __forceinline__ uint4 convert8(uint4 x) {
   return make_uint4(r[0], r[1], r[2], r[3]);
 }
 
-template <int SRC, int OUT, bool FAST>
-__device__ __forceinline__ void gather_raw_rows(const GatherArgs& a, const Entry& en, i64 t0, int np) {
-  const int d = (int)a.head_dim;
-  const int upr = d / 8;
-  const int rows = TIERKV_THREADS / upr;
-  const int ro = threadIdx.x / upr;
-  const int col = threadIdx.x - ro * upr;
-  if (ro >= rows) return;
-  const i64 row_bytes = (i64)d * 2;
-  const u8* ksrc = en.base + t0 * row_bytes + col * 16;
+template <int SRC, int OUT, bool FAST, bool FLAT>
+__device__ __forceinline__ void raw_item(const GatherArgs& a, const Entry& en, const LaneMap& m, int lane, i64 t0,
+                                         int np) {
+  const i64 row_bytes = a.head_dim * 2;
+  const u8* ksrc = en.base + t0 * row_bytes;
   const u8* vsrc = ksrc + en.n * row_bytes;
-  u16* kdst = en.k + t0 * a.sk_n + col * 8;
-  u16* vdst = en.v + t0 * a.sv_n + col * 8;
-  const int total = 2 * np;
+  u16* kdst = en.k + t0 * a.sk_n;
+  u16* vdst = en.v + t0 * a.sv_n;
+  const int count = lane_units<FLAT>(m, lane, 2 * np);
   const int U = 4;
-  for (int r0 = ro; r0 < total; r0 += rows * U) {
+  for (int k0 = 0; k0 < count; k0 += U) {
     uint4 x[U];
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int r = r0 + u * rows;
-      if (r < total) {
+    for (int j = 0; j < U; ++j) {
+      if (k0 + j < count) {
+        int r, c;
+        lane_unit<FLAT>(m, lane, k0 + j, r, c);
         const bool isv = r >= np;
         const int t = isv ? r - np : r;
-        const u8* p = (isv ? vsrc : ksrc) + t * row_bytes;
-        x[u] = FAST ? ld16(p) : ld16_bytes(p);
+        const u8* p = (isv ? vsrc : ksrc) + t * row_bytes + c * 16;
+        x[j] = FAST ? ld16(p) : ld16_bytes(p);
       }
     }
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int r = r0 + u * rows;
-      if (r < total) {
+    for (int j = 0; j < U; ++j) {
+      if (k0 + j < count) {
+        int r, c;
+        lane_unit<FLAT>(m, lane, k0 + j, r, c);
         const bool isv = r >= np;
         const int t = isv ? r - np : r;
-        u16* q = isv ? vdst + t * a.sv_n : kdst + t * a.sk_n;
-        st16(q, convert8<SRC, OUT>(x[u]), FAST);
+        u16* q = (isv ? vdst + t * a.sv_n : kdst + t * a.sk_n) + c * 8;
+        st16(q, convert8<SRC, OUT>(x[j]), FAST);
       }
     }
   }
 }
 
 template <int SRC, int OUT>
-__global__ void __launch_bounds__(TIERKV_THREADS) gather_raw(const __grid_constant__ GatherArgs a) {
-  const u32 e = (u32)blockIdx.x / (u32)a.parts;
-  const u32 part = (u32)blockIdx.x - e * (u32)a.parts;
-  const Entry en = read_entry(a, e, SRC == DT_BF16 ? FMT_BF16 : FMT_FP16);
-  if (!en.ok) return;
-  i64 tile0, tile1;
-  part_tiles(en.n, a.tile_tokens, a.parts, part, tile0, tile1);
-  const i64 t0 = tile0 * a.tile_tokens;
-  const i64 t1 = tile1 * a.tile_tokens < en.n ? tile1 * a.tile_tokens : en.n;
-  if (t0 >= t1) return;
-  const bool fast = a.out_vec && ((reinterpret_cast<u64>(en.base) & 15) == 0);
-  if (fast)
-    gather_raw_rows<SRC, OUT, true>(a, en, t0, (int)(t1 - t0));
-  else
-    gather_raw_rows<SRC, OUT, false>(a, en, t0, (int)(t1 - t0));
+__global__ void __launch_bounds__(TIERKV_THREADS, 4) gather_raw(const __grid_constant__ GatherArgs a) {
+  const int lane = threadIdx.x & 31;
+  const LaneMap m = lane_map((int)a.head_dim, lane);
+  const i64 total = a.n_entries * a.parts;
+  for (i64 item = (i64)blockIdx.x * TIERKV_WARPS + (threadIdx.x >> 5); item < total;
+       item += (i64)gridDim.x * TIERKV_WARPS) {
+    const i64 e = item / a.parts;
+    const i64 part = item - e * a.parts;
+    const Entry en = read_entry(a, e, SRC == DT_BF16 ? FMT_BF16 : FMT_FP16);
+    if (!en.ok) continue;
+    i64 tile0, tile1;
+    part_tiles(en.n, a.tile_tokens, a.parts, part, tile0, tile1);
+    const i64 t0 = tile0 * a.tile_tokens;
+    const i64 t1 = tile1 * a.tile_tokens < en.n ? tile1 * a.tile_tokens : en.n;
+    if (t0 >= t1) continue;
+    const int np = (int)(t1 - t0);
+    if (a.out_vec && ((reinterpret_cast<u64>(en.base) & 15) == 0)) {
+      if (m.flat) raw_item<SRC, OUT, true, true>(a, en, m, lane, t0, np);
+      else raw_item<SRC, OUT, true, false>(a, en, m, lane, t0, np);
+    } else {
+      raw_item<SRC, OUT, false, true>(a, en, m, lane, t0, np);  // the slow path needs no fast indexing
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
-// Gather, integer formats. A block stages a tile of the head block (codes and scales of TT tokens,
-// all 16-byte aligned segments) into shared memory with asynchronous 16-byte copies, the next tile
-// in flight while the current one is decoded; each thread then decodes 8 channels of a token row
-// into one 16-byte store. Coalesced wide reads suit PCIe (host sources) and HBM alike; the decode
-// pattern is free of the load pattern.
+// Gather, integer formats. Each warp stages a tile of its item (codes and scales of TT tokens: four
+// 16-byte aligned segments of the head block) into its own slice of shared memory with coalesced
+// 16-byte loads, then decodes it there: a lane turns the codes of 8 channels into one 16-byte store.
+// Wide reads suit PCIe (host sources) and HBM alike, and the decode pattern is free of the load
+// pattern. The K scale and zero of the item are converted to float once, into shared memory.
 // ---------------------------------------------------------------------------------------------
-// Copies four byte segments (sizes multiples of 16) of a head block into shared memory, one flat
-// loop so all threads share the work; 16-byte asynchronous copies when the block is aligned.
 struct Segments {
-  const u8* src0; const u8* src1; const u8* src2; const u8* src3;
-  int end0, end1, end2, end3;  // cumulative sizes
+  const u8* base;              // head block
+  int src0, src1, src2, src3;  // segment offsets in the head block
+  int end0, end1, end2, end3;  // cumulative sizes (multiples of 16)
   int at1, at2, at3;           // destination offsets of segments 1..3 (segment 0 at 0)
 };
 
 __device__ __forceinline__ void seg_locate(const Segments& s, int i, const u8*& src, int& dst) {
   // segment of flat byte i: select chains, no indexed arrays (they would go to local memory)
-  if (i < s.end0) { src = s.src0 + i; dst = i; }
-  else if (i < s.end1) { src = s.src1 + (i - s.end0); dst = s.at1 + (i - s.end0); }
-  else if (i < s.end2) { src = s.src2 + (i - s.end1); dst = s.at2 + (i - s.end1); }
-  else { src = s.src3 + (i - s.end2); dst = s.at3 + (i - s.end2); }
+  int o;
+  if (i < s.end0) { o = s.src0 + i; dst = i; }
+  else if (i < s.end1) { o = s.src1 + (i - s.end0); dst = s.at1 + (i - s.end0); }
+  else if (i < s.end2) { o = s.src2 + (i - s.end1); dst = s.at2 + (i - s.end1); }
+  else { o = s.src3 + (i - s.end2); dst = s.at3 + (i - s.end2); }
+  src = s.base + o;
 }
 
-__device__ __forceinline__ void stage_segments(u8* smem_dst, const Segments& s, bool aligned) {
-  if (aligned) {
-    for (int i = threadIdx.x * 16; i < s.end3; i += TIERKV_THREADS * 16) {
-      const u8* src; int dst;
-      seg_locate(s, i, src, dst);
-      cp_async16(smem_dst + dst, src);
+// The warp copies the segments into shared memory: U 16-byte loads per lane in flight.
+template <bool FAST>
+__device__ __forceinline__ void warp_stage(u8* smem_dst, const Segments& s, int lane) {
+  const int U = 4;
+  for (int i0 = lane * 16; i0 < s.end3; i0 += 32 * 16 * U) {
+    uint4 x[U];
+    int dst[U];
+#pragma unroll
+    for (int j = 0; j < U; ++j) {
+      const int i = i0 + j * 32 * 16;
+      dst[j] = -1;
+      if (i < s.end3) {
+        const u8* src;
+        seg_locate(s, i, src, dst[j]);
+        x[j] = FAST ? ld16(src) : ld16_bytes(src);
+      }
     }
-  } else {
-    for (int i = threadIdx.x; i < s.end3; i += TIERKV_THREADS) {
-      const u8* src; int dst;
-      seg_locate(s, i, src, dst);
-      smem_dst[dst] = *src;
-    }
+#pragma unroll
+    for (int j = 0; j < U; ++j)
+      if (dst[j] >= 0) *reinterpret_cast<uint4*>(smem_dst + dst[j]) = x[j];
   }
 }
 
@@ -414,130 +475,120 @@ __device__ __forceinline__ uint4 dequant8(u32 lo, u32 hi, const float s[8], cons
   return make_uint4(pack2<OUT>(y[0], y[1]), pack2<OUT>(y[2], y[3]), pack2<OUT>(y[4], y[5]), pack2<OUT>(y[6], y[7]));
 }
 
-template <int BITS, int OUT>
-__global__ void __launch_bounds__(TIERKV_THREADS) gather_int(const __grid_constant__ GatherArgs a) {
-  extern __shared__ uint4 smem4[];
-  u8* smem = reinterpret_cast<u8*>(smem4);
-  const u32 e = (u32)blockIdx.x / (u32)a.parts;
-  const u32 part = (u32)blockIdx.x - e * (u32)a.parts;
-  const Entry en = read_entry(a, e, BITS);
-  if (!en.ok) return;
+template <int BITS, int OUT, bool FAST, bool FLAT>
+__device__ __forceinline__ void int_item(const GatherArgs& a, const Entry& en, const LaneMap& m, int lane, i64 part,
+                                         u8* wsm) {
   const int TT = (int)a.tile_tokens;
   i64 tile0l, tile1l;
   part_tiles(en.n, TT, a.parts, part, tile0l, tile1l);
   const int tile0 = (int)tile0l, tile1 = (int)tile1l;
   if (tile0 >= tile1) return;
-
   const int d = (int)a.head_dim;
   const int g = (int)a.group;
   const int ng = d / g;
   const int R = d * BITS / 8;  // code bytes of one token row
-  const IntLayout L = int_layout(en.n, d, BITS, ng);
   const int n = (int)en.n;
-  const bool aligned = (reinterpret_cast<u64>(en.base) & 15) == 0;
+  const IntLayout L = int_layout(en.n, d, BITS, ng);
+  const bool vec = a.out_vec != 0;
+  const bool one_group = (g % 8) == 0;  // a lane's 8 channels share one value group
 
-  // shared memory: K scale+zero (4d bytes), then two tile buffers of TT*(2R + 4ng) bytes:
-  // K codes [TT][R], V codes [TT][R], V scale [TT][ng], V zero [TT][ng]
-  const int buf_bytes = TT * (2 * R + 4 * ng);
-  u8* const buf0 = smem + 4 * d;
-
+  // K scale and zero as floats: [d] then [d]
+  float* kf = reinterpret_cast<float*>(wsm);
+  for (int i = lane; i < m.upr; i += 32) {
+    const u8* ps = en.base + L.ks + i * 16;
+    const uint4 sv = FAST ? ld16(ps) : ld16_bytes(ps);
+    const uint4 zv = FAST ? ld16(ps + 2 * d) : ld16_bytes(ps + 2 * d);
+    const u32 sw[4] = {sv.x, sv.y, sv.z, sv.w}, zw[4] = {zv.x, zv.y, zv.z, zv.w};
+    float4* ks = reinterpret_cast<float4*>(kf + i * 8);
+    float4* kz = reinterpret_cast<float4*>(kf + d + i * 8);
+    ks[0] = make_float4(f16_to_f32(sw[0]), f16_to_f32(sw[0] >> 16), f16_to_f32(sw[1]), f16_to_f32(sw[1] >> 16));
+    ks[1] = make_float4(f16_to_f32(sw[2]), f16_to_f32(sw[2] >> 16), f16_to_f32(sw[3]), f16_to_f32(sw[3] >> 16));
+    kz[0] = make_float4(f16_to_f32(zw[0]), f16_to_f32(zw[0] >> 16), f16_to_f32(zw[1]), f16_to_f32(zw[1] >> 16));
+    kz[1] = make_float4(f16_to_f32(zw[2]), f16_to_f32(zw[2] >> 16), f16_to_f32(zw[3]), f16_to_f32(zw[3] >> 16));
+  }
+  u8* tb = wsm + 8 * d;  // tile: K codes [TT][R], V codes [TT][R], V scale [TT][ng], V zero [TT][ng]
+  const u8* kc = tb;
+  const u8* vc = tb + TT * R;
+  const u16* vs = reinterpret_cast<const u16*>(tb + 2 * TT * R);
+  const u16* vz = reinterpret_cast<const u16*>(tb + 2 * TT * R + TT * ng * 2);
   Segments seg;
-  seg.src0 = en.base + L.ks;  // K scale and zero are adjacent: one segment of 4d bytes
-  seg.end0 = seg.end1 = seg.end2 = seg.end3 = 4 * d;
-  seg.src1 = seg.src2 = seg.src3 = en.base;
-  seg.at1 = seg.at2 = seg.at3 = 0;
-  stage_segments(smem, seg, aligned);
-
+  seg.base = en.base;
   seg.at1 = TT * R;
   seg.at2 = 2 * TT * R;
   seg.at3 = 2 * TT * R + TT * ng * 2;
-  auto issue = [&](int tile) {
+
+  for (int tile = tile0; tile < tile1; ++tile) {
     const int ta = tile * TT;
     const int tn = n - ta < TT ? n - ta : TT;
     const int cb = (int)pad16((i64)tn * R), sb = (int)pad16((i64)tn * ng * 2);
-    seg.src0 = en.base + L.kc + (i64)ta * R;
-    seg.src1 = en.base + L.vc + (i64)ta * R;
-    seg.src2 = en.base + L.vs + (i64)ta * ng * 2;
-    seg.src3 = en.base + L.vz + (i64)ta * ng * 2;
+    seg.src0 = (int)L.kc + ta * R;
+    seg.src1 = (int)L.vc + ta * R;
+    seg.src2 = (int)L.vs + ta * ng * 2;
+    seg.src3 = (int)L.vz + ta * ng * 2;
     seg.end0 = cb;
     seg.end1 = 2 * cb;
     seg.end2 = 2 * cb + sb;
     seg.end3 = 2 * cb + 2 * sb;
-    stage_segments(buf0 + ((tile - tile0) & 1) * buf_bytes, seg, aligned);
-  };
-  issue(tile0);
-  cp_async_commit();
-
-  const int upr = d / 8;
-  const int rows = TIERKV_THREADS / upr;
-  const int ro = threadIdx.x / upr;
-  const int col = threadIdx.x - ro * upr;
-  const bool active = ro < rows;
-  const bool vec = a.out_vec != 0;
-  const bool one_group = (g % 8) == 0;  // a thread's 8 channels share one value group
-  const int vg = (col * 8) / g;         // that group, when they do
-  float ks[8], kz[8];
-
-  for (int tile = tile0; tile < tile1; ++tile) {
-    if (tile + 1 < tile1) {
-      issue(tile + 1);
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();
-    if (active) {
-      if (tile == tile0) {
-        const uint4 sv = *reinterpret_cast<const uint4*>(smem + col * 16);
-        const uint4 zv = *reinterpret_cast<const uint4*>(smem + 2 * d + col * 16);
-        const u32 sw[4] = {sv.x, sv.y, sv.z, sv.w}, zw[4] = {zv.x, zv.y, zv.z, zv.w};
+    syncwarp();  // the previous tile is decoded (and the K scales written) before the buffer is reused
+    warp_stage<FAST>(tb, seg, lane);
+    syncwarp();
+    u16* kdst = en.k + (i64)ta * a.sk_n;
+    u16* vdst = en.v + (i64)ta * a.sv_n;
+    const int count = lane_units<FLAT>(m, lane, 2 * tn);
+    for (int k = 0; k < count; ++k) {
+      int r, c;
+      lane_unit<FLAT>(m, lane, k, r, c);
+      const bool isv = r >= tn;
+      const int t = isv ? r - tn : r;
+      u32 lo, hi;
+      smem_codes<BITS>((isv ? vc : kc) + t * R + c * BITS, lo, hi);
+      float s[8], z[8];
+      if (!isv) {
+        const float4 s0 = reinterpret_cast<const float4*>(kf + c * 8)[0];
+        const float4 s1 = reinterpret_cast<const float4*>(kf + c * 8)[1];
+        const float4 z0 = reinterpret_cast<const float4*>(kf + d + c * 8)[0];
+        const float4 z1 = reinterpret_cast<const float4*>(kf + d + c * 8)[1];
+        s[0] = s0.x; s[1] = s0.y; s[2] = s0.z; s[3] = s0.w; s[4] = s1.x; s[5] = s1.y; s[6] = s1.z; s[7] = s1.w;
+        z[0] = z0.x; z[1] = z0.y; z[2] = z0.z; z[3] = z0.w; z[4] = z1.x; z[5] = z1.y; z[6] = z1.z; z[7] = z1.w;
+      } else if (one_group) {
+        const int gi = t * ng + (c * 8) / g;
+        const float s0 = f16_to_f32(vs[gi]), z0 = f16_to_f32(vz[gi]);
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          ks[2 * i] = f16_to_f32(sw[i] & 0xffffu);
-          ks[2 * i + 1] = f16_to_f32(sw[i] >> 16);
-          kz[2 * i] = f16_to_f32(zw[i] & 0xffffu);
-          kz[2 * i + 1] = f16_to_f32(zw[i] >> 16);
-        }
-      }
-      const u8* buf = buf0 + ((tile - tile0) & 1) * buf_bytes;
-      const int ta = tile * TT;
-      const int tn = n - ta < TT ? n - ta : TT;
-      const u8* kc = buf + col * BITS;
-      const u8* vc = buf + TT * R + col * BITS;
-      const u16* vs = reinterpret_cast<const u16*>(buf + 2 * TT * R);
-      const u16* vz = reinterpret_cast<const u16*>(buf + 2 * TT * R + TT * ng * 2);
-      u16* kdst = en.k + (i64)ta * a.sk_n + col * 8;
-      u16* vdst = en.v + (i64)ta * a.sv_n + col * 8;
-      for (int t = ro; t < tn; t += rows) {
-        u32 lo, hi;
-        smem_codes<BITS>(kc + t * R, lo, hi);
-        st16(kdst + (i64)t * a.sk_n, dequant8<BITS, OUT>(lo, hi, ks, kz), vec);
-      }
-      if (one_group) {
-        for (int t = ro; t < tn; t += rows) {
-          u32 lo, hi;
-          smem_codes<BITS>(vc + t * R, lo, hi);
-          const float s0 = f16_to_f32(vs[t * ng + vg]), z0 = f16_to_f32(vz[t * ng + vg]);
-          const float s[8] = {s0, s0, s0, s0, s0, s0, s0, s0}, z[8] = {z0, z0, z0, z0, z0, z0, z0, z0};
-          st16(vdst + (i64)t * a.sv_n, dequant8<BITS, OUT>(lo, hi, s, z), vec);
-        }
+        for (int j = 0; j < 8; ++j) { s[j] = s0; z[j] = z0; }
       } else {
-        for (int t = ro; t < tn; t += rows) {
-          u32 lo, hi;
-          smem_codes<BITS>(vc + t * R, lo, hi);
-          float s[8], z[8];
 #pragma unroll
-          for (int j = 0; j < 8; ++j) {
-            const int gi = t * ng + (col * 8 + j) / g;
-            s[j] = f16_to_f32(vs[gi]);
-            z[j] = f16_to_f32(vz[gi]);
-          }
-          st16(vdst + (i64)t * a.sv_n, dequant8<BITS, OUT>(lo, hi, s, z), vec);
+        for (int j = 0; j < 8; ++j) {
+          const int gi = t * ng + (c * 8 + j) / g;
+          s[j] = f16_to_f32(vs[gi]);
+          z[j] = f16_to_f32(vz[gi]);
         }
       }
+      st16((isv ? vdst + (i64)t * a.sv_n : kdst + (i64)t * a.sk_n) + c * 8, dequant8<BITS, OUT>(lo, hi, s, z), vec);
     }
-    __syncthreads();
+  }
+  syncwarp();  // this warp's slice is free for its next item
+}
+
+template <int BITS, int OUT>
+__global__ void __launch_bounds__(TIERKV_THREADS, 3) gather_int(const __grid_constant__ GatherArgs a) {
+  extern __shared__ uint4 smem4[];
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int d = (int)a.head_dim;
+  const LaneMap m = lane_map(d, lane);
+  u8* wsm = reinterpret_cast<u8*>(smem4) + warp * gather_warp_smem_bytes(BITS, d, d / a.group, a.tile_tokens);
+  const i64 total = a.n_entries * a.parts;
+  for (i64 item = (i64)blockIdx.x * TIERKV_WARPS + warp; item < total; item += (i64)gridDim.x * TIERKV_WARPS) {
+    const i64 e = item / a.parts;
+    const i64 part = item - e * a.parts;
+    const Entry en = read_entry(a, e, BITS);
+    if (!en.ok) continue;
+    if ((reinterpret_cast<u64>(en.base) & 15) == 0) {
+      if (m.flat) int_item<BITS, OUT, true, true>(a, en, m, lane, part, wsm);
+      else int_item<BITS, OUT, true, false>(a, en, m, lane, part, wsm);
+    } else {
+      int_item<BITS, OUT, false, true>(a, en, m, lane, part, wsm);  // the slow path needs no fast indexing
+    }
   }
 }
 

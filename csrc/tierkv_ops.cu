@@ -51,7 +51,7 @@ void allow_smem(K kernel, i64 smem) {
 }
 
 void gather(at::TensorList sources, const at::Tensor& table, int64_t fmt, int64_t head_dim, int64_t group,
-            const at::Tensor& k_out, const at::Tensor& v_out, int64_t parts, int64_t tile_tokens) {
+            const at::Tensor& k_out, const at::Tensor& v_out, int64_t parts, int64_t tile_tokens, int64_t blocks) {
   check_fmt(fmt);
   check_dims(head_dim, group);
   TORCH_CHECK(k_out.is_cuda() && v_out.is_cuda() && table.is_cuda(), "tierkv.gather: k_out, v_out and table must be CUDA tensors");
@@ -64,7 +64,8 @@ void gather(at::TensorList sources, const at::Tensor& table, int64_t fmt, int64_
   TORCH_CHECK(k_out.stride(3) == 1 && v_out.stride(3) == 1, "tierkv.gather: outputs need a contiguous last dimension");
   TORCH_CHECK(table.scalar_type() == at::kLong && table.dim() == 2 && table.size(1) == 5 && table.is_contiguous(),
               "tierkv.gather: table must be a contiguous int64 [E, 5] tensor");
-  TORCH_CHECK(parts >= 1 && tile_tokens >= 8 && tile_tokens % 8 == 0, "tierkv.gather: bad launch shape");
+  TORCH_CHECK(parts >= 1 && tile_tokens >= 8 && tile_tokens % 8 == 0 && blocks >= 1 && blocks < 0x7fffffff,
+              "tierkv.gather: bad launch shape");
   const i64 n_entries = table.size(0);
   const i64 n_sources = (i64)sources.size();
   if (n_entries == 0) return;
@@ -123,7 +124,7 @@ void gather(at::TensorList sources, const at::Tensor& table, int64_t fmt, int64_
 
   const int out = dtype_code(k_out.scalar_type());
   const i64 smem = tierkv::gather_smem_bytes((int)fmt, head_dim, head_dim / group, tile_tokens);
-  const dim3 grid((unsigned)(n_entries * parts));
+  const dim3 grid((unsigned)blocks);  // persistent warps walk all n_entries * parts items
   const dim3 block(TIERKV_THREADS);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(k_out.device().index()).stream();
 
@@ -243,7 +244,7 @@ void copy_chunks(at::TensorList sources, const at::Tensor& copies, const at::Ten
 
 TORCH_LIBRARY(tierkv, m) {
   m.def("gather(Tensor[] sources, Tensor table, int fmt, int head_dim, int group, Tensor(a!) k_out, Tensor(b!) v_out, "
-        "int parts, int tile_tokens) -> ()");
+        "int parts, int tile_tokens, int blocks) -> ()");
   m.def("ingest(Tensor k, Tensor v, int chunk_len, int fmt, int group) -> (Tensor, Tensor)");
   m.def("copy_chunks(Tensor[] sources, Tensor copies, Tensor(a!) dst) -> ()");
 }

@@ -116,10 +116,8 @@ def _vec_ok(t: torch.Tensor, per16: int) -> bool:
 
 
 def gather(sources: List[torch.Tensor], table, fmt: int, head_dim: int, group: int, k_out, v_out, parts: int,
-           tile_tokens: int) -> None:
+           tile_tokens: int, blocks: int) -> None:
     n_entries, n_sources = table.shape[0], len(sources)
-    if n_entries * parts >= 2**31 - 1:
-        raise BackendError(f"gather: {n_entries} entries x {parts} parts exceed one launch")
     a = np.zeros(1, dtype=GATHER_DTYPE)
     for i, s in enumerate(sources[:MAX_SOURCES]):
         a["src_ptr"][0, i] = s.data_ptr()
@@ -139,15 +137,15 @@ def gather(sources: List[torch.Tensor], table, fmt: int, head_dim: int, group: i
     a["out_vec"] = int(_vec_ok(k_out, 8) and _vec_ok(v_out, 8))
     out = DTYPE_CODES[k_out.dtype]
     smem = gather_smem_bytes(fmt, head_dim, head_dim // group, tile_tokens)
-    _launch(k_out.device, GATHER_KERNELS[(fmt, out)], n_entries * parts, a, smem)
+    _launch(k_out.device, GATHER_KERNELS[(fmt, out)], blocks, a, smem)
     del extra  # stream-ordered by torch's caching allocator: safe to release after the launch
 
 
 def gather_smem_bytes(fmt: int, d: int, ngroups: int, tile: int) -> int:
-    """Mirrors tierkv::gather_smem_bytes."""
+    """Mirrors tierkv::gather_smem_bytes: THREADS / 32 warps, each K scale/zero floats and one tile."""
     if fmt in (0, 1):
         return 0
-    return 4 * d + 2 * tile * (2 * (d * fmt // 8) + 4 * ngroups)
+    return THREADS // 32 * ((8 * d + tile * (2 * (d * fmt // 8) + 4 * ngroups) + 15) // 16 * 16)
 
 
 def ingest_v_tile(chunk: int, ngroups: int) -> int:

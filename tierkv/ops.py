@@ -273,45 +273,69 @@ def gather(
     if name == "torch":
         gather_reference(sources, table, fmt, head_dim, group_size, k_out, v_out)
         return
-    plan_parts, plan_tile = launch_plan(fmt, table.shape[0], head_dim, g, k_out.shape[2], k_out.device)
-    parts = parts or plan_parts
-    tile_tokens = tile_tokens or plan_tile
-    if tile_tokens % 8 or tile_tokens < 8:
-        raise FormatError(f"tile_tokens: expected a positive multiple of 8, got {tile_tokens}")
+    plan = launch_plan(fmt, table.shape[0], head_dim, g, k_out.shape[2], k_out.device, parts, tile_tokens)
     table = table.contiguous()
     if name == "ext":
-        torch.ops.tierkv.gather(list(sources), table, FMT_CODES[fmt], head_dim, g, k_out, v_out, parts, tile_tokens)
+        torch.ops.tierkv.gather(list(sources), table, FMT_CODES[fmt], head_dim, g, k_out, v_out, *plan)
     else:
         from . import _cupy_backend
 
-        _cupy_backend.gather(list(sources), table, FMT_CODES[fmt], head_dim, g, k_out, v_out, parts, tile_tokens)
+        _cupy_backend.gather(list(sources), table, FMT_CODES[fmt], head_dim, g, k_out, v_out, *plan)
 
 
 @functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+def _device_limits(index: int) -> Tuple[int, int]:
+    """(multiprocessors, most dynamic shared memory a block may opt into) of a CUDA device."""
+    p = torch.cuda.get_device_properties(index)
+    return p.multi_processor_count, int(getattr(p, "shared_memory_per_block_optin", 227 * 1024))
 
 
-def launch_plan(fmt: str, n_entries: int, head_dim: int, group: int, n_out: int, device) -> Tuple[int, int]:
-    """(parts, tile_tokens) of a gather launch.
+def warp_smem_bytes(fmt: str, head_dim: int, group: int, tile: int) -> int:
+    """Mirrors tierkv::gather_warp_smem_bytes: K scale/zero as floats and one tile, per warp."""
+    if not is_quantized(fmt):
+        return 0
+    return int(_pad16(8 * head_dim + tile * (2 * head_dim * BITS[fmt] // 8 + 4 * (head_dim // group))))
 
-    Integer formats are staged through shared memory in tiles of tile_tokens tokens (a power of two
-    whose codes and scales take at most 8 KiB, double buffered); raw formats move 16-token tiles.
-    When there are too few entries to fill the GPU (about 8 blocks per multiprocessor), each entry is
-    split into `parts` blocks along its tiles, never more than the longest possible chunk has tiles.
+
+def launch_plan(fmt: str, n_entries: int, head_dim: int, group: int, n_out: int, device,
+                parts: Optional[int] = None, tile_tokens: Optional[int] = None) -> Tuple[int, int, int]:
+    """(parts, tile_tokens, blocks) of a gather launch.
+
+    Work is divided into warp items, each a run of whole tiles of one entry. Integer formats stage
+    a tile per warp through shared memory: the largest power of two of tokens (8 to 64) whose codes
+    and scales take at most 2.5 KiB; raw formats move 16-token tiles. When there are too few entries
+    for about 64 items per multiprocessor, entries are split into `parts` items (never more than the
+    longest possible chunk has tiles). Warps are persistent: `blocks` of 8 warps, at most 4 per
+    multiprocessor, walk all items.
     """
-    if is_quantized(fmt):
-        per_token = 2 * head_dim * BITS[fmt] // 8 + 4 * (head_dim // group)
-        tile = 8
-        while tile < 128 and 2 * tile * per_token <= 8192:
-            tile *= 2
-    else:
-        tile = 16
     index = device.index if device.index is not None else torch.cuda.current_device()
-    target = 8 * _sm_count(index)
-    parts = max(1, -(-target // max(n_entries, 1)))
-    parts = min(parts, max(1, -(-n_out // tile)))
-    return parts, tile
+    sms, smem_max = _device_limits(index)
+    if tile_tokens is None:
+        if is_quantized(fmt):
+            per_token = 2 * head_dim * BITS[fmt] // 8 + 4 * (head_dim // group)
+            tile_tokens = 8
+            while tile_tokens < 64 and 2 * tile_tokens * per_token <= 2560:
+                tile_tokens *= 2
+        else:
+            tile_tokens = 16
+    if tile_tokens < 8 or tile_tokens % 8:
+        raise FormatError(f"tile_tokens: expected a positive multiple of 8, got {tile_tokens}")
+    smem = THREADS // 32 * warp_smem_bytes(fmt, head_dim, group, tile_tokens)
+    if smem > smem_max:
+        raise FormatError(
+            f"{fmt} chunks of head_dim {head_dim} in value groups of {group} need {smem} bytes of shared memory "
+            f"per block with {tile_tokens}-token tiles; this GPU allows {smem_max}"
+        )
+    if parts is None:
+        parts = max(1, -(-64 * sms // max(n_entries, 1)))
+        parts = min(parts, max(1, -(-n_out // tile_tokens)))
+    if parts < 1:
+        raise FormatError(f"parts: expected >= 1, got {parts}")
+    items = n_entries * parts
+    if items >= 2**31:
+        raise FormatError(f"gather: {n_entries} entries in {parts} parts are too many for one launch")
+    blocks = max(1, min(-(-items // (THREADS // 32)), 4 * sms))
+    return parts, tile_tokens, blocks
 
 
 def gather_reference(sources, table, fmt: str, head_dim: int, group_size: int, k_out, v_out) -> None:
