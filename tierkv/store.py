@@ -58,7 +58,9 @@ class ChunkStore:
             raise ConfigError(f"config: expected a TierConfig, got {type(config).__name__}")
         self.config = config
         self.gpu = GpuTier(config.gpu_budget, device)
-        self.cpu = CpuTier(config.cpu_budget, pinned=self.gpu.device.type == "cuda")
+        # a few large pinned segments rather than many: every gather passes the whole list of sources
+        self.cpu = CpuTier(config.cpu_budget, pinned=self.gpu.device.type == "cuda",
+                           segment_bytes=max(256 << 20, config.cpu_budget // 8))
         if disk is None and config.disk_path is not None:
             from .tiers.disk import DiskTier  # zarr and lz4 load only when a disk tier is asked for
 

@@ -13,6 +13,9 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 
@@ -109,8 +112,12 @@ def sparse_attend(layer, q, padding, scaling):
             pos.append((S + idx.unsqueeze(-1) * L + within).reshape(B, H, k_sel * L))
         pos.append(torch.arange(layer.length - T, layer.length, device=q.device).view(1, 1, T).expand(B, H, T))
         pos = torch.cat(pos, dim=-1)  # [B, H, N]
-        keep = padding.to(q.device).gather(1, pos.reshape(B, -1)).reshape(B, H, 1, -1)
-        attn_mask = keep.repeat_interleave(Hq // H, dim=1)
-    out = F.scaled_dot_product_attention(q, kw[:, :, :N], vw[:, :, :N], attn_mask=attn_mask, scale=scaling,
-                                         enable_gqa=Hq != H)
-    return out.transpose(1, 2).contiguous(), None
+        attn_mask = padding.to(q.device).gather(1, pos.reshape(B, -1)).reshape(B, H, 1, -1)
+    # The g query heads of a KV head attend over that head's own chosen keys: as g query rows of one
+    # head, which needs no grouped-query support and lets flash attention run; and a fixed backend
+    # list keeps away from one (cuDNN) that re-plans at every new key length, at milliseconds a call.
+    g = Hq // H
+    with sdpa_kernel(_BACKENDS):
+        out = F.scaled_dot_product_attention(q.reshape(B, H, g, D), kw[:, :, :N], vw[:, :, :N], attn_mask=attn_mask,
+                                             scale=scaling)
+    return out.reshape(B, Hq, 1, D).transpose(1, 2), None

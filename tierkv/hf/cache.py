@@ -64,6 +64,7 @@ class TierKVLayer(CacheLayerMixin):
         self.addr: Optional[torch.Tensor] = None
         self.on_gpu: Optional[torch.Tensor] = None
         self.importance: Optional[torch.Tensor] = None
+        self.chosen: Optional[torch.Tensor] = None  # [B, capacity]: times chosen since hits were last counted
         self.rate: Optional[float] = None  # attention-desert rate measured at prefill
         self.pending: Optional[torch.Tensor] = None  # key states returned by the last update
         self.dirty: set = set()  # (b, c) whose address must be refreshed from the store
@@ -214,12 +215,14 @@ class TierKVLayer(CacheLayerMixin):
         addr = torch.full((B, new_cap, 2), -1, dtype=torch.int64, device=self.device)
         on_gpu = torch.zeros(B, new_cap, dtype=torch.bool, device=self.device)
         imp = torch.zeros(B, new_cap, dtype=torch.float32, device=self.device)
+        chosen = torch.zeros(B, new_cap, dtype=torch.float32, device=self.device)
         if cap:
+            chosen[:, :cap] = self.chosen
             ab[..., :cap] = self.abstracts
             addr[:, :cap] = self.addr
             on_gpu[:, :cap] = self.on_gpu
             imp[:, :cap] = self.importance
-        self.abstracts, self.addr, self.on_gpu, self.importance = ab, addr, on_gpu, imp
+        self.abstracts, self.addr, self.on_gpu, self.importance, self.chosen = ab, addr, on_gpu, imp, chosen
 
     def _ingest(self, k: torch.Tensor, v: torch.Tensor, n: int) -> None:
         lay = self.layout
@@ -254,6 +257,7 @@ class TierKVLayer(CacheLayerMixin):
         if ones is None or ones.shape != flat.shape:
             ones = self._ones = torch.ones(flat.shape, dtype=torch.float32, device=self.device)
         imp.scatter_add_(1, flat, ones)
+        self.chosen[:, :C].scatter_add_(1, flat, ones)
 
     # --- reading chunks back -------------------------------------------------------------------------
     def refresh_addresses(self) -> None:
@@ -323,10 +327,10 @@ class TierKVLayer(CacheLayerMixin):
         sources = self.cache.sources()
         if self.disk_only:
             a = self._stage_from_disk(chunk_idx, a, sources)
-        base, hoff = self._table_parts(kk, n0)
-        table = base.clone()
-        table[:, :2] = a.reshape(-1, 2) + hoff
-        self.cache.count_gather(self.on_gpu.gather(1, chunk_idx.reshape(B, H * kk)), table.shape[0])
+        table, hoff = self._table_parts(kk, n0)
+        # the table is rewritten in place: the previous launch that read it is earlier on the same stream
+        torch.add(a.reshape(-1, 2), hoff, out=table[:, :2])
+        self.cache.entries += table.shape[0]
         self._launch(sources, table, k_out, v_out)
 
     def _launch(self, sources, table, k_out, v_out) -> None:
@@ -359,6 +363,18 @@ class TierKVLayer(CacheLayerMixin):
         C = self.n_chunks
         idx = torch.arange(C, device=self.device).view(1, 1, C).expand(self.batch_size, self.n_heads, C)
         return self.gather(idx)
+
+    def count_hits(self) -> None:
+        """Fold the choices since the last count into the cache's gpu-hit counter (before on_gpu changes).
+
+        A chunk chosen n times while a copy sat in the gpu tier was n gpu hits: residency only changes
+        at promotions, so counting there (and when statistics are read) needs no work per step.
+        """
+        if self.chosen is None or self.n_chunks == 0:
+            return
+        C = self.n_chunks
+        self.cache.add_gpu_hits((self.chosen[:, :C] * self.on_gpu[:, :C]).sum())
+        self.chosen.zero_()
 
     def promotion_candidates(self, limit: int) -> Optional[torch.Tensor]:
         """Up to `limit` (value, b * C + c) of the most important chunks in the cpu tier but not on the GPU."""
@@ -418,11 +434,8 @@ class TierKVCache(Cache):
             self._sources = self.store.sources()
         return list(self._sources)
 
-    def count_gather(self, from_gpu: torch.Tensor, entries: int) -> None:
-        if self._gpu_entries is None:
-            self._gpu_entries = torch.zeros((), dtype=torch.int64, device=from_gpu.device)
-        self._gpu_entries += from_gpu.sum()
-        self.entries += entries
+    def add_gpu_hits(self, n: torch.Tensor) -> None:
+        self._gpu_entries = n if self._gpu_entries is None else self._gpu_entries + n
 
     def stats(self):
         """The store's statistics, with the gather entries of this cache counted as tier hits and misses.
@@ -431,6 +444,8 @@ class TierKVCache(Cache):
         a gpu hit; from the cpu tier a gpu miss and cpu hit; from disk a miss at both and a disk hit.
         """
         s = self.store.stats()
+        for layer in self.layers:
+            layer.count_hits()
         gpu = int(self._gpu_entries) if self._gpu_entries is not None else 0
         disk = self.disk_entries
         cpu = self.entries - gpu - disk
@@ -465,6 +480,7 @@ class TierKVCache(Cache):
         cands = []
         for i in sorted(self.selected_layers):
             layer = self.layers[i]
+            layer.count_hits()
             c = layer.promotion_candidates(per_layer * layer.n_heads)
             if c is not None:
                 cands.append((layer, c))
