@@ -98,6 +98,11 @@ def run(args) -> dict:
         "config": {"batch": args.batch, "kv_heads": args.heads, "head_dim": args.head_dim, "tokens_per_row": args.tokens,
                    "group_size": args.group, "out_dtype": "bfloat16", "iters": args.iters},
     }
+    warm = torch.randn(4096, 4096, device="cuda")
+    t_end = time.time() + 1.0  # clocks up before anything is timed
+    while time.time() < t_end:
+        warm = warm @ warm.T / 4096
+    torch.cuda.synchronize()
     peaks = copy_peaks(256 << 20, args.iters)
     results["peaks"] = peaks
     print(f"{dev.name}: D2D copy peak {peaks['d2d_GBps_read_plus_written']:.0f} GB/s (read+written), "
@@ -151,21 +156,82 @@ def run(args) -> dict:
                 torch.cuda.empty_cache()
     results["rows"] = rows
     results["small"] = small_calls(args)
+    if args.sweep:
+        results["sweep"] = sweep(args)
     return results
 
 
+def sweep(args) -> list:
+    """Launch-shape sensitivity of a few configurations: parts, tile_tokens and blocks forced."""
+    B, H, D, N, G = args.batch, args.heads, args.head_dim, args.tokens, args.group
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    k_out = torch.empty(B, H, N, D, dtype=torch.bfloat16, device="cuda")
+    v_out = torch.empty_like(k_out)
+    out = []
+    for fmt, L, where in (("bf16", 64, "device"), ("bf16", 16, "host"), ("int4", 64, "device"), ("int2", 16, "device"),
+                          ("int8", 128, "device"), ("int4", 64, "host")):
+        src, table, lay = scene(fmt, L, B, H, D, N, G, where)
+        total = table.shape[0] * lay.head_bytes + 2 * k_out.numel() * 2
+        tiles = [None] + ([8, 32] if fmt.startswith("int") else [])
+        for parts in (None, 1, 2, 4):
+            for tile in tiles:
+                for blocks in (None, 2 * sms, 8 * sms):
+                    fn = lambda: ops.gather([src], table, fmt, D, G, k_out, v_out, backend="ext", parts=parts,  # noqa: E731
+                                            tile_tokens=tile, blocks=blocks)
+                    t = timed(fn, args.iters)
+                    plan = ops.launch_plan(fmt, table.shape[0], D, G if fmt.startswith("int") else D, N, 0, parts, tile, blocks)
+                    out.append({"format": fmt, "chunk_len": L, "source": where, "parts": plan[0], "tile_tokens": plan[1],
+                                "blocks": plan[2], "GBps": total / t / 1e9, "forced": [parts, tile, blocks]})
+        best = max((r for r in out if r["format"] == fmt and r["chunk_len"] == L and r["source"] == where),
+                   key=lambda r: r["GBps"])
+        auto = next(r for r in out if r["format"] == fmt and r["chunk_len"] == L and r["source"] == where
+                    and r["forced"] == [None, None, None])
+        print(f"sweep {fmt} L={L} {where}: auto {auto['GBps']:.0f} GB/s (parts {auto['parts']}, tile {auto['tile_tokens']}, "
+              f"blocks {auto['blocks']}); best {best['GBps']:.0f} GB/s (parts {best['parts']}, tile {best['tile_tokens']}, "
+              f"blocks {best['blocks']})", flush=True)
+    return out
+
+
 def small_calls(args) -> list:
-    """Latency of one decode-sized gather: B=1, 8 KV heads, 2048 selected tokens of 32-token chunks."""
+    """One decode-sized gather (B=1, 8 KV heads, 2048 selected tokens of 32-token chunks): GPU time of
+    the kernel (CUDA graph of 20 calls, replayed) and wall time per call from Python (what a decode
+    step pays per layer, dispatch and checks included)."""
     out = []
     for fmt in args.formats:
         for where in ("device", "host"):
             src, table, lay = scene(fmt, 32, 1, 8, args.head_dim, 2048, args.group, where)
             k = torch.empty(1, 8, 2048, args.head_dim, dtype=torch.bfloat16, device="cuda")
             v = torch.empty_like(k)
-            t = timed(lambda: ops.gather([src], table, fmt, args.head_dim, args.group, k, v, backend="ext"), args.iters * 2)
-            out.append({"format": fmt, "source": where, "us": t * 1e6, "bytes_read": table.shape[0] * lay.head_bytes,
-                        "bytes_written": 2 * k.numel() * 2})
-            print(f"  decode-sized gather {fmt:5s} {where:6s}: {t * 1e6:7.1f} us", flush=True)
+            call = lambda: ops.gather([src], table, fmt, args.head_dim, args.group, k, v, backend="ext")  # noqa: E731
+            for _ in range(5):
+                call()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(200):
+                call()
+            torch.cuda.synchronize()
+            wall = (time.perf_counter() - t0) / 200
+            gpu = None
+            try:
+                s = torch.cuda.Stream()
+                s.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(s):
+                    call()
+                torch.cuda.current_stream().wait_stream(s)
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g):
+                    for _ in range(20):
+                        call()
+                gpu = timed(g.replay, args.iters) / 20
+            except Exception as e:  # capture unsupported here: report wall time only
+                print(f"  (no CUDA graph: {type(e).__name__}: {e})")
+            rw = table.shape[0] * lay.head_bytes + 2 * k.numel() * 2
+            out.append({"format": fmt, "source": where, "wall_us_per_call": wall * 1e6,
+                        "gpu_us": gpu * 1e6 if gpu else None, "bytes_read": table.shape[0] * lay.head_bytes,
+                        "bytes_written": 2 * k.numel() * 2, "gpu_GBps": rw / gpu / 1e9 if gpu else None})
+            print(f"  decode-sized gather {fmt:5s} {where:6s}: kernel {gpu * 1e6 if gpu else float('nan'):6.1f} us "
+                  f"({rw / gpu / 1e9 if gpu else float('nan'):6.0f} GB/s), {wall * 1e6:6.1f} us per call from Python",
+                  flush=True)
     return out
 
 
@@ -198,6 +264,7 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--ref-iters", type=int, default=3)
     p.add_argument("--cupy", action="store_true", help="also time the cupy backend")
+    p.add_argument("--sweep", action="store_true", help="also sweep forced launch shapes on a few configurations")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():

@@ -35,7 +35,7 @@ fi
 
 if has bench; then
   echo "== bench_kernels"
-  timeout 150 $PY bench/bench_kernels.py --cupy --out "$OUT/kernels.json" 2>&1 | tee "$OUT/bench.txt"
+  timeout 240 $PY bench/bench_kernels.py --cupy --sweep --out "$OUT/kernels.json" 2>&1 | tee "$OUT/bench.txt"
 fi
 if has sanitizer; then
   echo "== compute-sanitizer memcheck"

@@ -104,10 +104,10 @@ __host__ __device__ inline i64 ingest_v_tile(i64 chunk, i64 ngroups) {
 }
 
 // Shared memory of one gather warp: none for raw formats; for integer formats the K scale and zero
-// as floats (8d bytes) and one tile of `tile` tokens (codes of K and V, value scales and zeros).
+// as floats (8d bytes) and two tiles of `tile` tokens (codes of K and V, value scales and zeros).
 __host__ __device__ inline i64 gather_warp_smem_bytes(int fmt, i64 d, i64 ngroups, i64 tile) {
   if (fmt == FMT_BF16 || fmt == FMT_FP16) return 0;
-  return pad16(8 * d + tile * (2 * (d * fmt / 8) + 4 * ngroups));
+  return pad16(8 * d + 2 * tile * (2 * (d * fmt / 8) + 4 * ngroups));
 }
 
 // Dynamic shared memory of a gather block (TIERKV_THREADS / 32 warps).
@@ -211,6 +211,24 @@ __device__ __forceinline__ void st16(u16* p, uint4 v, bool vec) {
   }
 }
 
+__device__ __forceinline__ u32 smem_addr(const void* p) {
+  u64 a;
+  asm("cvta.to.shared.u64 %0, %1;" : "=l"(a) : "l"(p));
+  return (u32)a;
+}
+
+// 16 bytes global -> shared without passing through registers (L1 bypassed: read-once data).
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(smem)), "l"(to_global(gmem)) : "memory");
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Gather: table entries
 // ---------------------------------------------------------------------------------------------
@@ -222,12 +240,10 @@ struct Entry {
   bool ok;
 };
 
-// Reads and checks table row e. An entry that would read or write out of bounds is skipped (the
-// host validates tables when asked; the kernel only refuses to touch memory it was not given).
-__device__ __forceinline__ Entry read_entry(const GatherArgs& a, i64 e, int fmt) {
+// Checks table row (s, off, n, dst, n0). An entry that would read or write out of bounds is skipped
+// (the host validates tables when asked; the kernel only refuses to touch memory it was not given).
+__device__ __forceinline__ Entry make_entry(const GatherArgs& a, i64 s, i64 off, i64 n, i64 dst, i64 n0, int fmt) {
   Entry en;
-  const i64* row = reinterpret_cast<const i64*>(a.table) + e * 5;
-  const i64 s = row[0], off = row[1], n = row[2], dst = row[3], n0 = row[4];
   en.ok = false;
   en.n = n;
   en.n0 = n0;
@@ -251,6 +267,21 @@ __device__ __forceinline__ Entry read_entry(const GatherArgs& a, i64 e, int fmt)
   en.v = reinterpret_cast<u16*>(a.v_out) + b * a.sv_b + h * a.sv_h + n0 * a.sv_n;
   en.ok = true;
   return en;
+}
+
+// Lane j < 5 loads field j of the table row of `item`'s entry: issued one item ahead, so a warp
+// never waits on the table before its data loads.
+__device__ __forceinline__ i64 fetch_row(const GatherArgs& a, i64 item, i64 total, int lane) {
+  if (item >= total || lane >= 5) return 0;
+  const i64* row = reinterpret_cast<const i64*>(a.table) + (item / a.parts) * 5;
+  return row[lane];
+}
+
+__device__ __forceinline__ i64 shfl_i64(i64 v, int src);
+
+__device__ __forceinline__ Entry row_entry(const GatherArgs& a, i64 field, int fmt) {
+  return make_entry(a, shfl_i64(field, 0), shfl_i64(field, 1), shfl_i64(field, 2), shfl_i64(field, 3),
+                    shfl_i64(field, 4), fmt);
 }
 
 // Token range [t0, t1) of part `part` of an entry of n tokens, split in whole tiles.
@@ -318,6 +349,12 @@ __device__ __forceinline__ u32 shfl_u32(u32 v, int src) {
   return r;
 }
 
+__device__ __forceinline__ i64 shfl_i64(i64 v, int src) {
+  const u32 lo = shfl_u32((u32)((u64)v & 0xffffffffu), src);
+  const u32 hi = shfl_u32((u32)((u64)v >> 32), src);
+  return (i64)(((u64)hi << 32) | lo);
+}
+
 __device__ __forceinline__ void syncwarp() { asm volatile("bar.warp.sync 0xffffffff;" ::: "memory"); }
 
 // ---------------------------------------------------------------------------------------------
@@ -334,6 +371,39 @@ __device__ __forceinline__ uint4 convert8(uint4 x) {
   return make_uint4(r[0], r[1], r[2], r[3]);
 }
 
+// Dense outputs (rows of D contiguous): the part's K and V are each one contiguous run in the
+// source and in the output, moved as flat 16-byte pieces, a warp 512 bytes per step; each lane
+// keeps 4 K and 4 V pieces in flight, addressed as fixed offsets from one pointer each.
+template <int SRC, int OUT>
+__device__ __forceinline__ void raw_item_dense(const GatherArgs& a, const Entry& en, int lane, i64 t0, int np) {
+  const i64 row_bytes = a.head_dim * 2;
+  const u8* ks = en.base + t0 * row_bytes + lane * 16;
+  const u8* vs = en.base + (en.n + t0) * row_bytes + lane * 16;
+  u16* kd = en.k + t0 * a.sk_n + lane * 8;
+  u16* vd = en.v + t0 * a.sv_n + lane * 8;
+  const int pieces = (int)((i64)np * row_bytes / 16);  // per K (and per V)
+  const int mine = lane < pieces ? (pieces - lane + 31) / 32 : 0;
+  const int U = 4;
+  for (int k0 = 0; k0 < mine; k0 += U) {
+    uint4 xk[U], xv[U];
+#pragma unroll
+    for (int j = 0; j < U; ++j) {
+      if (k0 + j < mine) {
+        xk[j] = ld16(ks + (i64)(k0 + j) * 512);
+        xv[j] = ld16(vs + (i64)(k0 + j) * 512);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < U; ++j) {
+      if (k0 + j < mine) {
+        st16(kd + (i64)(k0 + j) * 256, convert8<SRC, OUT>(xk[j]), true);
+        st16(vd + (i64)(k0 + j) * 256, convert8<SRC, OUT>(xv[j]), true);
+      }
+    }
+  }
+}
+
+// Any output strides: a lane moves 8 channels of a token row at a time (row mapping or flat index).
 template <int SRC, int OUT, bool FAST, bool FLAT>
 __device__ __forceinline__ void raw_item(const GatherArgs& a, const Entry& en, const LaneMap& m, int lane, i64 t0,
                                          int np) {
@@ -372,16 +442,19 @@ __device__ __forceinline__ void raw_item(const GatherArgs& a, const Entry& en, c
 }
 
 template <int SRC, int OUT>
-__global__ void __launch_bounds__(TIERKV_THREADS, 4) gather_raw(const __grid_constant__ GatherArgs a) {
+__global__ void __launch_bounds__(TIERKV_THREADS, 3) gather_raw(const __grid_constant__ GatherArgs a) {
   const int lane = threadIdx.x & 31;
   const LaneMap m = lane_map((int)a.head_dim, lane);
+  const bool dense = a.sk_n == a.head_dim && a.sv_n == a.head_dim;
   const i64 total = a.n_entries * a.parts;
-  for (i64 item = (i64)blockIdx.x * TIERKV_WARPS + (threadIdx.x >> 5); item < total;
-       item += (i64)gridDim.x * TIERKV_WARPS) {
-    const i64 e = item / a.parts;
-    const i64 part = item - e * a.parts;
-    const Entry en = read_entry(a, e, SRC == DT_BF16 ? FMT_BF16 : FMT_FP16);
+  const i64 stride = (i64)gridDim.x * TIERKV_WARPS;
+  i64 item = (i64)blockIdx.x * TIERKV_WARPS + (threadIdx.x >> 5);
+  i64 field = fetch_row(a, item, total, lane);
+  for (; item < total; item += stride) {
+    const Entry en = row_entry(a, field, SRC == DT_BF16 ? FMT_BF16 : FMT_FP16);
+    field = fetch_row(a, item + stride, total, lane);
     if (!en.ok) continue;
+    const i64 part = item - (item / a.parts) * a.parts;
     i64 tile0, tile1;
     part_tiles(en.n, a.tile_tokens, a.parts, part, tile0, tile1);
     const i64 t0 = tile0 * a.tile_tokens;
@@ -389,7 +462,8 @@ __global__ void __launch_bounds__(TIERKV_THREADS, 4) gather_raw(const __grid_con
     if (t0 >= t1) continue;
     const int np = (int)(t1 - t0);
     if (a.out_vec && ((reinterpret_cast<u64>(en.base) & 15) == 0)) {
-      if (m.flat) raw_item<SRC, OUT, true, true>(a, en, m, lane, t0, np);
+      if (dense) raw_item_dense<SRC, OUT>(a, en, lane, t0, np);
+      else if (m.flat) raw_item<SRC, OUT, true, true>(a, en, m, lane, t0, np);
       else raw_item<SRC, OUT, true, false>(a, en, m, lane, t0, np);
     } else {
       raw_item<SRC, OUT, false, true>(a, en, m, lane, t0, np);  // the slow path needs no fast indexing
@@ -421,26 +495,24 @@ __device__ __forceinline__ void seg_locate(const Segments& s, int i, const u8*& 
   src = s.base + o;
 }
 
-// The warp copies the segments into shared memory: U 16-byte loads per lane in flight.
+// Copies the segments into shared memory: asynchronous 16-byte copies when the head block is
+// aligned (completion awaited with cp_async_wait), plain byte copies otherwise.
 template <bool FAST>
-__device__ __forceinline__ void warp_stage(u8* smem_dst, const Segments& s, int lane) {
-  const int U = 4;
-  for (int i0 = lane * 16; i0 < s.end3; i0 += 32 * 16 * U) {
-    uint4 x[U];
-    int dst[U];
-#pragma unroll
-    for (int j = 0; j < U; ++j) {
-      const int i = i0 + j * 32 * 16;
-      dst[j] = -1;
-      if (i < s.end3) {
-        const u8* src;
-        seg_locate(s, i, src, dst[j]);
-        x[j] = FAST ? ld16(src) : ld16_bytes(src);
-      }
+__device__ __forceinline__ void stage_tile(u8* smem_dst, const Segments& s, int lane) {
+  if (FAST) {
+    for (int i = lane * 16; i < s.end3; i += 32 * 16) {
+      const u8* src;
+      int dst;
+      seg_locate(s, i, src, dst);
+      cp_async16(smem_dst + dst, src);
     }
-#pragma unroll
-    for (int j = 0; j < U; ++j)
-      if (dst[j] >= 0) *reinterpret_cast<uint4*>(smem_dst + dst[j]) = x[j];
+  } else {
+    for (int i = lane; i < s.end3; i += 32) {
+      const u8* src;
+      int dst;
+      seg_locate(s, i, src, dst);
+      smem_dst[dst] = *src;
+    }
   }
 }
 
@@ -475,6 +547,24 @@ __device__ __forceinline__ uint4 dequant8(u32 lo, u32 hi, const float s[8], cons
   return make_uint4(pack2<OUT>(y[0], y[1]), pack2<OUT>(y[2], y[3]), pack2<OUT>(y[4], y[5]), pack2<OUT>(y[6], y[7]));
 }
 
+// Segments of tile `tile` (TT tokens from token tile * TT) of a head block.
+__device__ __forceinline__ Segments tile_segments(const Segments& proto, const IntLayout& L, int n, int TT, int R, int ng,
+                                                  int tile) {
+  Segments seg = proto;
+  const int ta = tile * TT;
+  const int tn = n - ta < TT ? n - ta : TT;
+  const int cb = (int)pad16((i64)tn * R), sb = (int)pad16((i64)tn * ng * 2);
+  seg.src0 = (int)L.kc + ta * R;
+  seg.src1 = (int)L.vc + ta * R;
+  seg.src2 = (int)L.vs + ta * ng * 2;
+  seg.src3 = (int)L.vz + ta * ng * 2;
+  seg.end0 = cb;
+  seg.end1 = 2 * cb;
+  seg.end2 = 2 * cb + sb;
+  seg.end3 = 2 * cb + 2 * sb;
+  return seg;
+}
+
 template <int BITS, int OUT, bool FAST, bool FLAT>
 __device__ __forceinline__ void int_item(const GatherArgs& a, const Entry& en, const LaneMap& m, int lane, i64 part,
                                          u8* wsm) {
@@ -492,46 +582,48 @@ __device__ __forceinline__ void int_item(const GatherArgs& a, const Entry& en, c
   const bool vec = a.out_vec != 0;
   const bool one_group = (g % 8) == 0;  // a lane's 8 channels share one value group
 
-  // K scale and zero as floats: [d] then [d]
-  float* kf = reinterpret_cast<float*>(wsm);
+  // two tile buffers: K codes [TT][R], V codes [TT][R], V scale [TT][ng], V zero [TT][ng]
+  const int tile_bytes = TT * (2 * R + 4 * ng);
+  u8* const tb0 = wsm + 8 * d;
+  Segments proto;
+  proto.base = en.base;
+  proto.at1 = TT * R;
+  proto.at2 = 2 * TT * R;
+  proto.at3 = 2 * TT * R + TT * ng * 2;
+
+  // the first tile's copies and the K scale/zero loads go out together
+  stage_tile<FAST>(tb0, tile_segments(proto, L, n, TT, R, ng, tile0), lane);
+  cp_async_commit();
+  float* kf = reinterpret_cast<float*>(wsm);  // K scale [d] then zero [d], as floats
   for (int i = lane; i < m.upr; i += 32) {
     const u8* ps = en.base + L.ks + i * 16;
     const uint4 sv = FAST ? ld16(ps) : ld16_bytes(ps);
     const uint4 zv = FAST ? ld16(ps + 2 * d) : ld16_bytes(ps + 2 * d);
-    const u32 sw[4] = {sv.x, sv.y, sv.z, sv.w}, zw[4] = {zv.x, zv.y, zv.z, zv.w};
     float4* ks = reinterpret_cast<float4*>(kf + i * 8);
     float4* kz = reinterpret_cast<float4*>(kf + d + i * 8);
-    ks[0] = make_float4(f16_to_f32(sw[0]), f16_to_f32(sw[0] >> 16), f16_to_f32(sw[1]), f16_to_f32(sw[1] >> 16));
-    ks[1] = make_float4(f16_to_f32(sw[2]), f16_to_f32(sw[2] >> 16), f16_to_f32(sw[3]), f16_to_f32(sw[3] >> 16));
-    kz[0] = make_float4(f16_to_f32(zw[0]), f16_to_f32(zw[0] >> 16), f16_to_f32(zw[1]), f16_to_f32(zw[1] >> 16));
-    kz[1] = make_float4(f16_to_f32(zw[2]), f16_to_f32(zw[2] >> 16), f16_to_f32(zw[3]), f16_to_f32(zw[3] >> 16));
+    ks[0] = make_float4(f16_to_f32(sv.x), f16_to_f32(sv.x >> 16), f16_to_f32(sv.y), f16_to_f32(sv.y >> 16));
+    ks[1] = make_float4(f16_to_f32(sv.z), f16_to_f32(sv.z >> 16), f16_to_f32(sv.w), f16_to_f32(sv.w >> 16));
+    kz[0] = make_float4(f16_to_f32(zv.x), f16_to_f32(zv.x >> 16), f16_to_f32(zv.y), f16_to_f32(zv.y >> 16));
+    kz[1] = make_float4(f16_to_f32(zv.z), f16_to_f32(zv.z >> 16), f16_to_f32(zv.w), f16_to_f32(zv.w >> 16));
   }
-  u8* tb = wsm + 8 * d;  // tile: K codes [TT][R], V codes [TT][R], V scale [TT][ng], V zero [TT][ng]
-  const u8* kc = tb;
-  const u8* vc = tb + TT * R;
-  const u16* vs = reinterpret_cast<const u16*>(tb + 2 * TT * R);
-  const u16* vz = reinterpret_cast<const u16*>(tb + 2 * TT * R + TT * ng * 2);
-  Segments seg;
-  seg.base = en.base;
-  seg.at1 = TT * R;
-  seg.at2 = 2 * TT * R;
-  seg.at3 = 2 * TT * R + TT * ng * 2;
 
   for (int tile = tile0; tile < tile1; ++tile) {
+    const u8* tb = tb0 + ((tile - tile0) & 1) * tile_bytes;
+    if (tile + 1 < tile1) {  // the next tile's copies are in flight while this one is decoded
+      stage_tile<FAST>(tb0 + ((tile + 1 - tile0) & 1) * tile_bytes, tile_segments(proto, L, n, TT, R, ng, tile + 1),
+                       lane);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    syncwarp();  // this tile (and the K scales) are in shared memory for every lane
+    const u8* kc = tb;
+    const u8* vc = tb + TT * R;
+    const u16* vs = reinterpret_cast<const u16*>(tb + 2 * TT * R);
+    const u16* vz = reinterpret_cast<const u16*>(tb + 2 * TT * R + TT * ng * 2);
     const int ta = tile * TT;
     const int tn = n - ta < TT ? n - ta : TT;
-    const int cb = (int)pad16((i64)tn * R), sb = (int)pad16((i64)tn * ng * 2);
-    seg.src0 = (int)L.kc + ta * R;
-    seg.src1 = (int)L.vc + ta * R;
-    seg.src2 = (int)L.vs + ta * ng * 2;
-    seg.src3 = (int)L.vz + ta * ng * 2;
-    seg.end0 = cb;
-    seg.end1 = 2 * cb;
-    seg.end2 = 2 * cb + sb;
-    seg.end3 = 2 * cb + 2 * sb;
-    syncwarp();  // the previous tile is decoded (and the K scales written) before the buffer is reused
-    warp_stage<FAST>(tb, seg, lane);
-    syncwarp();
     u16* kdst = en.k + (i64)ta * a.sk_n;
     u16* vdst = en.v + (i64)ta * a.sv_n;
     const int count = lane_units<FLAT>(m, lane, 2 * tn);
@@ -565,8 +657,8 @@ __device__ __forceinline__ void int_item(const GatherArgs& a, const Entry& en, c
       }
       st16((isv ? vdst + (i64)t * a.sv_n : kdst + (i64)t * a.sk_n) + c * 8, dequant8<BITS, OUT>(lo, hi, s, z), vec);
     }
+    syncwarp();  // decoded: the buffer may be overwritten (next tile, or the next item)
   }
-  syncwarp();  // this warp's slice is free for its next item
 }
 
 template <int BITS, int OUT>
@@ -578,11 +670,14 @@ __global__ void __launch_bounds__(TIERKV_THREADS, 3) gather_int(const __grid_con
   const LaneMap m = lane_map(d, lane);
   u8* wsm = reinterpret_cast<u8*>(smem4) + warp * gather_warp_smem_bytes(BITS, d, d / a.group, a.tile_tokens);
   const i64 total = a.n_entries * a.parts;
-  for (i64 item = (i64)blockIdx.x * TIERKV_WARPS + warp; item < total; item += (i64)gridDim.x * TIERKV_WARPS) {
-    const i64 e = item / a.parts;
-    const i64 part = item - e * a.parts;
-    const Entry en = read_entry(a, e, BITS);
+  const i64 stride = (i64)gridDim.x * TIERKV_WARPS;
+  i64 item = (i64)blockIdx.x * TIERKV_WARPS + warp;
+  i64 field = fetch_row(a, item, total, lane);
+  for (; item < total; item += stride) {
+    const Entry en = row_entry(a, field, BITS);
+    field = fetch_row(a, item + stride, total, lane);
     if (!en.ok) continue;
+    const i64 part = item - (item / a.parts) * a.parts;
     if ((reinterpret_cast<u64>(en.base) & 15) == 0) {
       if (m.flat) int_item<BITS, OUT, true, true>(a, en, m, lane, part, wsm);
       else int_item<BITS, OUT, true, false>(a, en, m, lane, part, wsm);

@@ -142,10 +142,10 @@ def gather(sources: List[torch.Tensor], table, fmt: int, head_dim: int, group: i
 
 
 def gather_smem_bytes(fmt: int, d: int, ngroups: int, tile: int) -> int:
-    """Mirrors tierkv::gather_smem_bytes: THREADS / 32 warps, each K scale/zero floats and one tile."""
+    """Mirrors tierkv::gather_smem_bytes: THREADS / 32 warps, each K scale/zero floats and two tiles."""
     if fmt in (0, 1):
         return 0
-    return THREADS // 32 * ((8 * d + tile * (2 * (d * fmt // 8) + 4 * ngroups) + 15) // 16 * 16)
+    return THREADS // 32 * ((8 * d + 2 * tile * (2 * (d * fmt // 8) + 4 * ngroups) + 15) // 16 * 16)
 
 
 def ingest_v_tile(chunk: int, ngroups: int) -> int:

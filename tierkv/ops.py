@@ -118,8 +118,10 @@ def _pick(device: torch.device, requested: Optional[str]) -> str:
 
 
 # --- layout helpers -------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=256)
 def _group(fmt: str, head_dim: int, group_size: int) -> int:
-    """Channels per value group as the kernels use it (ChunkLayout.group; head_dim for raw formats)."""
+    """Channels per value group as the kernels use it (ChunkLayout.group; head_dim for raw formats).
+    Cached: gather runs once per layer per decode step, and this validation is the same every time."""
     layout = ChunkLayout(fmt, 1, 1, head_dim, group_size)  # validates fmt, head_dim, group_size
     return layout.group if is_quantized(fmt) else head_dim
 
@@ -187,8 +189,10 @@ def dest_offsets(n_tokens: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
 def _check_gather(sources, table, fmt, head_dim, group_size, k_out, v_out, kernel: bool) -> int:
     if fmt not in FORMATS:
         raise FormatError(f"fmt: unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
-    if not isinstance(head_dim, int) or head_dim < 8 or head_dim % 8 or head_dim > MAX_HEAD_DIM:
+    if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 8 or head_dim % 8 or head_dim > MAX_HEAD_DIM:
         raise FormatError(f"head_dim: expected a multiple of 8 in [8, {MAX_HEAD_DIM}], got {head_dim!r}")
+    if isinstance(group_size, bool) or not isinstance(group_size, int):
+        raise FormatError(f"group_size: expected an integer, got {group_size!r}")
     g = _group(fmt, head_dim, group_size)
     for name, t in (("k_out", k_out), ("v_out", v_out)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.shape[-1] != head_dim:
@@ -257,11 +261,13 @@ def gather(
     check: bool = False,
     parts: Optional[int] = None,
     tile_tokens: Optional[int] = None,
+    blocks: Optional[int] = None,
 ) -> None:
     """Decode the chunks named by `table` into k_out / v_out (see the module docstring).
 
     backend: force one for this call; check: validate every table row on the host first (syncs);
-    parts / tile_tokens: override the launch shape (tests use them; results do not depend on them).
+    parts / tile_tokens / blocks: override the launch shape (tests and benchmarks; results do not
+    depend on them).
     Without check, rows that would read or write out of bounds are skipped by the kernels.
     """
     name = _pick(k_out.device, backend)
@@ -273,7 +279,8 @@ def gather(
     if name == "torch":
         gather_reference(sources, table, fmt, head_dim, group_size, k_out, v_out)
         return
-    plan = launch_plan(fmt, table.shape[0], head_dim, g, k_out.shape[2], k_out.device, parts, tile_tokens)
+    index = k_out.device.index if k_out.device.index is not None else torch.cuda.current_device()
+    plan = launch_plan(fmt, table.shape[0], head_dim, g, k_out.shape[2], index, parts, tile_tokens, blocks)
     table = table.contiguous()
     if name == "ext":
         torch.ops.tierkv.gather(list(sources), table, FMT_CODES[fmt], head_dim, g, k_out, v_out, *plan)
@@ -291,30 +298,32 @@ def _device_limits(index: int) -> Tuple[int, int]:
 
 
 def warp_smem_bytes(fmt: str, head_dim: int, group: int, tile: int) -> int:
-    """Mirrors tierkv::gather_warp_smem_bytes: K scale/zero as floats and one tile, per warp."""
+    """Mirrors tierkv::gather_warp_smem_bytes: K scale/zero as floats and two tiles, per warp."""
     if not is_quantized(fmt):
         return 0
-    return int(_pad16(8 * head_dim + tile * (2 * head_dim * BITS[fmt] // 8 + 4 * (head_dim // group))))
+    return int(_pad16(8 * head_dim + 2 * tile * (2 * head_dim * BITS[fmt] // 8 + 4 * (head_dim // group))))
 
 
-def launch_plan(fmt: str, n_entries: int, head_dim: int, group: int, n_out: int, device,
-                parts: Optional[int] = None, tile_tokens: Optional[int] = None) -> Tuple[int, int, int]:
+@functools.lru_cache(maxsize=1024)
+def launch_plan(fmt: str, n_entries: int, head_dim: int, group: int, n_out: int, index: int,
+                parts: Optional[int] = None, tile_tokens: Optional[int] = None,
+                blocks: Optional[int] = None) -> Tuple[int, int, int]:
     """(parts, tile_tokens, blocks) of a gather launch.
 
     Work is divided into warp items, each a run of whole tiles of one entry. Integer formats stage
-    a tile per warp through shared memory: the largest power of two of tokens (8 to 64) whose codes
-    and scales take at most 2.5 KiB; raw formats move 16-token tiles. When there are too few entries
-    for about 64 items per multiprocessor, entries are split into `parts` items (never more than the
-    longest possible chunk has tiles). Warps are persistent: `blocks` of 8 warps, at most 4 per
-    multiprocessor, walk all items.
+    tiles per warp through shared memory (double buffered): the largest power of two of tokens (8
+    to 64) whose codes and scales take at most 2.5 KiB; raw formats move 16-token tiles. When there
+    are fewer entries than resident warps (about 32 per multiprocessor), entries are split into
+    `parts` items (never more than the longest possible chunk has tiles). Warps are persistent:
+    `blocks` of 8 warps, at most 4 per multiprocessor, walk all items, each fetching its next
+    item's table row while it moves the current one.
     """
-    index = device.index if device.index is not None else torch.cuda.current_device()
     sms, smem_max = _device_limits(index)
     if tile_tokens is None:
         if is_quantized(fmt):
             per_token = 2 * head_dim * BITS[fmt] // 8 + 4 * (head_dim // group)
             tile_tokens = 8
-            while tile_tokens < 64 and 2 * tile_tokens * per_token <= 2560:
+            while tile_tokens < 64 and 2 * tile_tokens * per_token <= 2560:  # the next tile fits too
                 tile_tokens *= 2
         else:
             tile_tokens = 16
@@ -327,14 +336,17 @@ def launch_plan(fmt: str, n_entries: int, head_dim: int, group: int, n_out: int,
             f"per block with {tile_tokens}-token tiles; this GPU allows {smem_max}"
         )
     if parts is None:
-        parts = max(1, -(-64 * sms // max(n_entries, 1)))
+        parts = max(1, -(-32 * sms // max(n_entries, 1)))
         parts = min(parts, max(1, -(-n_out // tile_tokens)))
     if parts < 1:
         raise FormatError(f"parts: expected >= 1, got {parts}")
     items = n_entries * parts
     if items >= 2**31:
         raise FormatError(f"gather: {n_entries} entries in {parts} parts are too many for one launch")
-    blocks = max(1, min(-(-items // (THREADS // 32)), 4 * sms))
+    if blocks is None:
+        blocks = max(1, min(-(-items // (THREADS // 32)), 4 * sms))
+    if blocks < 1:
+        raise FormatError(f"blocks: expected >= 1, got {blocks}")
     return parts, tile_tokens, blocks
 
 
