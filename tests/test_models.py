@@ -101,6 +101,13 @@ def test_training_sequences(task):
     assert len(targets) == (PASSKEY_DIGITS if task == "passkey" else 8 * VALUE_DIGITS)
 
 
+def test_training_sequence_pair_count():
+    ids, _ = make_training_sequence("kv", 512, training_rng(0, 0, 0), n_queries=8, n_pairs=40)
+    assert len(ids) == 512 and ids.count(VOCAB.KEY) == 40
+    with pytest.raises(ConfigError, match="n_pairs 0"):
+        make_training_sequence("kv", 512, training_rng(0, 0, 0), n_pairs=0)
+
+
 class _Oracle(torch.nn.Module):
     """A stand-in model that 'retrieves' by reading the prompt: checks evaluate's decoding and caching loop."""
 
@@ -174,9 +181,11 @@ def test_shipped_weights_load_with_the_documented_config():
 
 
 @needs_weights
-@pytest.mark.parametrize("task", TASKS)
-def test_shipped_model_answers_short_prompts(task):
+@pytest.mark.parametrize("task,length,need", [("passkey", 256, 16), ("kv", 256, 12)])
+def test_shipped_model_answers_short_prompts(task, length, need):
+    # held-out accuracy on 200 prompts: passkey 100% and kv 96% at 256 (bench/results/train_retrieval.json);
+    # a broken load or wrong vocabulary scores ~0, so a loose bar still catches it
     model, _ = load_retrieval_model(device="cpu", dtype=torch.bfloat16)
-    prompts = make_prompts(task, 512, 8, seed=4242)
-    res = evaluate(model, prompts, batch_size=8)
-    assert res.correct >= 7, res.summary()
+    prompts = make_prompts(task, length, 16, seed=4242)
+    res = evaluate(model, prompts, batch_size=16)
+    assert res.correct >= need, res.summary()

@@ -224,12 +224,14 @@ def make_prompts(task: str, length: int, n: int, seed: int, **kw) -> list[Prompt
     return [make_prompt(task, length, seed, i, **kw) for i in range(n)]
 
 
-def make_training_sequence(task: str, length: int, rng: np.random.Generator, n_queries: int = 8) -> tuple[list[int], list[int]]:
+def make_training_sequence(task: str, length: int, rng: np.random.Generator, n_queries: int = 8,
+                           n_pairs: int | None = None) -> tuple[list[int], list[int]]:
     """A training sequence of exactly `length` tokens and a 0/1 mask marking answer tokens (the loss targets).
 
     kv sequences carry up to `n_queries` questions in a row (`QUERY k v .`), each about a different
     key, which multiplies the learning signal per sequence; the first question sits exactly where an
     evaluation prompt's does. A passkey sequence has one question (later ones could copy the first answer).
+    `n_pairs` (kv only) overrides default_pairs(length): denser contexts train telling many keys apart.
     """
     _check(task, length)
     if task == "passkey":
@@ -237,7 +239,9 @@ def make_training_sequence(task: str, length: int, rng: np.random.Generator, n_q
         mask = [0] * len(ids) + [1] * len(answer)
         return ids + answer, mask
     block = 2 + VALUE_DIGITS + 1
-    n_pairs = default_pairs(length)
+    n_pairs = default_pairs(length) if n_pairs is None else n_pairs
+    if not 1 <= n_pairs <= MAX_KEYS:
+        raise ConfigError(f"n_pairs {n_pairs} is out of range; expected 1..{MAX_KEYS}")
     nq = max(1, min(n_queries, n_pairs))
     ctx, keys, values, _ = _kv_context(rng, length - nq * block + 1, n_pairs)
     ids, mask = list(ctx), [0] * len(ctx)
