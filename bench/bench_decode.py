@@ -107,6 +107,21 @@ def _profile_steps(model, cache, tok, args, name):
         f.write(prof.key_averages().table(sort_by="cpu_time_total", row_limit=40))
 
 
+def _warm_up(model, cfg, device):
+    """One small prefill and a few steps first, so library initialisation is in no measured row."""
+    from transformers import DynamicCache
+
+    ids = torch.randint(0, cfg.vocab_size, (1, 2048), device=device)
+    _, tok = prefill(model, ids, DynamicCache(config=cfg), 1024)
+    cache = DynamicCache(config=cfg)
+    prefill(model, ids, cache, 2048)
+    decode(model, cache, tok, 2, 2)
+    with tierkv.offload(model, TierConfig(cpu_budget="1GiB", chunk_length=64)) as c:
+        _, tok = prefill(model, ids, c, 1024)
+        decode(model, c, tok, 2, 2)
+    cleanup()
+
+
 def cleanup():
     gc.collect()
     if torch.cuda.is_available():
@@ -134,7 +149,9 @@ def run_case(model, cfg, ctx, batch, args, device):
 
     # DynamicCache on the GPU, where its KV fits beside the weights (with room for activations)
     cleanup()
-    if device != "cuda" or need < free - args.headroom * 2**30:
+    if "dynamic" not in args.modes:
+        pass
+    elif device != "cuda" or need < free - args.headroom * 2**30:
         cache = DynamicCache(config=cfg)
         pre, tok = prefill(model, ids, cache, args.piece)
         tps = decode(model, cache, tok, args.warmup, args.steps)
@@ -143,7 +160,9 @@ def run_case(model, cfg, ctx, batch, args, device):
     else:
         record("dynamic", None, None, f"does not fit: KV {need / 2**30:.1f} GiB, free {free / 2**30:.1f} GiB")
     cleanup()
-    if device == "cuda" and not args.skip_offloaded and (ctx * batch <= args.offloaded_max_tokens):
+    if "offloaded" not in args.modes:
+        pass
+    elif device == "cuda" and not args.skip_offloaded and (ctx * batch <= args.offloaded_max_tokens):
         cache = DynamicCache(config=cfg, offloading=True)
         pre, tok = prefill(model, ids, cache, args.piece)
         tps = decode(model, cache, tok, 1, max(2, args.steps // 4))
@@ -156,6 +175,8 @@ def run_case(model, cfg, ctx, batch, args, device):
     tcfg = TierConfig(gpu_budget=gpu_budget, cpu_budget=int(kv_bytes(cfg, ctx, batch) * 1.1) + (256 << 20),
                       budget=None, format=args.format, sink=args.sink, window=args.window,
                       chunk_length=args.chunk_length)
+    if "tierkv" not in args.modes:
+        return rows
     with tierkv.offload(model, tcfg) as cache:
         pre, tok = prefill(model, ids, cache, args.piece)
         torch.cuda.reset_peak_memory_stats() if device == "cuda" else None
@@ -184,7 +205,7 @@ def main(argv=None):
     p.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--warmup", type=int, default=4)
-    p.add_argument("--piece", type=int, default=16384, help="prefill piece length (tokens)")
+    p.add_argument("--piece", type=int, default=32768, help="prefill piece length (tokens)")
     p.add_argument("--format", default="bf16")
     p.add_argument("--sink", type=int, default=4)
     p.add_argument("--window", type=int, default=128)
@@ -192,6 +213,8 @@ def main(argv=None):
     p.add_argument("--headroom", type=float, default=12.0, help="GiB kept free for activations")
     p.add_argument("--offloaded-max-tokens", type=int, default=1 << 17)
     p.add_argument("--skip-offloaded", action="store_true")
+    p.add_argument("--modes", nargs="+", default=["dynamic", "offloaded", "tierkv"],
+                   help="which of dynamic, offloaded, tierkv (dense + sparse) to run")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--profile-dir", default=None, help="write torch.profiler tables of sparse decode steps here")
     p.add_argument("--json", default=None)
@@ -201,6 +224,7 @@ def main(argv=None):
         args.contexts, args.batches, args.steps, args.piece = [1024, 4096], [1, 2], 8, 2048
     cfg = llama8b_config(args.quick)
     model = build_model(cfg, device)
+    _warm_up(model, cfg, device)
     from tierkv import ops
 
     results = dict(

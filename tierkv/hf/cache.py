@@ -346,10 +346,11 @@ class TierKVLayer(CacheLayerMixin):
         plan = self._launch_plans.get(key)
         if plan is None:
             g = ops._group(lay.format, self.head_dim, lay.group_size)
-            plan = (g,) + tuple(ops.launch_plan(lay.format, E, self.head_dim, g, N, self.device))
+            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+            plan = (g, tuple(ops.launch_plan(lay.format, E, self.head_dim, g, N, index)))
             self._launch_plans[key] = plan
-        g, parts, tile = plan
-        torch.ops.tierkv.gather(sources, table, ops.FMT_CODES[lay.format], self.head_dim, g, k_out, v_out, parts, tile)
+        g, shape = plan
+        torch.ops.tierkv.gather(sources, table, ops.FMT_CODES[lay.format], self.head_dim, g, k_out, v_out, *shape)
 
     def gather(self, chunk_idx: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Dense K, V [B, H, k*L, D] of the chunks chunk_idx [B, H, k]."""

@@ -10,6 +10,7 @@ budget: the arena cannot hold more than its budget however fragmented it gets.
 from __future__ import annotations
 
 import bisect
+import weakref
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
@@ -29,6 +30,30 @@ class Extent:
     segment: int
     offset: int
     nbytes: int  # bytes reserved (aligned)
+
+
+def _pin(size: int, registered: List[int]) -> torch.Tensor:
+    """Page-locked host memory of exactly `size` bytes, readable by the GPU through unified addressing.
+
+    Registered rather than taken from torch's pinned allocator, which rounds every request up to a
+    power of two: segments of a few GiB would pin up to twice the budget.
+    """
+    seg = torch.empty(size, dtype=torch.uint8)
+    err = torch.cuda.cudart().cudaHostRegister(seg.data_ptr(), size, 0)
+    if int(err) != 0:
+        raise CapacityError(f"could not pin a {size}-byte segment of host memory for the cpu tier (CUDA error {int(err)}); "
+                            "lower cpu_budget")
+    registered.append(seg.data_ptr())
+    return seg
+
+
+def _unpin(registered: List[int]) -> None:
+    for ptr in registered:
+        try:
+            torch.cuda.cudart().cudaHostUnregister(ptr)
+        except Exception:  # interpreter shutdown: the process is going away anyway
+            pass
+    registered.clear()
 
 
 class _FreeList:
@@ -77,6 +102,8 @@ class Arena:
         self.segments: List[torch.Tensor] = []
         self._free: List[_FreeList] = []
         self.used = 0
+        self._registered: List[int] = []  # host pointers pinned with cudaHostRegister
+        weakref.finalize(self, _unpin, self._registered)
 
     @property
     def reserved(self) -> int:
@@ -90,8 +117,10 @@ class Arena:
             return None
         if self.device.type == "cuda":
             seg = torch.empty(size, dtype=torch.uint8, device=self.device)
+        elif self.pinned:
+            seg = _pin(size, self._registered)
         else:
-            seg = torch.empty(size, dtype=torch.uint8, pin_memory=self.pinned)
+            seg = torch.empty(size, dtype=torch.uint8)
         self.segments.append(seg)
         self._free.append(_FreeList(size))
         return len(self.segments) - 1
