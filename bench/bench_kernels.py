@@ -265,12 +265,23 @@ def main(argv=None):
     p.add_argument("--ref-iters", type=int, default=3)
     p.add_argument("--cupy", action="store_true", help="also time the cupy backend")
     p.add_argument("--sweep", action="store_true", help="also sweep forced launch shapes on a few configurations")
+    p.add_argument("--profile", metavar="FMT:L:WHERE", help="only run that gather 8 times (under a profiler such as ncu)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_kernels needs a CUDA device")
     if "ext" not in ops.available_backends():
         raise SystemExit(f"the extension is not built: {ops._missing('ext')}")
+    if args.profile:
+        fmt, L, where = args.profile.split(":")
+        B, H, D, N, G = args.batch, args.heads, args.head_dim, args.tokens, args.group
+        src, table, lay = scene(fmt, int(L), B, H, D, N, G, where)
+        k_out = torch.empty(B, H, N, D, dtype=torch.bfloat16, device="cuda")
+        v_out = torch.empty_like(k_out)
+        for _ in range(8):
+            ops.gather([src], table, fmt, D, G, k_out, v_out, backend="ext")
+        torch.cuda.synchronize()
+        return
     res = run(args)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -35,7 +35,7 @@ fi
 
 if has bench; then
   echo "== bench_kernels"
-  timeout 240 $PY bench/bench_kernels.py --cupy --sweep --out "$OUT/kernels.json" 2>&1 | tee "$OUT/bench.txt"
+  timeout 200 $PY bench/bench_kernels.py --cupy --out "$OUT/kernels.json" 2>&1 | tee "$OUT/bench.txt"
 fi
 if has sanitizer; then
   echo "== compute-sanitizer memcheck"
@@ -49,4 +49,14 @@ if has sanitizer; then
   grep -E "ERROR SUMMARY|passed|failed|Invalid|=========" "$OUT/sanitizer.txt" | tail -8
 fi
 
+if has ncu; then
+  echo "== ncu: one raw and one int4 gather from device memory"
+  NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+  for cfg in bf16:64:device int4:64:device; do
+    timeout 90 "$NCU" --clock-control none --kernel-name regex:"gather_(raw|int)" --launch-skip 4 --launch-count 1 \
+      --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats \
+      --section LaunchStats $PY bench/bench_kernels.py --profile $cfg >>"$OUT/ncu.txt" 2>&1
+  done
+  grep -E "gather_|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Duration|Stall|L2 Hit|Mem Busy|Max Bandwidth|One or More|Warp Cycles Per Issued" "$OUT/ncu.txt" | head -60
+fi
 echo "total $(( $(date +%s) - start )) s"

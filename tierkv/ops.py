@@ -291,10 +291,12 @@ def gather(
 
 
 @functools.lru_cache(maxsize=None)
-def _device_limits(index: int) -> Tuple[int, int]:
-    """(multiprocessors, most dynamic shared memory a block may opt into) of a CUDA device."""
+def _device_limits(index: int) -> Tuple[int, int, int]:
+    """(multiprocessors, most dynamic shared memory a block may opt into, shared memory per
+    multiprocessor) of a CUDA device."""
     p = torch.cuda.get_device_properties(index)
-    return p.multi_processor_count, int(getattr(p, "shared_memory_per_block_optin", 227 * 1024))
+    opt_in = int(getattr(p, "shared_memory_per_block_optin", 227 * 1024))
+    return p.multi_processor_count, opt_in, int(getattr(p, "shared_memory_per_multiprocessor", opt_in + 1024))
 
 
 def warp_smem_bytes(fmt: str, head_dim: int, group: int, tile: int) -> int:
@@ -311,19 +313,20 @@ def launch_plan(fmt: str, n_entries: int, head_dim: int, group: int, n_out: int,
     """(parts, tile_tokens, blocks) of a gather launch.
 
     Work is divided into warp items, each a run of whole tiles of one entry. Integer formats stage
-    tiles per warp through shared memory (double buffered): the largest power of two of tokens (8
-    to 64) whose codes and scales take at most 2.5 KiB; raw formats move 16-token tiles. When there
-    are fewer entries than resident warps (about 32 per multiprocessor), entries are split into
-    `parts` items (never more than the longest possible chunk has tiles). Warps are persistent:
-    `blocks` of 8 warps, at most 4 per multiprocessor, walk all items, each fetching its next
-    item's table row while it moves the current one.
+    tiles per warp through shared memory, double buffered: the largest power of two of tokens (8 to
+    64) whose codes and scales take at most 1.25 KiB; raw formats move 16-token tiles. Warps are
+    persistent: as many blocks of 8 warps as are resident at once (3 per multiprocessor, the
+    kernels' launch bounds, fewer if shared memory says so) walk all items, each fetching its next
+    item's table row while it moves the current one. When there are fewer entries than twice the
+    resident warps, entries are split into `parts` items (never more than the longest possible
+    chunk has tiles), so the work spreads and evens out.
     """
-    sms, smem_max = _device_limits(index)
+    sms, smem_max, smem_sm = _device_limits(index)
     if tile_tokens is None:
         if is_quantized(fmt):
             per_token = 2 * head_dim * BITS[fmt] // 8 + 4 * (head_dim // group)
             tile_tokens = 8
-            while tile_tokens < 64 and 2 * tile_tokens * per_token <= 2560:  # the next tile fits too
+            while tile_tokens < 64 and 2 * tile_tokens * per_token <= 1280:
                 tile_tokens *= 2
         else:
             tile_tokens = 16
@@ -335,8 +338,10 @@ def launch_plan(fmt: str, n_entries: int, head_dim: int, group: int, n_out: int,
             f"{fmt} chunks of head_dim {head_dim} in value groups of {group} need {smem} bytes of shared memory "
             f"per block with {tile_tokens}-token tiles; this GPU allows {smem_max}"
         )
+    per_sm = 3 if smem == 0 else max(1, min(3, smem_sm // (smem + 1024)))
+    resident_warps = per_sm * sms * (THREADS // 32)
     if parts is None:
-        parts = max(1, -(-32 * sms // max(n_entries, 1)))
+        parts = max(1, -(-2 * resident_warps // max(n_entries, 1)))
         parts = min(parts, max(1, -(-n_out // tile_tokens)))
     if parts < 1:
         raise FormatError(f"parts: expected >= 1, got {parts}")
@@ -344,7 +349,7 @@ def launch_plan(fmt: str, n_entries: int, head_dim: int, group: int, n_out: int,
     if items >= 2**31:
         raise FormatError(f"gather: {n_entries} entries in {parts} parts are too many for one launch")
     if blocks is None:
-        blocks = max(1, min(-(-items // (THREADS // 32)), 4 * sms))
+        blocks = max(1, min(-(-items // (THREADS // 32)), per_sm * sms))
     if blocks < 1:
         raise FormatError(f"blocks: expected >= 1, got {blocks}")
     return parts, tile_tokens, blocks
