@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One device call for the kernels: build tierkv._C, run the GPU kernel tests (ext and cupy backends),
 # compute-sanitizer memcheck over them, then bench/bench_kernels.py. Everything lands in $OUT:
-#   build.log, kernel_tests.txt, sanitizer.txt, kernels.json, bench.txt
-# Usage (repo root, on the GPU machine): bash bench/gpu_kernels.sh [tests|sanitizer|bench|all]...
+#   build.log, kernel_tests.txt, sanitizer.txt, kernels.json, bench.txt, ncu.txt
+# Usage (repo root, on the GPU machine): bash bench/gpu_kernels.sh [tests|sanitizer|bench|ncu|all]...
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/tierkv_out}
