@@ -135,6 +135,9 @@ def run_case(model, cfg, ctx, batch, args, device):
     rows = []
     torch.manual_seed(ctx + batch)
     ids = torch.randint(0, cfg.vocab_size, (batch, ctx), device=device)
+    # a prompt piece attends over everything before it through a [B, 1, piece, context] mask, which
+    # sdpa expands to 2 bytes an entry: big batches of long contexts need smaller pieces
+    piece = args.piece if ctx * batch <= 131072 else args.piece_large
     weights = torch.cuda.memory_allocated() if device == "cuda" else 0
     free = torch.cuda.mem_get_info()[0] if device == "cuda" else 0
     need = kv_bytes(cfg, ctx + args.warmup + args.steps, batch)
@@ -153,7 +156,7 @@ def run_case(model, cfg, ctx, batch, args, device):
         pass
     elif device != "cuda" or need < free - args.headroom * 2**30:
         cache = DynamicCache(config=cfg)
-        pre, tok = prefill(model, ids, cache, args.piece)
+        pre, tok = prefill(model, ids, cache, piece)
         tps = decode(model, cache, tok, args.warmup, args.steps)
         record("dynamic", pre, tps)
         del cache
@@ -164,7 +167,7 @@ def run_case(model, cfg, ctx, batch, args, device):
         pass
     elif device == "cuda" and not args.skip_offloaded and (ctx * batch <= args.offloaded_max_tokens):
         cache = DynamicCache(config=cfg, offloading=True)
-        pre, tok = prefill(model, ids, cache, args.piece)
+        pre, tok = prefill(model, ids, cache, piece)
         tps = decode(model, cache, tok, 1, max(2, args.steps // 4))
         record("offloaded", pre, tps)
         del cache
@@ -178,7 +181,7 @@ def run_case(model, cfg, ctx, batch, args, device):
     if "tierkv" not in args.modes:
         return rows
     with tierkv.offload(model, tcfg) as cache:
-        pre, tok = prefill(model, ids, cache, args.piece)
+        pre, tok = prefill(model, ids, cache, piece)
         torch.cuda.reset_peak_memory_stats() if device == "cuda" else None
         tps = decode(model, cache, tok, 1, max(2, args.steps // 4))
         record("tierkv-dense", pre, tps)
@@ -206,6 +209,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--piece", type=int, default=32768, help="prefill piece length (tokens)")
+    p.add_argument("--piece-large", type=int, default=8192, help="prefill piece when context x batch > 128K")
     p.add_argument("--format", default="bf16")
     p.add_argument("--sink", type=int, default=4)
     p.add_argument("--window", type=int, default=128)

@@ -88,6 +88,8 @@ def offload(model, config: Optional[TierConfig] = None, *, store: Optional[Chunk
     own_store = store is None
     if own_store:
         store = ChunkStore(config, device=_model_device(model))
+        if store.cpu.arena.pinned:  # page-locking is slow: a setup cost, not one of the first request
+            store.preallocate()
     cache = TierKVCache(config, model.config.num_hidden_layers, store)
     name = f"tierkv_{next(_names)}"
     AttentionInterface.register(name, make_attention_function(lambda: cache, original_fn))

@@ -36,6 +36,7 @@ class StoreStats:
     budget_bytes: Dict[str, Optional[int]] = field(default_factory=dict)
     stall_seconds: float = 0.0
     chunks: int = 0
+    prefetch: Dict[str, float] = field(default_factory=dict)  # pipeline counters, where a cache has one
 
     def hit_rate(self, tier: str) -> float:
         h, m = self.hits.get(tier, 0), self.misses.get(tier, 0)
@@ -332,6 +333,23 @@ class ChunkStore:
                 if name != "disk" or self.disk is not None:
                     self._misses[name] += 1
             raise ChunkNotFoundError(f"chunk {key} is not in the {tier} tier (it is in: {', '.join(holders)})")
+
+    def preallocate(self) -> None:
+        """Allocate (and page-lock) the cpu tier's whole budget now, so no request pays for it later."""
+        with self._lock:
+            self.cpu.arena.reserve_all()
+
+    def add_copy(self, key: ChunkKey, data: torch.Tensor, tier: str = "cpu") -> bool:
+        """Give a chunk that lives below `tier` a copy there from bytes read elsewhere (a prefetch).
+
+        Returns False (and changes nothing) if the chunk is gone or already has a copy in the tier.
+        """
+        with self._lock:
+            if key not in self._meta or key in self._tier(tier):
+                return False
+            self._put_memory(self._tier(tier), key, data)
+            self._moved[f"disk->{tier}"] += data.numel()
+            return True
 
     def promote(self, key: ChunkKey, to: str = "gpu") -> None:
         """Copy a chunk up into `to` (gpu or cpu) from the nearest tier below that holds it."""

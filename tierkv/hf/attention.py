@@ -93,18 +93,26 @@ def sparse_attend(layer, q, padding, scaling):
     kw, vw = w[0], w[1]
     if S:
         w[:, :, :, :S] = layer.sink
-    idx = None
+    idx = skipped = None
     if k_sel > 0:
         idx = torch.topk(layer.score(q), k_sel, dim=-1, sorted=False).indices  # [B, H, k]
-        layer.gather_into(idx, kw, vw, n0=S)
+        cache = layer.cache
+        if cache.store.disk is not None:
+            cache.predict_next(layer, q, idx)
+        skipped = layer.gather_into(idx, kw, vw, n0=S, wait=cfg.miss_policy == "wait")
         layer.note_selection(idx)
-        layer.cache.selected_layers.add(layer.layer_idx)
+        cache.selected_layers.add(layer.layer_idx)
     if layer.tail_in_buffer():
         w[:, :, :, S + k_sel * L : N] = layer._tbuf[:, :, :, :T]
     else:
         kw[:, :, S + k_sel * L : N] = layer.tail_k
         vw[:, :, S + k_sel * L : N] = layer.tail_v
     attn_mask = None
+    if skipped is not None:  # chunks left on disk this step (miss policy 'skip'): their rows are zeros
+        keep = torch.ones(B, H, 1, N, dtype=torch.bool, device=q.device)
+        drop = skipped.unsqueeze(-1).expand(B, H, k_sel, L).reshape(B, H, 1, k_sel * L)
+        keep[..., S : S + k_sel * L] = ~drop
+        attn_mask = keep
     if padding is not None:
         pos = [torch.arange(S, device=q.device).view(1, 1, S).expand(B, H, S)]
         if idx is not None:
@@ -112,7 +120,8 @@ def sparse_attend(layer, q, padding, scaling):
             pos.append((S + idx.unsqueeze(-1) * L + within).reshape(B, H, k_sel * L))
         pos.append(torch.arange(layer.length - T, layer.length, device=q.device).view(1, 1, T).expand(B, H, T))
         pos = torch.cat(pos, dim=-1)  # [B, H, N]
-        attn_mask = padding.to(q.device).gather(1, pos.reshape(B, -1)).reshape(B, H, 1, -1)
+        pad = padding.to(q.device).gather(1, pos.reshape(B, -1)).reshape(B, H, 1, -1)
+        attn_mask = pad if attn_mask is None else attn_mask & pad
     # The g query heads of a KV head attend over that head's own chosen keys: as g query rows of one
     # head, which needs no grouped-query support and lets flash attention run; and a fixed backend
     # list keeps away from one (cuDNN) that re-plans at every new key length, at milliseconds a call.

@@ -16,6 +16,7 @@ between copies of the sink and the tail, which is what attention then reads.
 from __future__ import annotations
 
 import itertools
+import time
 import uuid
 from typing import List, Optional, Tuple
 
@@ -70,6 +71,8 @@ class TierKVLayer(CacheLayerMixin):
         self.dirty: set = set()  # (b, c) whose address must be refreshed from the store
         self.disk_only: set = set()
         self._static = None  # per-(k) cached parts of the gather table
+        self.prev_idx: Optional[torch.Tensor] = None  # last step's choice (for the persistence statistic)
+        self.predicted: Optional[torch.Tensor] = None  # the previous layer's guess at this step's choice
         self._launch_plans: dict = {}
         self._ones: Optional[torch.Tensor] = None
 
@@ -280,30 +283,63 @@ class TierKVLayer(CacheLayerMixin):
         self.addr[ii[:, 0], ii[:, 1]] = _pinned(vals, torch.int64, self.device)
         self.on_gpu[ii[:, 0], ii[:, 1]] = _pinned(gpu, torch.bool, self.device)
 
-    def _stage_from_disk(self, chunk_idx: torch.Tensor, a: torch.Tensor, sources: List[torch.Tensor]) -> torch.Tensor:
-        """Read the selected chunks that live only on disk into one staging buffer, added as a source.
+    def _stage_from_disk(self, chunk_idx: torch.Tensor, a: torch.Tensor, sources: List[torch.Tensor],
+                         wait: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Point the selected chunks that live only on disk at staged copies of them.
 
-        The store is not changed here: putting them into the cpu tier could evict another chunk this
-        very gather is about to read. (The prefetch pipeline moves chunks up ahead of need instead.)
+        A chunk the prefetch pipeline has staged is read from its staging slot. Any other is, with
+        `wait` (miss policy 'wait', and always for exact attention), waited for (queued now if nobody
+        asked) and the time counted as stall; without `wait` (policy 'skip') it is left out of this
+        step: its rows point at a zero chunk and the returned mask [B, H, k] marks it for attention to
+        ignore, and it is queued for the next step. The store is not changed here: putting chunks into
+        the cpu tier could evict one this very gather is about to read.
         """
         missing = a[..., 0] < 0
         if not bool(missing.any()):
-            return a
+            return a, None
+        cache = self.cache
         B, H, kk = chunk_idx.shape
         b_of = torch.arange(B, device=self.device).view(B, 1, 1).expand(B, H, kk)
-        uniq = torch.unique(torch.stack([b_of[missing], chunk_idx[missing]], dim=1), dim=0)
+        uniq = torch.unique(torch.stack([b_of[missing], chunk_idx[missing]], dim=1), dim=0).tolist()
         nb = self.layout.nbytes
-        staging = torch.empty(len(uniq), nb, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
-        slot = torch.full((B, self.n_chunks), -1, dtype=torch.int64)
-        for m, (b, c) in enumerate(uniq.tolist()):
-            staging[m] = self.cache.store.read(self.cache.key(b, self.layer_idx, c), tier="disk")
-            slot[b, c] = m
-        sources.append(staging.view(-1))
-        self.cache.keep_alive(staging)
-        self.cache.disk_entries += int(missing.sum())
-        off = slot.to(self.device).gather(1, chunk_idx.reshape(B, H * kk)).reshape(B, H, kk) * nb
-        src = torch.full_like(off, len(sources) - 1)
-        return torch.stack([torch.where(missing, src, a[..., 0]), torch.where(missing, off, a[..., 1])], dim=-1)
+        pf = cache.prefetcher()
+        t0 = time.perf_counter()
+        found = []
+        for b, c in uniq:
+            key = cache.key(b, self.layer_idx, c)
+            loc = pf.fetch(key, nb, wait=wait)
+            if loc is None and wait:  # staging is full: read it here
+                buf = torch.empty(nb, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+                cache.store.disk.read(key, out=buf)
+                cache.keep_alive(buf)
+                loc = buf
+            found.append((b, c, loc))
+        base = len(sources)
+        sources.extend(pf.sources)  # the staging arena (its segments exist once something was staged)
+        zero_src = len(sources)
+        sources.append(cache.zero_chunk(nb))
+        src_of = torch.full((B, self.n_chunks), -1, dtype=torch.int64)
+        off_of = torch.zeros((B, self.n_chunks), dtype=torch.int64)
+        for b, c, loc in found:
+            if loc is None:
+                src_of[b, c] = zero_src
+            elif isinstance(loc, torch.Tensor):
+                sources.append(loc)
+                src_of[b, c] = len(sources) - 1
+            else:
+                src_of[b, c], off_of[b, c] = base + loc[0], loc[1]
+        if wait:
+            cache.store.add_stall(time.perf_counter() - t0)
+        cache.disk_entries += int(missing.sum())
+        src_of, off_of = src_of.to(self.device), off_of.to(self.device)
+        flat = chunk_idx.reshape(B, H * kk)
+        src = src_of.gather(1, flat).reshape(B, H, kk)
+        off = off_of.gather(1, flat).reshape(B, H, kk)
+        out = torch.stack([torch.where(missing, src, a[..., 0]), torch.where(missing, off, a[..., 1])], dim=-1)
+        skipped = (src == zero_src) & missing if not wait else None
+        if skipped is not None:
+            cache.skipped_entries += int(skipped.sum())
+        return out, skipped
 
     def _table_parts(self, kk: int, n0: int):
         """The columns of the gather table that do not change from step to step (cached per shape)."""
@@ -319,19 +355,25 @@ class TierKVLayer(CacheLayerMixin):
             self._static = (key, base.reshape(-1, 5).contiguous(), hoff.reshape(-1, 2).contiguous())
         return self._static[1], self._static[2]
 
-    def gather_into(self, chunk_idx: torch.Tensor, k_out: torch.Tensor, v_out: torch.Tensor, n0: int = 0) -> None:
-        """Decode the chunks chunk_idx [B, H, k] (per KV head) into rows n0 + j*L of k_out / v_out [B, H, N, D]."""
+    def gather_into(self, chunk_idx: torch.Tensor, k_out: torch.Tensor, v_out: torch.Tensor, n0: int = 0,
+                    wait: bool = True) -> Optional[torch.Tensor]:
+        """Decode the chunks chunk_idx [B, H, k] (per KV head) into rows n0 + j*L of k_out / v_out [B, H, N, D].
+
+        Returns None, or (wait=False) a [B, H, k] mask of chunks left out because they were on disk.
+        """
         self.refresh_addresses()
         B, H, kk = chunk_idx.shape
         a = self.addr.gather(1, chunk_idx.reshape(B, H * kk, 1).expand(B, H * kk, 2)).reshape(B, H, kk, 2)
         sources = self.cache.sources()
+        skipped = None
         if self.disk_only:
-            a = self._stage_from_disk(chunk_idx, a, sources)
+            a, skipped = self._stage_from_disk(chunk_idx, a, sources, wait)
         table, hoff = self._table_parts(kk, n0)
         # the table is rewritten in place: the previous launch that read it is earlier on the same stream
         torch.add(a.reshape(-1, 2), hoff, out=table[:, :2])
         self.cache.entries += table.shape[0]
         self._launch(sources, table, k_out, v_out)
+        return skipped
 
     def _launch(self, sources, table, k_out, v_out) -> None:
         lay = self.layout
@@ -389,6 +431,13 @@ class TierKVLayer(CacheLayerMixin):
         return torch.stack([vals, flat.to(torch.float32)], dim=1)
 
 
+def _overlap(a: torch.Tensor, b: torch.Tensor, n_chunks: int) -> torch.Tensor:
+    """How many of b's chosen chunks [B, H, k] are also in a's (a device scalar)."""
+    mask = torch.zeros(a.shape[0], a.shape[1], n_chunks, dtype=torch.bool, device=a.device)
+    mask.scatter_(2, a.clamp(max=n_chunks - 1), True)
+    return mask.gather(2, b).sum()
+
+
 class TierKVCache(Cache):
     """A transformers Cache backed by a tierkv ChunkStore. Create it through `tierkv.offload`."""
 
@@ -400,6 +449,9 @@ class TierKVCache(Cache):
         self.selected_layers: set = set()
         self.steps = 0
         self.promote_every = PROMOTE_EVERY
+        self._promoted = False
+        self._hits_mark = 0.0
+        self._entries_mark = 0
         self._work: Optional[torch.Tensor] = None
         self._sources: Optional[List[torch.Tensor]] = None
         self._alive: list = []
@@ -409,6 +461,10 @@ class TierKVCache(Cache):
         self.entries = 0
         self.disk_entries = 0
         self.fast_ext = ops.backend() == "ext" and store.gpu.device.type == "cuda"
+        self.skipped_entries = 0
+        self._prefetcher = None
+        self._zero: Optional[torch.Tensor] = None
+        self._pred = {"next_layer_hits": None, "next_layer_total": 0, "next_step_hits": None, "next_step_total": 0}
         store.add_listener(self._on_move)
 
     # --- keys and addresses ---------------------------------------------------------------------------
@@ -453,7 +509,94 @@ class TierKVCache(Cache):
         for tier, hit, miss in (("gpu", gpu, cpu + disk), ("cpu", cpu, disk), ("disk", disk, 0)):
             s.hits[tier] = s.hits.get(tier, 0) + hit
             s.misses[tier] = s.misses.get(tier, 0) + miss
+        p = {"skipped_entries": self.skipped_entries}
+        for name in ("next_layer", "next_step"):
+            hits, total = self._pred[name + "_hits"], self._pred[name + "_total"]
+            p[f"predict_{name}_hit_rate"] = (int(hits) / total) if total else None
+        if self._prefetcher is not None:
+            p.update({k: v for k, v in self._prefetcher.stats.__dict__.items()})
+        s.prefetch = p
         return s
+
+    # --- the prefetch pipeline -------------------------------------------------------------------------
+    def prefetcher(self):
+        if self._prefetcher is None:
+            from ..pipeline import Prefetcher
+
+            layer = next(l for l in self.layers if l.is_initialized)
+            cfg = self.config
+            longest = cfg.chunk_length or max(cfg.chunk_lengths)
+            shortest = cfg.chunk_length or min(cfg.chunk_lengths)
+            slot = ChunkLayout(cfg.format, longest, layer.n_heads, layer.head_dim, cfg.group_size).nbytes
+            per_layer = (cfg.budget // shortest if cfg.budget else 32) * layer.n_heads * layer.batch_size
+            self._prefetcher = Prefetcher(self.store.disk, slot, depth=max(64, 2 * per_layer),
+                                          pinned=layer.device.type == "cuda")
+        return self._prefetcher
+
+    def zero_chunk(self, nbytes: int) -> torch.Tensor:
+        """An all-zero source (decodes to zeros in every format) for entries left out of a step."""
+        dev = self.store.gpu.device
+        if self._zero is None or self._zero.numel() < nbytes:
+            self._zero = torch.zeros(nbytes, dtype=torch.uint8, device=dev)
+        return self._zero
+
+    def predict_next(self, layer: "TierKVLayer", q: torch.Tensor, idx: torch.Tensor) -> None:
+        """After `layer` chose idx for query q: guess the next layer's choice, prefetch what of it is on disk.
+
+        The guess scores this layer's query against the next layer's abstracts (queries of neighbouring
+        layers look alike). Both predictions are scored for the statistics: the guess when the next layer
+        chooses, and "the same as last step" (importance persists) against this layer's choice.
+        """
+        B, H, kk = idx.shape
+        prev = layer.prev_idx
+        if prev is not None and prev.shape == idx.shape:
+            self._count("next_step", _overlap(prev, idx, layer.n_chunks), idx.numel())
+        layer.prev_idx = idx
+        if layer.predicted is not None and layer.predicted.shape == idx.shape:
+            self._count("next_layer", _overlap(layer.predicted, idx, layer.n_chunks), idx.numel())
+        nxt = self.layers[layer.layer_idx + 1] if layer.layer_idx + 1 < len(self.layers) else None
+        if nxt is None or nxt.n_chunks == 0 or self.config.budget is None:
+            return
+        k = min(self.config.budget // nxt.chunk_len, nxt.n_chunks)
+        if k <= 0 or nxt.head_dim != layer.head_dim:
+            return
+        pred = torch.topk(nxt.score(q), k, dim=-1, sorted=False).indices
+        nxt.predicted = pred
+        nxt.refresh_addresses()
+        if not nxt.disk_only or self.store.disk is None:
+            return
+        on_disk = nxt.addr[..., 0].gather(1, pred.reshape(B, -1)) < 0  # [B, H*k]
+        pairs = torch.stack([torch.arange(B, device=pred.device).view(B, 1).expand_as(on_disk)[on_disk],
+                             pred.reshape(B, -1)[on_disk]], dim=1)
+        if pairs.numel():
+            nb = nxt.layout.nbytes
+            want = {(b, c) for b, c in pairs.tolist()}
+            self.prefetcher().request([(self.key(b, nxt.layer_idx, c), nb) for b, c in sorted(want)])
+
+    def _count(self, name: str, hits: torch.Tensor, total: int) -> None:
+        acc = self._pred[name + "_hits"]
+        self._pred[name + "_hits"] = hits if acc is None else acc + hits
+        self._pred[name + "_total"] += total
+
+    def _install_prefetched(self) -> None:
+        """Move staged chunks into the cpu tier (the next steps find them there) and recycle the slots."""
+        pf = self._prefetcher
+        if pf is None:
+            return
+        pf.check()
+        ready = pf.take_ready()
+        if ready:
+            dev = self.store.gpu.device
+            if dev.type == "cuda":  # kernels of this pass may still read the staging slots
+                torch.cuda.current_stream(dev).synchronize()
+            for key, view in ready:
+                try:
+                    self.store.add_copy(key, view, "cpu")
+                except CapacityError:
+                    break
+            pf.release([k for k, _ in ready])
+        pf.begin_step(self.steps)
+        pf.drop_stale()
 
     def keep_alive(self, t: torch.Tensor) -> None:
         """Hold a host buffer a kernel may still be reading until the end of the forward pass."""
@@ -471,6 +614,7 @@ class TierKVCache(Cache):
     def end_forward(self) -> None:
         """After the last layer of a forward pass: age importance, now and then refresh the gpu tier."""
         self.store.tick()
+        self._install_prefetched()
         self._alive.clear()
         if self.store._inflight:  # the end of a forward pass is where ingest may be waited for
             self.store.settle()
@@ -488,7 +632,10 @@ class TierKVCache(Cache):
         self.selected_layers.clear()
         if not cands:
             return
-        values = torch.cat([c for _, c in cands]).tolist()  # one host sync for all layers
+        hits = self._gpu_entries.float().view(1, 1).expand(1, 2) if self._gpu_entries is not None else None
+        values = torch.cat([c for _, c in cands] + ([hits] if hits is not None else [])).tolist()  # one host sync
+        if not self._worth_promoting(values[-1][0] if hits is not None else 0.0):
+            return
         pos = 0
         for layer, c in cands:
             rows, pos = values[pos : pos + len(c)], pos + len(c)
@@ -502,6 +649,24 @@ class TierKVCache(Cache):
                     self.store.promote(key, "gpu")
                 except CapacityError:
                     break
+        self._promoted = True
+
+    def _worth_promoting(self, gpu_hits: float) -> bool:
+        """Adapt how often the gpu tier is refreshed to how often it serves the chosen chunks.
+
+        When choices churn (few hits since the last refresh), copying chunks up costs host time and
+        PCIe traffic for nothing: refresh half as often (down to every 256 steps) and skip this one.
+        When they persist, refresh more often again (up to every 4 steps).
+        """
+        entries = self.entries - self._entries_mark
+        rate = (gpu_hits - self._hits_mark) / entries if entries else 0.0
+        self._hits_mark, self._entries_mark = gpu_hits, self.entries
+        if self._promoted and rate < 0.05:
+            self.promote_every = min(256, self.promote_every * 2)
+            return False
+        if rate > 0.3:
+            self.promote_every = max(4, self.promote_every // 2)
+        return True
 
     def device_bytes(self) -> dict:
         """Bytes of KV state this cache keeps in device memory: the hot set, the abstracts, the gpu tier."""
@@ -516,3 +681,7 @@ class TierKVCache(Cache):
     def close(self) -> None:
         self.store.remove_listener(self._on_move)
         self._work = None
+        self._alive.clear()
+        if self._prefetcher is not None:
+            pf, self._prefetcher = self._prefetcher, None
+            pf.close()

@@ -125,6 +125,11 @@ class Arena:
         self._free.append(_FreeList(size))
         return len(self.segments) - 1
 
+    def reserve_all(self) -> None:
+        """Allocate every segment of the budget now (a setup cost, paid once) rather than on first use."""
+        while self.budget - self.reserved >= ALIGN:
+            self._new_segment(ALIGN)
+
     def alloc(self, nbytes: int) -> Optional[Extent]:
         """An extent of at least `nbytes`, or None if none fits now (the caller evicts and retries)."""
         if nbytes <= 0:

@@ -1,0 +1,237 @@
+"""The prefetch pipeline: disk -> pinned staging -> (kernel reads it, then the cpu tier keeps it).
+
+Worker threads read chunks that live only on disk into slots of a pinned staging arena of their own,
+ahead of the decode step that will need them. They never touch the store: the decode thread is the
+only one that changes residency, at points where it knows what the GPU may still be reading. A staged
+chunk is used by the gather kernel straight from its staging slot (the arena's segments are extra
+sources of the gather), and at the end of the forward pass it is installed into the cpu tier so the
+following steps find it there, and its slot is recycled.
+
+Requests are bounded (at most `depth` chunks staged or in flight) and carry the step that asked for
+them; when a newer step begins, requests of older steps that no worker has started are dropped
+(stale prefetches). A worker's exception is kept and raised in the decode thread at its next call;
+waiting for a chunk is bounded and checks the workers, so a dead worker is an error, never a hang.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from .errors import TierKVError
+from .keys import ChunkKey
+from .tiers.arena import Arena, Extent
+
+_STOP = object()
+
+
+class PrefetchError(TierKVError):
+    """A prefetch worker failed; the message names the chunk and the cause."""
+
+
+@dataclass
+class _Slot:
+    key: ChunkKey
+    nbytes: int
+    step: int
+    ext: Optional[Extent] = None
+    state: str = "queued"  # queued -> reading -> ready | failed | cancelled
+    done: threading.Event = field(default_factory=threading.Event)
+    error: Optional[BaseException] = None
+
+
+@dataclass
+class PrefetchStats:
+    requested: int = 0
+    dropped_full: int = 0  # requests refused because `depth` chunks were already staged or queued
+    cancelled: int = 0  # stale requests dropped before a worker started them
+    completed: int = 0
+    used: int = 0  # staged chunks a gather actually read
+    waited: int = 0  # gathers that had to wait for a chunk still in flight
+    sync_reads: int = 0  # chunks read on the decode thread because nobody had asked for them
+    bytes_read: int = 0
+    wait_seconds: float = 0.0
+
+
+class Prefetcher:
+    def __init__(self, disk, slot_bytes: int, depth: int = 64, workers: int = 4, pinned: Optional[bool] = None,
+                 wait_timeout: float = 60.0) -> None:
+        if pinned is None:
+            pinned = torch.cuda.is_available()
+        self.disk = disk
+        self.depth = depth
+        self.wait_timeout = wait_timeout
+        self.arena = Arena(depth * _round(slot_bytes), "cpu", pinned=pinned, segment_bytes=depth * _round(slot_bytes))
+        self.stats = PrefetchStats()
+        self._slots: Dict[ChunkKey, _Slot] = {}
+        self._lock = threading.Lock()
+        self._queue: "queue.Queue" = queue.Queue()
+        self._step = 0
+        self._error: Optional[BaseException] = None
+        self._closed = False
+        self._threads = [threading.Thread(target=self._run, name=f"tierkv-prefetch-{i}", daemon=True) for i in range(workers)]
+        for t in self._threads:
+            t.start()
+
+    # --- worker side ---------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            slot = self._queue.get()
+            if slot is _STOP:
+                return
+            with self._lock:
+                if slot.state != "queued":
+                    continue
+                if slot.step < self._step - 1:  # asked for by a step that is over: stale
+                    slot.state = "cancelled"
+                    self._release(slot)
+                    self.stats.cancelled += 1
+                    slot.done.set()
+                    continue
+                slot.state = "reading"
+                view = self.arena.view(slot.ext, slot.nbytes)
+            try:
+                self.disk.read(slot.key, out=view)
+            except BaseException as e:  # kept for the decode thread; the worker goes on
+                with self._lock:
+                    slot.state, slot.error = "failed", e
+                    self._error = self._error or e
+                slot.done.set()
+                continue
+            with self._lock:
+                slot.state = "ready"
+                self.stats.completed += 1
+                self.stats.bytes_read += slot.nbytes
+            slot.done.set()
+
+    def _release(self, slot: _Slot) -> None:
+        if slot.ext is not None:
+            self.arena.free(slot.ext)
+            slot.ext = None
+        self._slots.pop(slot.key, None)
+
+    # --- decode side -----------------------------------------------------------------------------------
+    def check(self) -> None:
+        if self._error is not None:
+            e, self._error = self._error, None
+            raise PrefetchError(f"a prefetch worker failed: {e}") from e
+
+    @property
+    def sources(self) -> List[torch.Tensor]:
+        return self.arena.segments
+
+    def begin_step(self, step: int) -> None:
+        with self._lock:
+            self._step = step
+
+    def request(self, keys: Sequence[Tuple[ChunkKey, int]]) -> int:
+        """Ask for chunks (key, nbytes) to be staged; returns how many were newly queued."""
+        self.check()
+        n = 0
+        with self._lock:
+            for key, nbytes in keys:
+                if key in self._slots:
+                    continue
+                self.stats.requested += 1
+                ext = self.arena.alloc(nbytes)
+                if ext is None:
+                    self.stats.dropped_full += 1
+                    continue
+                slot = _Slot(key, nbytes, self._step, ext)
+                self._slots[key] = slot
+                self._queue.put(slot)
+                n += 1
+        return n
+
+    def wanted(self, key: ChunkKey) -> bool:
+        with self._lock:
+            return key in self._slots
+
+    def fetch(self, key: ChunkKey, nbytes: int, wait: bool) -> Optional[Tuple[int, int]]:
+        """(segment, offset) of the staged chunk, for the gather; None if not staged and `wait` is False.
+
+        With `wait`, a chunk nobody asked for is queued now and waited for like one in flight.
+        """
+        self.check()
+        with self._lock:
+            slot = self._slots.get(key)
+        if slot is None:
+            self.request([(key, nbytes)])
+            if not wait:  # queued for the next step
+                return None
+            with self._lock:
+                slot = self._slots.get(key)
+                self.stats.sync_reads += 1
+            if slot is None:  # staging is full: the caller reads it itself
+                return None
+        if not slot.done.is_set():
+            if not wait:
+                return None
+            t0 = time.perf_counter()
+            with self._lock:
+                self.stats.waited += 1
+            deadline = t0 + self.wait_timeout
+            while not slot.done.wait(0.05):
+                if not any(t.is_alive() for t in self._threads):
+                    raise PrefetchError(f"chunk {key}: every prefetch worker has stopped")
+                if time.perf_counter() > deadline:
+                    raise PrefetchError(f"chunk {key}: not read from disk within {self.wait_timeout} s")
+            with self._lock:
+                self.stats.wait_seconds += time.perf_counter() - t0
+        if slot.state == "failed":
+            raise PrefetchError(f"chunk {key}: reading it from disk failed: {slot.error}") from slot.error
+        if slot.state != "ready":
+            return None
+        with self._lock:
+            self.stats.used += 1
+        return slot.ext.segment, slot.ext.offset
+
+    def take_ready(self) -> List[Tuple[ChunkKey, torch.Tensor]]:
+        """Staged chunks as (key, view of the staging slot): the caller installs them, then release()."""
+        with self._lock:
+            return [(k, self.arena.view(s.ext, s.nbytes)) for k, s in self._slots.items() if s.state == "ready"]
+
+    def release(self, keys: Sequence[ChunkKey]) -> None:
+        with self._lock:
+            for key in keys:
+                slot = self._slots.get(key)
+                if slot is not None and slot.state in ("ready", "failed", "cancelled"):
+                    self._release(slot)
+
+    def drop_stale(self) -> None:
+        """Free the slots of finished requests from steps that are over and were never used."""
+        with self._lock:
+            for slot in list(self._slots.values()):
+                if slot.step < self._step - 1 and slot.state in ("failed", "cancelled"):
+                    self._release(slot)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the workers (within `timeout` seconds) and drop everything staged."""
+        if self._closed:
+            return
+        self._closed = True
+        with self._lock:
+            for slot in self._slots.values():
+                if slot.state == "queued":
+                    slot.state = "cancelled"
+                    slot.done.set()
+        for _ in self._threads:
+            self._queue.put(_STOP)
+        deadline = time.perf_counter() + timeout
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.perf_counter()))
+        alive = [t.name for t in self._threads if t.is_alive()]
+        with self._lock:
+            self._slots.clear()
+        self.arena = None  # its pinned segments are unpinned and freed with it
+        if alive:
+            raise PrefetchError(f"prefetch workers did not stop within {timeout} s: {', '.join(alive)}")
+
+
+def _round(n: int) -> int:
+    return (n + 255) // 256 * 256

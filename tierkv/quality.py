@@ -1,0 +1,248 @@
+"""Measuring what sparse selection and quantized chunks cost in answers: helpers for bench/eval_quality.py,
+tests/test_quality.py and `tierkv demo`.
+
+Two shortcuts make a grid of (format x budget) cells affordable on a CPU, and both are exact:
+
+- Prefill once, replay many times. Prefill through a TierKVCache is exact (the whole prompt is attended
+  as usual) and its output does not depend on format or budget; only what the cache keeps afterwards
+  does. So the prompt's K/V are computed once (`prefill`) and handed to each cache under test the way
+  the registered attention function hands them over at prefill (`replay_prefill`: update, then
+  compact, then end of the forward pass). tests/test_quality.py checks that a replayed cache decodes
+  the same tokens as one filled by a real forward pass.
+- Recall is read off the real decode path. `SelectionProbe` wraps, on one cache's layers only (instance
+  attributes, nothing global), `update` (to keep the exact keys of every position), `score` (the
+  query the selection was made for) and `gather_into` (the chunks it chose), and compares the chosen
+  set with the full softmax of that query over the exact keys.
+
+Attention-mass recall of one query head at one decode step of one layer:
+    p      = softmax(q . K_exact / sqrt(d))       over every position of the sequence so far
+    total  = sum of p over sink + chosen chunks (the query's KV head's choice) + tail   (what it attended)
+    middle = sum of p over chosen chunks / sum of p over all chunks   (the selection alone; hot set excluded)
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .errors import ConfigError
+
+KV = List[Tuple[torch.Tensor, torch.Tensor]]  # per layer: K, V [B, H, T, D]
+
+
+@contextmanager
+def float32_linears(model) -> Iterator[None]:
+    """Compute the model's bf16/fp16 linear layers as float32 matmuls rounded back to the model's dtype.
+
+    On CPUs without native bf16 matrix units a bf16 matmul is several times slower than a float32 one
+    (8 vs ~50 GFLOP/s on the 2-core CI machine), and it too accumulates in float32 and rounds once, so
+    the result differs only by summation order: the same kind of difference as between two GPUs. Only
+    speed changes; the model's activations, K/V and cache stay in its own dtype. Undone on exit.
+    """
+    patched = []
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear) and m.weight.dtype in (torch.bfloat16, torch.float16):
+            w = m.weight.detach().float()
+            b = None if m.bias is None else m.bias.detach().float()
+
+            def forward(x, w=w, b=b):
+                return F.linear(x.float(), w, b).to(x.dtype)
+
+            m.forward = forward
+            patched.append(m)
+    try:
+        yield
+    finally:
+        for m in patched:
+            del m.forward
+
+
+@torch.inference_mode()
+def prefill(model, input_ids: torch.Tensor) -> Tuple[KV, torch.Tensor]:
+    """Run the prompt once with a DynamicCache: its K/V per layer and the greedy first answer token [B, 1]."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    kv = [(layer.keys, layer.values) for layer in cache.layers]
+    return kv, out.logits[:, -1].argmax(-1, keepdim=True)
+
+
+def replay_prefill(cache, kv: KV, dtype: Optional[torch.dtype] = None) -> None:
+    """Fill an empty cache (DynamicCache or TierKVCache) with a prompt's K/V as a prefill would.
+
+    For a TierKVCache this is the sequence hf/attention.py runs for a prefill: `update` per layer, then
+    `compact` (sink, chunks, tail), then `end_forward` after the last layer. The planner's skew
+    measurement (which needs the queries) is skipped, so the config must fix `chunk_length`.
+    """
+    from .hf.cache import TierKVCache
+
+    tier = isinstance(cache, TierKVCache)
+    if tier and cache.config.chunk_length is None:
+        raise ConfigError("replay_prefill: the config's chunk_length is None; the planner needs a real "
+                          "prefill, so a replayed cache needs a fixed chunk_length")
+    if tier and len(kv) != len(cache.layers):
+        raise ConfigError(f"replay_prefill: {len(kv)} layers of K/V for a cache of {len(cache.layers)} layers")
+    if cache.get_seq_length() != 0:
+        raise ConfigError(f"replay_prefill: the cache already holds {cache.get_seq_length()} tokens; expected an empty one")
+    for i, (k, v) in enumerate(kv):
+        if dtype is not None:
+            k, v = k.to(dtype), v.to(dtype)
+        cache.update(k, v, i)
+        if tier:
+            layer = cache.layers[i]
+            layer.pending = None
+            layer.compact()
+    if tier:
+        cache.end_forward()
+
+
+@torch.inference_mode()
+def continue_greedy(model, cache, first: torch.Tensor, n_new: int) -> torch.Tensor:
+    """Greedy tokens [B, n_new] after a (replayed) prefill whose greedy next token is `first` [B, 1]."""
+    tok, gen = first, [first]
+    for _ in range(n_new - 1):
+        out = model(input_ids=tok, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        tok = out.logits[:, -1].argmax(-1, keepdim=True)
+        gen.append(tok)
+    return torch.cat(gen, dim=1)
+
+
+@dataclass
+class RecallStats:
+    """Per-layer sums over (sequence, decode step, query head) of the recall measures, and needle counts.
+
+    total:  attention mass on what was attended (sink + chosen chunks + tail)
+    middle: the chosen chunks' share of the mass on all chunks (the selection alone, hot set excluded)
+    oracle: `total` of the best choice the same budget allows (per KV head, the chunks with the most
+            mass summed over its query heads): what any scoring could reach, so `oracle - total` is what
+            the abstracts' bound loses and `1 - oracle` what the budget and chunk length lose.
+    needle: per (sequence, decode step, KV head) whose needle lies in the chunks (not the hot set),
+            whether every chunk holding part of it was chosen.
+    """
+
+    n_layers: int
+    FIELDS = ("count", "total", "middle", "oracle", "low_total", "needle_hit", "needle_count")
+
+    def __post_init__(self):
+        for name in self.FIELDS:
+            setattr(self, name, [0] * self.n_layers)
+
+    def add(self, other: "RecallStats") -> None:
+        for name in self.FIELDS:
+            setattr(self, name, [a + b for a, b in zip(getattr(self, name), getattr(other, name))])
+
+    def mean(self, what: str = "total", layer: Optional[int] = None) -> Optional[float]:
+        vals = getattr(self, what)
+        den = self.needle_count if what == "needle_hit" else self.count
+        n = den[layer] if layer is not None else sum(den)
+        if n == 0:
+            return None
+        return (vals[layer] if layer is not None else sum(vals)) / n
+
+    def as_dict(self) -> dict:
+        layers = range(self.n_layers)
+        return {
+            "queries": sum(self.count),
+            "total": self.mean("total"),
+            "middle": self.mean("middle"),
+            "oracle": self.mean("oracle"),
+            "share_total_below_0.9": self.mean("low_total"),
+            "needle_chosen": self.mean("needle_hit"),
+            "per_layer_total": [self.mean("total", i) for i in layers],
+            "per_layer_middle": [self.mean("middle", i) for i in layers],
+            "per_layer_oracle": [self.mean("oracle", i) for i in layers],
+            "per_layer_needle_chosen": [self.mean("needle_hit", i) for i in layers],
+        }
+
+
+class SelectionProbe:
+    """Records, on one TierKVCache, each sparse decode step's query and chosen chunks, and scores them
+    against full attention over the exact keys (see the module docstring). Use as a context manager
+    around the decode; `stats` then holds the sums. Wrapping is per layer instance and undone on exit."""
+
+    def __init__(self, cache, scaling: float, needles: Optional[Sequence[Tuple[int, int]]] = None):
+        self.cache = cache
+        self.scaling = scaling
+        self.needles = needles  # per sequence of the batch: token range [start, end) holding the answer
+        self.stats = RecallStats(len(cache.layers))
+        self._keys: List[Optional[torch.Tensor]] = [None] * len(cache.layers)
+        self._pending: List[Optional[tuple]] = [None] * len(cache.layers)
+
+    def __enter__(self) -> "SelectionProbe":
+        for layer in self.cache.layers:
+            self._wrap(layer)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for layer in self.cache.layers:
+            for name in ("update", "score", "gather_into"):
+                layer.__dict__.pop(name, None)
+
+    def _wrap(self, layer) -> None:
+        i = layer.layer_idx
+        update, score, gather_into = layer.update, layer.score, layer.gather_into
+
+        def probe_update(key_states, value_states, *args, **kwargs):
+            k = key_states.detach()
+            self._keys[i] = k.clone() if self._keys[i] is None else torch.cat([self._keys[i], k], dim=-2)
+            return update(key_states, value_states, *args, **kwargs)
+
+        def probe_score(q):
+            # geometry as sparse_attend sees it, before it picks chunks
+            self._pending[i] = (q.detach(), layer.sink_len, layer.chunk_len, layer.n_chunks, layer.tail_len, layer.length)
+            return score(q)
+
+        def probe_gather_into(chunk_idx, *args, **kwargs):
+            if self._pending[i] is not None:
+                self._record(i, chunk_idx)
+                self._pending[i] = None
+            return gather_into(chunk_idx, *args, **kwargs)
+
+        layer.update, layer.score, layer.gather_into = probe_update, probe_score, probe_gather_into
+
+    def _record(self, i: int, chunk_idx: torch.Tensor) -> None:
+        q, S, L, C, T, length = self._pending[i]
+        keys = self._keys[i]
+        if keys is None or keys.shape[-2] != length:
+            raise ConfigError(f"SelectionProbe: layer {i} saw {0 if keys is None else keys.shape[-2]} keys but holds "
+                              f"{length} tokens; the probe must wrap the cache before its prefill")
+        B, Hq, _, D = q.shape
+        H = keys.shape[1]
+        g = Hq // H
+        kk = chunk_idx.shape[-1]
+        logits = torch.matmul(q.float().reshape(B, H, g, D), keys.float().transpose(-1, -2)) * self.scaling
+        p = torch.softmax(logits, dim=-1)  # [B, H, g, length]
+        chunk_mass = p[..., S : S + C * L].reshape(B, H, g, C, L).sum(-1)  # [B, H, g, C]
+        hot = p[..., :S].sum(-1) + p[..., length - T :].sum(-1)
+        chosen = chunk_mass.gather(-1, chunk_idx.unsqueeze(2).expand(B, H, g, kk)).sum(-1)
+        best = torch.topk(chunk_mass.sum(2), kk, dim=-1).indices  # per KV head, for its whole group
+        oracle = chunk_mass.gather(-1, best.unsqueeze(2).expand(B, H, g, kk)).sum(-1)
+        all_chunks = chunk_mass.sum(-1)
+        total = (hot + chosen).clamp(max=1.0)
+        middle = torch.where(all_chunks > 0, chosen / all_chunks.clamp(min=1e-30), torch.ones_like(chosen))
+        s = self.stats
+        s.count[i] += total.numel()
+        s.total[i] += float(total.sum())
+        s.middle[i] += float(middle.sum())
+        s.oracle[i] += float((hot + oracle).clamp(max=1.0).sum())
+        s.low_total[i] += int((total < 0.9).sum())
+        if self.needles is not None:
+            picked = chunk_idx.tolist()
+            for b, (a, e) in enumerate(self.needles):
+                if a < S or e > S + C * L:  # partly in the hot set: nothing for the selection to find
+                    continue
+                need = set(range((a - S) // L, (e - 1 - S) // L + 1))
+                for h in range(H):
+                    s.needle_count[i] += 1
+                    s.needle_hit[i] += int(need <= set(picked[b][h]))
+
+
+def exact_match(pred: torch.Tensor, answers: Sequence[Sequence[int]]) -> List[bool]:
+    """Per row: every answer token right (pred [B, >= len(answer)])."""
+    rows = pred.tolist()
+    return [tuple(r[: len(a)]) == tuple(a) for r, a in zip(rows, answers)]
