@@ -26,7 +26,8 @@ token's group of channels), with every step in float32 and correctly rounded (no
     scale = fp16(min((max(S) - min(S)) / Q, 65504))      zero = fp16(clamp(min(S), -65504, 65504))
     code  = clamp(round_half_even((x - zero) / scale), 0, Q)   (code = 0 where scale == 0)
     x'    = T(float(code) * float(scale) + float(zero))        (the multiply and the add rounded apart)
-Values beyond fp16's range saturate; raw fp16 chunks of bf16 data saturate likewise.
+Integer-format scales and zeros beyond fp16's range saturate; raw fp16 chunks of bf16 data beyond
+fp16's range become +-inf (as torch's conversion does), so keep bf16 models in bf16 or integer formats.
 """
 
 from __future__ import annotations
@@ -149,7 +150,10 @@ def _check_kv(k: torch.Tensor, v: torch.Tensor, layout: ChunkLayout) -> None:
 
 
 def _quant_params(lo: torch.Tensor, hi: torch.Tensor, q: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    scale = torch.clamp((hi - lo) / q, max=FP16_MAX).to(torch.float16)
+    # divide by a tensor: on CUDA, torch turns division by a Python scalar into a multiplication by its
+    # reciprocal, which is not correctly rounded and would make GPU encodes differ from CPU ones
+    levels = torch.tensor(float(q), dtype=torch.float32, device=lo.device)
+    scale = torch.clamp((hi - lo) / levels, max=FP16_MAX).to(torch.float16)
     zero = torch.clamp(lo, -FP16_MAX, FP16_MAX).to(torch.float16)
     return scale, zero
 

@@ -462,6 +462,7 @@ class TierKVCache(Cache):
         self.disk_entries = 0
         self.fast_ext = ops.backend() == "ext" and store.gpu.device.type == "cuda"
         self.skipped_entries = 0
+        self.predict = True  # prefetch what the next layer is predicted to need (off: only what is asked)
         self._prefetcher = None
         self._zero: Optional[torch.Tensor] = None
         self._pred = {"next_layer_hits": None, "next_layer_total": 0, "next_step_hits": None, "next_step_total": 0}
@@ -563,7 +564,7 @@ class TierKVCache(Cache):
         pred = torch.topk(nxt.score(q), k, dim=-1, sorted=False).indices
         nxt.predicted = pred
         nxt.refresh_addresses()
-        if not nxt.disk_only or self.store.disk is None:
+        if not nxt.disk_only or self.store.disk is None or not self.predict:
             return
         on_disk = nxt.addr[..., 0].gather(1, pred.reshape(B, -1)) < 0  # [B, H*k]
         pairs = torch.stack([torch.arange(B, device=pred.device).view(B, 1).expand_as(on_disk)[on_disk],

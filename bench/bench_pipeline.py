@@ -1,0 +1,160 @@
+"""The three-tier pipeline with most of the KV on disk, side by side in one run (GPU).
+
+A Llama-3-8B-shaped model with random weights, one long context (128K by default), tierkv sparse
+decode with the cpu tier at 10% of the KV so that about 90% of the chunks live on disk, in three modes:
+  pipeline   prefetch workers stage chunks ahead of need (next-layer prediction), 'wait' miss policy
+  sync       the same, but nothing is predicted: every missing chunk is read when a step asks for it
+  all-cpu    a cpu tier that holds all of the KV (the ceiling the pipeline is held against)
+Reported: tokens/s, stall seconds per step, prefetch hit rates (next-layer and next-step
+predictions), disk bytes read per token; and the store's disk read throughput against a raw O_DIRECT
+read of the same files (cold page cache), in the same run.
+
+    python bench/bench_pipeline.py --disk-dir /tmp/tierkv-cold --json bench/results/pipeline_h100.json
+    python bench/bench_pipeline.py --quick        # small model and context, CPU smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import mmap
+import os
+import shutil
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import tierkv  # noqa: E402
+from tierkv import TierConfig  # noqa: E402
+
+from bench_decode import _dump, _git, build_model, decode, kv_bytes, llama8b_config, prefill  # noqa: E402
+
+
+def run_mode(model, cfg, ids, mode, args, device):
+    kv = kv_bytes(cfg, ids.shape[1], ids.shape[0])
+    cpu = int(kv * 1.1) + (256 << 20) if mode == "all-cpu" else int(kv * args.cpu_share)
+    disk = None if mode == "all-cpu" else os.path.join(args.disk_dir, mode)
+    if disk and os.path.exists(disk):
+        shutil.rmtree(disk)
+    tcfg = TierConfig(gpu_budget=int(kv * 0.05), cpu_budget=cpu, disk_path=disk, budget=args.budget,
+                      format=args.format, sink=4, window=128, chunk_length=args.chunk_length)
+    with tierkv.offload(model, tcfg) as cache:
+        cache.predict = mode == "pipeline"
+        pre, tok = prefill(model, ids, cache, args.piece)
+        if cache.store.disk is not None:
+            cache.store.flush()
+        before = cache.stats()
+        t0 = time.perf_counter()
+        tps = decode(model, cache, tok, args.warmup, args.steps)
+        after = cache.stats()
+    steps = args.warmup + args.steps
+    disk_bytes = (after.prefetch.get("bytes_read", 0) or 0) - (before.prefetch.get("bytes_read", 0) or 0)
+    row = dict(mode=mode, tokens_per_s=tps, prefill_s=pre, cpu_budget=cpu, kv_bytes=kv,
+               stall_s_per_step=(after.stall_seconds - before.stall_seconds) / steps,
+               disk_bytes_per_token=disk_bytes / (steps * ids.shape[0]),
+               resident=after.resident_chunks, prefetch=after.prefetch, decode_wall_s=time.perf_counter() - t0)
+    print(f"  {mode:9s} tok/s={tps:.2f} stall/step={row['stall_s_per_step'] * 1e3:.1f} ms "
+          f"disk/token={row['disk_bytes_per_token'] / 2**20:.1f} MiB resident={after.resident_chunks} "
+          f"next-layer hit={after.prefetch.get('predict_next_layer_hit_rate')} "
+          f"next-step hit={after.prefetch.get('predict_next_step_hit_rate')}", flush=True)
+    return row
+
+
+def read_throughput(disk_dir, max_files=256):
+    """Store reads (DiskTier.read_many) against raw O_DIRECT reads of the same chunk files, cold cache."""
+    from tierkv.tiers.disk import DiskTier
+
+    store = DiskTier(disk_dir)
+    keys = sorted(store.keys())[:max_files]
+    if not keys:
+        store.close()
+        return None
+    paths = [store._index[k].path for k in keys]
+
+    def drop_cache():
+        for p in paths:
+            fd = os.open(p, os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+
+    drop_cache()
+    t0 = time.perf_counter()
+    data = store.read_many(keys)
+    t_store = time.perf_counter() - t0
+    nbytes = sum(d.numel() for d in data)
+    store.close()
+    raw = None
+    if paths and hasattr(os, "O_DIRECT"):
+        drop_cache()
+        size = max(os.path.getsize(p) for p in paths)
+        buf = mmap.mmap(-1, (size + 4095) // 4096 * 4096)
+        t0 = time.perf_counter()
+        file_bytes = 0
+        try:
+            for p in paths:
+                fd = os.open(p, os.O_RDONLY | os.O_DIRECT)
+                try:
+                    file_bytes += os.readv(fd, [buf])
+                finally:
+                    os.close(fd)
+            raw = dict(seconds=time.perf_counter() - t0, bytes=file_bytes)
+        except OSError as e:  # a filesystem without O_DIRECT (tmpfs): say so
+            raw = dict(error=str(e))
+    out = dict(chunks=len(keys), store_seconds=t_store, store_bytes=nbytes, store_gbps=nbytes / t_store / 1e9, raw=raw)
+    if raw and "seconds" in raw:
+        out["raw_gbps"] = raw["bytes"] / raw["seconds"] / 1e9
+        out["store_over_raw"] = out["store_gbps"] / out["raw_gbps"]
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--context", type=int, default=131072)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--budget", type=int, default=2048)
+    p.add_argument("--format", default="int4")
+    p.add_argument("--chunk-length", type=int, default=64)
+    p.add_argument("--cpu-share", type=float, default=0.10, help="cpu tier budget as a share of the KV")
+    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--warmup", type=int, default=4)
+    p.add_argument("--piece", type=int, default=16384)
+    p.add_argument("--modes", nargs="+", default=["all-cpu", "sync", "pipeline"])
+    p.add_argument("--disk-dir", default="/tmp/tierkv-bench-pipeline")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.context, args.steps, args.warmup, args.piece, args.budget = 4096, 4, 1, 2048, 256
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg = llama8b_config(args.quick)
+    model = build_model(cfg, device)
+    torch.manual_seed(0)
+    ids = torch.randint(0, cfg.vocab_size, (args.batch, args.context), device=device)
+    os.makedirs(args.disk_dir, exist_ok=True)
+    results = dict(bench="pipeline", device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
+                   torch=torch.__version__, tierkv=tierkv.__version__, git_commit=_git(), command=" ".join(sys.argv),
+                   date=time.strftime("%Y-%m-%d %H:%M:%S"), args=vars(args), rows=[])
+    for mode in args.modes:
+        results["rows"].append(run_mode(model, cfg, ids, mode, args, device))
+        if args.json:
+            _dump(results, args.json)
+    by = {r["mode"]: r for r in results["rows"]}
+    if "all-cpu" in by:
+        for m in ("pipeline", "sync"):
+            if m in by:
+                results[f"{m}_over_all_cpu"] = by[m]["tokens_per_s"] / by["all-cpu"]["tokens_per_s"]
+    for m in ("pipeline", "sync"):
+        d = os.path.join(args.disk_dir, m)
+        if os.path.isdir(d):
+            results["disk_read"] = read_throughput(d)
+            break
+    print(json.dumps({k: v for k, v in results.items() if k.endswith("all_cpu") or k == "disk_read"}, indent=1))
+    if args.json:
+        _dump(results, args.json)
+
+
+if __name__ == "__main__":
+    main()
