@@ -7,16 +7,11 @@ from transformers import DynamicCache
 import tierkv
 from tierkv import TierConfig, ops
 
-from test_offload import build
+from test_offload import build, gen
 
 pytestmark = pytest.mark.gpu
 
 EXACT = TierConfig(budget=None, format="bf16", sink=4, window=64, chunk_length=32, gpu_budget="1MiB", cpu_budget="256MiB")
-
-
-def gen(model, ids, cache, **kw):
-    with torch.no_grad():
-        return model.generate(ids, past_key_values=cache, do_sample=False, pad_token_id=0, **kw)
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
