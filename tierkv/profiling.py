@@ -419,7 +419,6 @@ def measure_disk(s: Settings, tick: Tick) -> dict:
     try:
         for size in sizes:
             n = max(8 if not s.quick else 4, min(128 if not s.quick else 64, s.disk_bytes // size))
-            total = n * size
             g = torch.Generator().manual_seed(size)
             # random-normal bf16: what a raw chunk of K/V looks like to lz4 (it barely compresses)
             data = [torch.randn(size // 2, generator=g).to(torch.bfloat16).view(torch.uint8).numpy() for _ in range(n)]

@@ -182,7 +182,7 @@ def run(args) -> int:
         heads=args.heads, head_dim=args.head_dim,
     )
     try:
-        backend = profiling.backend_in_use(settings.device)
+        profiling.backend_in_use(settings.device)  # raises when TIERKV_BACKEND names one that cannot run
     except TierKVError as e:  # TIERKV_BACKEND names a backend that cannot run here
         err.print(f"tierkv profile: error: {e}", markup=False, highlight=False)
         return 2
