@@ -120,13 +120,22 @@ class RecallStats:
     middle: the chosen chunks' share of the mass on all chunks (the selection alone, hot set excluded)
     oracle: `total` of the best choice the same budget allows (per KV head, the chunks with the most
             mass summed over its query heads): what any scoring could reach, so `oracle - total` is what
-            the abstracts' bound loses and `1 - oracle` what the budget and chunk length lose.
+            the scoring loses and `1 - oracle` what the budget and chunk length lose.
+    maxkey: `total` had the chunks been ranked by the exact max of q . k over their keys (max over the
+            group's query heads), the quantity the abstracts' bound stands in for: `maxkey - total` is
+            what the bound's looseness loses, `oracle - maxkey` what ranking by a max (not mass) loses.
     needle: per (sequence, decode step, KV head) whose needle lies in the chunks (not the hot set),
             whether every chunk holding part of it was chosen.
+    alpha_*: `total` had the chunks been ranked, from the same stored abstracts (min m, max M per
+            channel), by q . (m + M)/2 + alpha * |q| . (M - m)/2 (max over the group's query heads).
+            alpha = 1 is exactly the bound tierkv ranks by (so alpha_1 ~ total, a check of the probe);
+            alpha = 0 ranks by the box's centre alone; values between shrink the bound's width term.
     """
 
     n_layers: int
-    FIELDS = ("count", "total", "middle", "oracle", "low_total", "needle_hit", "needle_count")
+    ALPHAS = (0.0, 0.25, 0.5, 1.0)
+    FIELDS = ("count", "total", "middle", "oracle", "maxkey", "low_total", "needle_hit", "needle_count",
+              "alpha_0", "alpha_0.25", "alpha_0.5", "alpha_1")
 
     def __post_init__(self):
         for name in self.FIELDS:
@@ -151,11 +160,14 @@ class RecallStats:
             "total": self.mean("total"),
             "middle": self.mean("middle"),
             "oracle": self.mean("oracle"),
+            "maxkey": self.mean("maxkey"),
+            "alpha": {str(a): self.mean(f"alpha_{a:g}") for a in self.ALPHAS},
             "share_total_below_0.9": self.mean("low_total"),
             "needle_chosen": self.mean("needle_hit"),
             "per_layer_total": [self.mean("total", i) for i in layers],
             "per_layer_middle": [self.mean("middle", i) for i in layers],
             "per_layer_oracle": [self.mean("oracle", i) for i in layers],
+            "per_layer_maxkey": [self.mean("maxkey", i) for i in layers],
             "per_layer_needle_chosen": [self.mean("needle_hit", i) for i in layers],
         }
 
@@ -194,7 +206,9 @@ class SelectionProbe:
 
         def probe_score(q):
             # geometry as sparse_attend sees it, before it picks chunks
-            self._pending[i] = (q.detach(), layer.sink_len, layer.chunk_len, layer.n_chunks, layer.tail_len, layer.length)
+            C = layer.n_chunks
+            self._pending[i] = (q.detach(), layer.sink_len, layer.chunk_len, C, layer.tail_len, layer.length,
+                                layer.abstracts[..., :C].clone())
             return score(q)
 
         def probe_gather_into(chunk_idx, *args, **kwargs):
@@ -206,7 +220,7 @@ class SelectionProbe:
         layer.update, layer.score, layer.gather_into = probe_update, probe_score, probe_gather_into
 
     def _record(self, i: int, chunk_idx: torch.Tensor) -> None:
-        q, S, L, C, T, length = self._pending[i]
+        q, S, L, C, T, length, abstracts = self._pending[i]
         keys = self._keys[i]
         if keys is None or keys.shape[-2] != length:
             raise ConfigError(f"SelectionProbe: layer {i} saw {0 if keys is None else keys.shape[-2]} keys but holds "
@@ -222,6 +236,17 @@ class SelectionProbe:
         chosen = chunk_mass.gather(-1, chunk_idx.unsqueeze(2).expand(B, H, g, kk)).sum(-1)
         best = torch.topk(chunk_mass.sum(2), kk, dim=-1).indices  # per KV head, for its whole group
         oracle = chunk_mass.gather(-1, best.unsqueeze(2).expand(B, H, g, kk)).sum(-1)
+        chunk_max = logits[..., S : S + C * L].reshape(B, H, g, C, L).amax(-1).amax(2)  # [B, H, C]
+        by_max = torch.topk(chunk_max, kk, dim=-1).indices
+        maxkey = chunk_mass.gather(-1, by_max.unsqueeze(2).expand(B, H, g, kk)).sum(-1)
+        ab = abstracts.float()  # [B, H, 2D, C]: rows :D min, D: max per channel
+        centre, half = (ab[:, :, :D] + ab[:, :, D:]) / 2, (ab[:, :, D:] - ab[:, :, :D]) / 2
+        qf = q.float().reshape(B, H, g, D)
+        by_centre, by_width = torch.matmul(qf, centre), torch.matmul(qf.abs(), half)  # [B, H, g, C]
+        alt = {}
+        for a in RecallStats.ALPHAS:
+            pick = torch.topk((by_centre + a * by_width).amax(2), kk, dim=-1).indices
+            alt[a] = (hot + chunk_mass.gather(-1, pick.unsqueeze(2).expand(B, H, g, kk)).sum(-1)).clamp(max=1.0)
         all_chunks = chunk_mass.sum(-1)
         total = (hot + chosen).clamp(max=1.0)
         middle = torch.where(all_chunks > 0, chosen / all_chunks.clamp(min=1e-30), torch.ones_like(chosen))
@@ -230,6 +255,9 @@ class SelectionProbe:
         s.total[i] += float(total.sum())
         s.middle[i] += float(middle.sum())
         s.oracle[i] += float((hot + oracle).clamp(max=1.0).sum())
+        s.maxkey[i] += float((hot + maxkey).clamp(max=1.0).sum())
+        for a, v in alt.items():
+            getattr(s, f"alpha_{a:g}")[i] += float(v.sum())
         s.low_total[i] += int((total < 0.9).sum())
         if self.needles is not None:
             picked = chunk_idx.tolist()
