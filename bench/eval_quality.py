@@ -22,7 +22,8 @@ The selection tierkv made is read off its real decode path (quality.SelectionPro
 layers' score and gather_into); nothing of the runtime is re-implemented here.
 
     python bench/eval_quality.py                       # the committed run: ~15-20 min on 2 CPU cores
-    python bench/eval_quality.py --sweep               # + chunk length / window variants at ctx/16 int4
+    python bench/eval_quality.py --contexts 4096 --tasks kv --prompts 100 --formats int4 --fractions 16 \
+        --sweep --json bench/results/quality_cpu_sweep.json --plot ''   # variants of the target cell
     python bench/eval_quality.py --quick               # seconds: one small context, few prompts
 """
 
@@ -53,6 +54,7 @@ from tierkv.quality import (RecallStats, SelectionProbe, continue_greedy, exact_
 
 FORMATS = ("bf16", "int8", "int4", "int2")
 FRACTIONS = (4, 8, 16, 32)
+SWEEPS = ("chunk", "planner", "window", "scoring")
 
 
 def git_commit() -> str | None:
@@ -71,9 +73,9 @@ def cell_config(args, fmt, budget, batch, ctx, chunk_length=0, window=None) -> T
                       group_size=args.group_size, gpu_budget="1MiB", cpu_budget=need + (16 << 20))
 
 
-def run_cell(model, cfg, kv, first, n_new, needles, scaling, ids):
+def run_cell(model, cfg, kv, first, n_new, needles, scaling, ids, probe_kw):
     with tierkv.offload(model, cfg) as cache:
-        with SelectionProbe(cache, scaling, needles) as probe:
+        with SelectionProbe(cache, scaling, needles, **probe_kw) as probe:
             if cfg.chunk_length is None:  # the planner needs the prefill's queries: a real prefill
                 with torch.inference_mode():
                     out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
@@ -122,7 +124,8 @@ def evaluate_context(model, args, ctx, task, variants, log):
         base.seconds += time.perf_counter() - t0
         for key, cfg in variants.items():
             t0 = time.perf_counter()
-            pred, stats, plan = run_cell(model, cfg(len(batch)), kv, first, n_new, needles, scaling, ids)
+            probe_kw = {"lowbit": args.lowbit, "rescore": key[2:4] == ("scoring", "int2-mass")}
+            pred, stats, plan = run_cell(model, cfg(len(batch)), kv, first, n_new, needles, scaling, ids, probe_kw)
             cells[key].plans.append(plan)
             c = cells[key]
             c.correct += sum(exact_match(pred, answers))
@@ -156,14 +159,22 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (default 1: on a shared 2-core machine 2 threads made small decode "
                          "matmuls ~100x slower under load, and even prefill was no faster)")
-    ap.add_argument("--sweep", action="store_true",
-                    help="also chunk lengths 8/16/32/64 (but --chunk-length), the planner's choice and windows "
-                         "16/256 at ctx/16 with int4 (the target cell)")
+    ap.add_argument("--sweep", nargs="*", choices=SWEEPS, default=None,
+                    help="variants of the target cell (int4, ctx/16) at --sweep-context: chunk (lengths 8/16/32/64 "
+                         "but --chunk-length), planner (chunk_length None: lengths 16..256 chosen per layer), "
+                         "window (16, 256), scoring (selection by int2-key mass, chunk lengths 8 and 16); "
+                         "--sweep alone: all")
+    ap.add_argument("--no-lowbit", dest="lowbit", action="store_false",
+                    help="skip the recall of ranking chunks by attention mass from int2 keys (RecallStats.lowbit), "
+                         "which --sweep scoring runs for real")
     ap.add_argument("--sweep-context", type=int, nargs="+", default=None, help="contexts of the sweep (default: the largest)")
     ap.add_argument("--quick", action="store_true", help="512 tokens, 8 prompts, int4 and bf16 only")
     ap.add_argument("--json", default=str(ROOT / "bench/results/quality_cpu.json"))
     ap.add_argument("--plot", default=str(ROOT / "bench/results/quality_cpu.png"))
     args = ap.parse_args(argv)
+    sweeps = set(SWEEPS if args.sweep == [] else args.sweep or ())
+    if "scoring" in sweeps and not args.lowbit:
+        ap.error("--sweep scoring needs the int2-key ranking: drop --no-lowbit")
     if args.quick:
         args.contexts, args.prompts, args.batch, args.formats, args.fractions = [512], 8, 8, ["bf16", "int4"], [16]
     for name in ("prompts", "batch", "chunk_length"):
@@ -190,17 +201,21 @@ def main(argv=None) -> int:
                     for frac in [None] + list(args.fractions):
                         budget = None if frac is None else ctx // frac
                         variants[(fmt, frac)] = (lambda n, fmt=fmt, budget=budget, ctx=ctx: cell_config(args, fmt, budget, n, ctx))
-                if args.sweep and ctx in (args.sweep_context or [max(args.contexts)]):
-                    for cl in (8, 16, 32, 64):
-                        if cl != args.chunk_length:
-                            variants[("int4", 16, "chunk_length", cl)] = (
-                                lambda n, cl=cl, ctx=ctx: cell_config(args, "int4", ctx // 16, n, ctx, chunk_length=cl))
-                    variants[("int4", 16, "planner", "16-256")] = (  # chunk_length None: the planner's choice
-                        lambda n, ctx=ctx: cell_config(args, "int4", ctx // 16, n, ctx, chunk_length=None))
-                    for w in (16, 256):
-                        if w != args.window:
-                            variants[("int4", 16, "window", w)] = (
-                                lambda n, w=w, ctx=ctx: cell_config(args, "int4", ctx // 16, n, ctx, window=w))
+                if sweeps and ctx in (args.sweep_context or [max(args.contexts)]):
+                    target = lambda n, ctx=ctx, **kw: cell_config(args, "int4", ctx // 16, n, ctx, **kw)  # noqa: E731
+                    if "chunk" in sweeps:
+                        for cl in (8, 16, 32, 64):
+                            if cl != args.chunk_length:
+                                variants[("int4", 16, "chunk_length", cl)] = lambda n, cl=cl, t=target: t(n, chunk_length=cl)
+                    if "planner" in sweeps:  # chunk_length None: the planner's choice, after a real prefill
+                        variants[("int4", 16, "planner", "16-256")] = lambda n, t=target: t(n, chunk_length=None)
+                    if "scoring" in sweeps:  # selection by int2-key mass (SelectionProbe rescore: an experiment)
+                        for cl in (8, 16):
+                            variants[("int4", 16, "scoring", "int2-mass", cl)] = lambda n, cl=cl, t=target: t(n, chunk_length=cl)
+                    if "window" in sweeps:
+                        for w in (16, 256):
+                            if w != args.window:
+                                variants[("int4", 16, "window", w)] = lambda n, w=w, t=target: t(n, window=w)
                 log(f"context {ctx}, task {task}: {args.prompts} prompts x {len(variants)} tierkv cells")
                 base, cells, prefill_s = evaluate_context(model, args, ctx, task, variants, log)
                 baselines.append({"context": ctx, "task": task, "prompts": base.total, "correct": base.correct,
@@ -219,7 +234,9 @@ def main(argv=None) -> int:
                            "recall": c.recall.as_dict() if frac is not None else None}
                     if len(key) > 2:
                         row[key[2]] = key[3]
-                        row["variant"] = f"{key[2]}={key[3]}"
+                        row["variant"] = f"{key[2]}={key[3]}" + (f",chunk_length={key[4]}" if len(key) > 4 else "")
+                        if len(key) > 4:
+                            row["chunk_length"] = key[4]
                         if key[2] == "planner":
                             row["chunk_length"] = None
                         sweep.append(row)
@@ -293,7 +310,7 @@ def print_tables(out) -> None:
                 print(f"| {fmt} | {bud} | " + " | ".join(
                     f"{100 * cells[c]['accuracy']:.0f} ({cells[c]['correct']}/{cells[c]['prompts']})" if c in cells else "-"
                     for c in ctxs) + " |")
-    for what in ("total", "middle", "oracle", "maxkey", "needle_chosen"):
+    for what in ("total", "middle", "oracle", "maxkey", "lowbit", "needle_chosen"):
         print(f"\nattention-mass recall '{what}' (mean over decode queries, layers, query heads), by format")
         print("| task | format | budget | " + " | ".join(f"{c}" for c in ctxs) + " |")
         print("|---|---|---|" + "---:|" * len(ctxs))
@@ -306,6 +323,11 @@ def print_tables(out) -> None:
                         print(f"| {task} | {fmt} | {bud} | " + " | ".join(
                             f"{cells[c]['recall'][what]:.3f}" if c in cells and cells[c]["recall"][what] is not None
                             else "-" for c in ctxs) + " |")
+    print("\nrecall 'total' of other rankings from the same abstracts (int4): centre + alpha * width; alpha 1 = tierkv's bound")
+    for r in rows:
+        if r["format"] == "int4" and r["recall"] and r["recall"].get("alpha"):
+            print(f"| {r['task']} | {r['context']} | {r['budget']} | " + " | ".join(
+                f"alpha {a}: {v:.3f}" for a, v in r["recall"]["alpha"].items() if v is not None) + " |")
     if sweep:
         print("\nsweep (int4, ctx/16): variant, accuracy vs full, recall total / middle / oracle / maxkey, per-layer total")
         for r in sweep:
@@ -351,6 +373,9 @@ def plot(out, path) -> None:
             ax.plot(x, [r["recall"]["total"] for r in cells], ls=ls, marker="o", color="C0", label=f"{task}: attended (incl. hot set)")
             ax.plot(x, [r["recall"]["oracle"] for r in cells], ls=ls, marker="^", color="C2", label=f"{task}: oracle, same budget")
             ax.plot(x, [r["recall"]["maxkey"] for r in cells], ls=ls, marker="v", color="C3", label=f"{task}: ranked by exact max q.k")
+            if all(r["recall"].get("lowbit") is not None for r in cells):
+                ax.plot(x, [r["recall"]["lowbit"] for r in cells], ls=ls, marker="D", color="C4",
+                        label=f"{task}: ranked by int2-key mass")
             ax.plot(x, [r["recall"]["middle"] for r in cells], ls=ls, marker="s", color="C1", label=f"{task}: chunks only")
             ax.set_xticks(list(x), [r["budget"] for r in cells])
         ax.axhline(0.9, color="k", ls="--", lw=1)

@@ -1,7 +1,8 @@
 """Measuring what sparse selection and quantized chunks cost in answers: helpers for bench/eval_quality.py,
 tests/test_quality.py and `tierkv demo`.
 
-Two shortcuts make a grid of (format x budget) cells affordable on a CPU, and both are exact:
+Two shortcuts make a grid of (format x budget) cells affordable on a CPU, and both are exact (a third,
+`float32_linears`, trades bf16 matmuls for float32 ones rounded back: same answers, other summation order):
 
 - Prefill once, replay many times. Prefill through a TierKVCache is exact (the whole prompt is attended
   as usual) and its output does not depend on format or budget; only what the cache keeps afterwards
@@ -23,7 +24,7 @@ Attention-mass recall of one query head at one decode step of one layer:
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -130,12 +131,17 @@ class RecallStats:
             channel), by q . (m + M)/2 + alpha * |q| . (M - m)/2 (max over the group's query heads).
             alpha = 1 is exactly the bound tierkv ranks by (so alpha_1 ~ total, a check of the probe);
             alpha = 0 ranks by the box's centre alone; values between shrink the bound's width term.
+    lowbit: `total` had the chunks been ranked by their attention mass computed from a KIVI int2 copy of
+            the keys (per-channel scale and zero per chunk, what the int2 format stores) instead of
+            abstracts: a scoring that keeps 2 bits per key channel on the GPU (16 B per token and head
+            at head_dim 64, the size of min/max bf16 abstracts of 16-token chunks). Only with
+            SelectionProbe(lowbit=True); None otherwise.
     """
 
     n_layers: int
     ALPHAS = (0.0, 0.25, 0.5, 1.0)
     FIELDS = ("count", "total", "middle", "oracle", "maxkey", "low_total", "needle_hit", "needle_count",
-              "alpha_0", "alpha_0.25", "alpha_0.5", "alpha_1")
+              "alpha_0", "alpha_0.25", "alpha_0.5", "alpha_1", "lowbit", "lowbit_count")
 
     def __post_init__(self):
         for name in self.FIELDS:
@@ -147,7 +153,7 @@ class RecallStats:
 
     def mean(self, what: str = "total", layer: Optional[int] = None) -> Optional[float]:
         vals = getattr(self, what)
-        den = self.needle_count if what == "needle_hit" else self.count
+        den = {"needle_hit": self.needle_count, "lowbit": self.lowbit_count}.get(what, self.count)
         n = den[layer] if layer is not None else sum(den)
         if n == 0:
             return None
@@ -161,6 +167,7 @@ class RecallStats:
             "middle": self.mean("middle"),
             "oracle": self.mean("oracle"),
             "maxkey": self.mean("maxkey"),
+            "lowbit": self.mean("lowbit"),
             "alpha": {str(a): self.mean(f"alpha_{a:g}") for a in self.ALPHAS},
             "share_total_below_0.9": self.mean("low_total"),
             "needle_chosen": self.mean("needle_hit"),
@@ -168,6 +175,7 @@ class RecallStats:
             "per_layer_middle": [self.mean("middle", i) for i in layers],
             "per_layer_oracle": [self.mean("oracle", i) for i in layers],
             "per_layer_maxkey": [self.mean("maxkey", i) for i in layers],
+            "per_layer_lowbit": [self.mean("lowbit", i) for i in layers],
             "per_layer_needle_chosen": [self.mean("needle_hit", i) for i in layers],
         }
 
@@ -175,11 +183,19 @@ class RecallStats:
 class SelectionProbe:
     """Records, on one TierKVCache, each sparse decode step's query and chosen chunks, and scores them
     against full attention over the exact keys (see the module docstring). Use as a context manager
-    around the decode; `stats` then holds the sums. Wrapping is per layer instance and undone on exit."""
+    around the decode; `stats` then holds the sums. Wrapping is per layer instance and undone on exit.
 
-    def __init__(self, cache, scaling: float, needles: Optional[Sequence[Tuple[int, int]]] = None):
+    lowbit=True also measures the int2-mass ranking (RecallStats.lowbit); rescore=True makes the cache
+    select by it (the runtime's `score` is replaced on these layers): an experiment for what such a
+    scoring would do to answers, not something the runtime offers."""
+
+    def __init__(self, cache, scaling: float, needles: Optional[Sequence[Tuple[int, int]]] = None,
+                 lowbit: bool = False, rescore: bool = False):
         self.cache = cache
+        self.rescore = rescore  # select by _int2_mass instead of the runtime's bound (an experiment)
         self.scaling = scaling
+        self.lowbit = lowbit or rescore
+        self._lowbit_keys: dict = {}  # layer -> (n chunks, chunk length, int2 round trip of the chunks' keys)
         self.needles = needles  # per sequence of the batch: token range [start, end) holding the answer
         self.stats = RecallStats(len(cache.layers))
         self._keys: List[Optional[torch.Tensor]] = [None] * len(cache.layers)
@@ -209,6 +225,8 @@ class SelectionProbe:
             C = layer.n_chunks
             self._pending[i] = (q.detach(), layer.sink_len, layer.chunk_len, C, layer.tail_len, layer.length,
                                 layer.abstracts[..., :C].clone())
+            if self.rescore:
+                return self._int2_mass(i, q, self._keys[i], layer.sink_len, layer.chunk_len, C)
             return score(q)
 
         def probe_gather_into(chunk_idx, *args, **kwargs):
@@ -218,6 +236,31 @@ class SelectionProbe:
             return gather_into(chunk_idx, *args, **kwargs)
 
         layer.update, layer.score, layer.gather_into = probe_update, probe_score, probe_gather_into
+
+    def _int2_keys(self, i: int, keys: torch.Tensor, S: int, L: int, C: int) -> torch.Tensor:
+        """The chunks' keys as the int2 format stores them (per chunk, per channel), cached per layer."""
+        from .formats import ChunkLayout, roundtrip
+
+        got = self._lowbit_keys.get(i)
+        if got is None or got[0] != C or got[1] != L:
+            B, H, _, D = keys.shape
+            kc = keys[:, :, S : S + C * L].reshape(B, H, C, L, D).transpose(1, 2)  # [B, C, H, L, D]
+            kq, _ = roundtrip(kc, torch.zeros_like(kc), ChunkLayout("int2", L, H, D))
+            got = (C, L, kq.transpose(1, 2).reshape(B, H, C * L, D).float())
+            self._lowbit_keys[i] = got
+        return got[2]
+
+    def _int2_mass(self, i, q, keys, S, L, C) -> torch.Tensor:
+        """Per KV head per chunk [B, H, C]: attention mass summed over the group's query heads, with the
+        chunks' logits from int2 keys and the hot set's from the exact ones (the hot set stays exact)."""
+        B, Hq, _, D = q.shape
+        H = keys.shape[1]
+        qf = q.float().reshape(B, H, Hq // H, D)
+        logits = torch.matmul(qf, keys.float().transpose(-1, -2)) * self.scaling
+        kq = self._int2_keys(i, keys, S, L, C)
+        logits[..., S : S + C * L] = torch.matmul(qf, kq.transpose(-1, -2)) * self.scaling
+        p = torch.softmax(logits, dim=-1)[..., S : S + C * L]
+        return p.reshape(B, H, -1, C, L).sum(-1).sum(2)
 
     def _record(self, i: int, chunk_idx: torch.Tensor) -> None:
         q, S, L, C, T, length, abstracts = self._pending[i]
@@ -247,6 +290,9 @@ class SelectionProbe:
         for a in RecallStats.ALPHAS:
             pick = torch.topk((by_centre + a * by_width).amax(2), kk, dim=-1).indices
             alt[a] = (hot + chunk_mass.gather(-1, pick.unsqueeze(2).expand(B, H, g, kk)).sum(-1)).clamp(max=1.0)
+        if self.lowbit:
+            pick = torch.topk(self._int2_mass(i, q, keys, S, L, C), kk, dim=-1).indices
+            lowbit = (hot + chunk_mass.gather(-1, pick.unsqueeze(2).expand(B, H, g, kk)).sum(-1)).clamp(max=1.0)
         all_chunks = chunk_mass.sum(-1)
         total = (hot + chosen).clamp(max=1.0)
         middle = torch.where(all_chunks > 0, chosen / all_chunks.clamp(min=1e-30), torch.ones_like(chosen))
@@ -258,6 +304,9 @@ class SelectionProbe:
         s.maxkey[i] += float((hot + maxkey).clamp(max=1.0).sum())
         for a, v in alt.items():
             getattr(s, f"alpha_{a:g}")[i] += float(v.sum())
+        if self.lowbit:
+            s.lowbit[i] += float(lowbit.sum())
+            s.lowbit_count[i] += lowbit.numel()
         s.low_total[i] += int((total < 0.9).sum())
         if self.needles is not None:
             picked = chunk_idx.tolist()
