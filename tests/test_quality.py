@@ -196,7 +196,7 @@ def test_demo_answers_with_kv_on_disk(capsys, tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--context", "10"], "--context 10"),
+    (["--context", "100"], "--context 100"),
     (["--context", "100000"], "--context 100000"),
     (["--seed", "-1"], "--seed -1"),
     (["--device", "tpu"], "--device 'tpu'"),

@@ -24,6 +24,7 @@ DEFAULT_CONTEXT = 4096
 CHUNK_LENGTH = 16  # short chunks: the passkey sentence is 7 tokens, and the budget buys more places to look
 SINK, WINDOW = 4, 64
 BUDGET_FRACTION = 16  # decode steps attend to context/16 tokens of chunks beyond the hot set
+MIN_CONTEXT = 256  # below that the hot set (sink + window) is most of the prompt: nothing to offload
 
 
 def register(sub) -> None:
@@ -63,11 +64,9 @@ def _device(arg, console):
 def run(args) -> int:
     console = Console(stderr=False)
     err = Console(stderr=True)
-    from ..models.tasks import MIN_LENGTH
-
     max_ctx = 8448  # the shipped model's max_position_embeddings (checked against its config below)
-    if not MIN_LENGTH <= args.context <= max_ctx:
-        return _fail(err, f"--context {args.context}: expected an integer from {MIN_LENGTH} to {max_ctx} tokens")
+    if not MIN_CONTEXT <= args.context <= max_ctx:
+        return _fail(err, f"--context {args.context}: expected an integer from {MIN_CONTEXT} to {max_ctx} tokens")
     if args.seed < 0:
         return _fail(err, f"--seed {args.seed}: expected a non-negative integer")
     device, msg = _device(args.device, err)
@@ -98,7 +97,7 @@ def run(args) -> int:
     # the sizes that make the point: KV as a plain 16-bit cache would hold it, and the budgets around it
     kv_bytes = args.context * raw_bytes_per_token(n_kv, head_dim) * n_layers
     chunk_bytes = ChunkLayout(args.format, CHUNK_LENGTH, n_kv, head_dim).nbytes
-    n_chunks = (args.context - SINK - WINDOW) // CHUNK_LENGTH * n_layers
+    n_chunks = max(1, (args.context - SINK - WINDOW) // CHUNK_LENGTH) * n_layers
     stored = n_chunks * chunk_bytes
     gpu_budget = max(chunk_bytes, stored // 32)  # room for a few hot chunks
     cpu_budget = max(chunk_bytes, stored // 3)  # two thirds of the chunks must go to disk
