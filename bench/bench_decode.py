@@ -4,7 +4,9 @@ A Llama-3-8B-shaped model with random bf16 weights; for each context length and 
   dynamic      DynamicCache on the GPU (skipped, and said so, where its KV does not fit)
   offloaded    DynamicCache(offloading=True): every layer's KV copied to the GPU each step
   tierkv-dense tierkv with budget=None (exact; every chunk gathered every step)
-  tierkv-sparse tierkv with budget = min(context / 16, 2048) tokens, hot set = sink + window
+  tierkv-sparse tierkv with budget = min(context / 16, 2048) tokens, hot set = sink + window, chunks
+               ranked by scoring 'mass' (2-bit key codes on the GPU; --scoring bound to change)
+  tierkv-sparse-bound  the same cache decoding with scoring 'bound' (abstracts' min/max only)
 Reported: prefill seconds, decode tokens/s after warm-up (all sequences of the batch), peak GPU memory,
 and the ratios the targets are stated in. The two tierkv rows share one prefill (same chunks, same
 format): the budget only changes how decode reads them.
@@ -107,6 +109,23 @@ def _profile_steps(model, cache, tok, args, name):
         f.write(prof.key_averages().table(sort_by="cpu_time_total", row_limit=40))
 
 
+def _profile_prefill(model, ids, tcfg, piece, args, name):
+    """Where a tierkv prefill spends host and device time (torch.profiler), as a text table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cleanup()
+    with tierkv.offload(model, tcfg) as cache, profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        prefill(model, ids, cache, piece)
+    os.makedirs(args.profile_dir, exist_ok=True)
+    with open(os.path.join(args.profile_dir, name + ".txt"), "w") as f:
+        f.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=45))
+        f.write("\n\n")
+        f.write(prof.key_averages().table(sort_by="cpu_time_total", row_limit=45))
+        f.write("\n\n")
+        f.write(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30))
+    cleanup()
+
+
 def _warm_up(model, cfg, device):
     """One small prefill and a few steps first, so library initialisation is in no measured row."""
     from transformers import DynamicCache
@@ -177,7 +196,7 @@ def run_case(model, cfg, ctx, batch, args, device):
     gpu_budget = int(0.08 * kv_bytes(cfg, ctx, batch))  # the gpu chunk cache: 8% of the KV
     tcfg = TierConfig(gpu_budget=gpu_budget, cpu_budget=int(kv_bytes(cfg, ctx, batch) * 1.1) + (256 << 20),
                       budget=None, format=args.format, sink=args.sink, window=args.window,
-                      chunk_length=args.chunk_length)
+                      chunk_length=args.chunk_length, scoring=args.scoring)
     if "tierkv" not in args.modes:
         return rows
     with tierkv.offload(model, tcfg) as cache:
@@ -188,7 +207,7 @@ def run_case(model, cfg, ctx, batch, args, device):
         cache.config = tcfg.replace(budget=budget_tokens)
         torch.cuda.reset_peak_memory_stats() if device == "cuda" else None
         tps = decode(model, cache, tok, args.warmup, args.steps)
-        if args.profile_dir:
+        if args.profile_dir and "decode" in args.profile:
             _profile_steps(model, cache, tok, args, f"sparse_ctx{ctx}_b{batch}")
         stats = cache.stats()
         held = cache.device_bytes()
@@ -198,6 +217,18 @@ def run_case(model, cfg, ctx, batch, args, device):
         rows[-1]["device_kv_bytes"] = held
         rows[-1]["kv_bytes"] = kv_bytes(cfg, ctx, batch)
         rows[-1]["device_kv_share"] = sum(held.values()) / kv_bytes(cfg, ctx, batch)
+        if "bound" in args.scorings and tcfg.scoring == "mass":
+            # the same chunks ranked by the abstracts' bound alone (a cache made with scoring='bound'
+            # would hold no key codes on the GPU: they are left out of its share)
+            cache.config = tcfg.replace(budget=budget_tokens, scoring="bound")
+            torch.cuda.reset_peak_memory_stats() if device == "cuda" else None
+            tps = decode(model, cache, tok, args.warmup, args.steps)
+            record("tierkv-sparse-bound", pre, tps, f"budget {budget_tokens} tok, scoring 'bound'")
+            bound_held = {k: v for k, v in held.items() if k != "key_codes"}
+            rows[-1]["device_kv_bytes"] = bound_held
+            rows[-1]["device_kv_share"] = sum(bound_held.values()) / kv_bytes(cfg, ctx, batch)
+    if args.profile_dir and "prefill" in args.profile and device == "cuda" and ctx * batch <= 32768:
+        _profile_prefill(model, ids, tcfg, piece, args, f"prefill_ctx{ctx}_b{batch}")
     cleanup()
     return rows
 
@@ -208,6 +239,7 @@ def main(argv=None):
     p.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--warmup", type=int, default=4)
+    p.add_argument("--cases", nargs="*", default=None, help="CONTEXTxBATCH pairs, instead of contexts x batches")
     p.add_argument("--piece", type=int, default=32768, help="prefill piece length (tokens)")
     p.add_argument("--piece-large", type=int, default=8192, help="prefill piece when context x batch > 128K")
     p.add_argument("--format", default="bf16")
@@ -221,6 +253,11 @@ def main(argv=None):
                    help="which of dynamic, offloaded, tierkv (dense + sparse) to run")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--profile-dir", default=None, help="write torch.profiler tables of sparse decode steps here")
+    p.add_argument("--profile", nargs="*", default=["decode"], choices=["decode", "prefill"],
+                   help="what --profile-dir profiles: decode steps, an extra tierkv prefill per case")
+    p.add_argument("--scoring", default="mass", choices=["mass", "bound"], help="TierConfig.scoring of the tierkv rows")
+    p.add_argument("--scorings", nargs="*", default=["bound"], choices=["bound"],
+                   help="also decode the same cache with these scorings (rows tierkv-sparse-<scoring>)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -238,8 +275,14 @@ def main(argv=None):
         model="Llama-3-8B-shaped, random bf16 weights" if not args.quick else "small Llama (quick)",
         args=vars(args), rows=[],
     )
-    for ctx in args.contexts:
-        for b in args.batches:
+    cases = [(c, b) for c in args.contexts for b in args.batches]
+    if args.cases:
+        try:
+            cases = [tuple(int(x) for x in c.lower().split("x")) for c in args.cases]
+        except ValueError:
+            p.error(f"--cases: expected CONTEXTxBATCH like 32768x4, got {args.cases}")
+    for ctx, b in cases:
+        if True:
             print(f"context {ctx} batch {b}", flush=True)
             results["rows"].extend(run_case(model, cfg, ctx, b, args, device))
             if args.json:
@@ -261,8 +304,11 @@ def ratios(rows):
         def ratio(x, y, key):
             return (x[key] / y[key]) if x and y and x.get(key) and y.get(key) else None
 
+        bound = by.get(("tierkv-sparse-bound", ctx, b))
         out.append(dict(context=ctx, batch=b,
                         sparse_over_dynamic_tps=ratio(r, d, "tokens_per_s"),
+                        sparse_bound_over_dynamic_tps=ratio(bound, d, "tokens_per_s"),
+                        sparse_bound_device_kv_share=bound.get("device_kv_share") if bound else None,
                         sparse_over_offloaded_tps=ratio(r, o, "tokens_per_s"),
                         tierkv_prefill_over_dynamic=ratio(dense, d, "prefill_s"),
                         sparse_device_kv_share=r.get("device_kv_share")))

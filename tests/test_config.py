@@ -39,6 +39,7 @@ def test_budgets_normalised_to_bytes():
         ({"chunk_lengths": (16, 0)}, "chunk_lengths"),
         ({"importance_decay": 0}, "importance_decay"),
         ({"miss_policy": "hope"}, "miss_policy"),
+        ({"scoring": "psychic"}, "scoring"),
         ({"profile": "/nonexistent/profile.json"}, "profile"),
     ],
 )

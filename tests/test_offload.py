@@ -218,9 +218,10 @@ def test_layer_scores_equal_reference_bounds():
 
     model = build("qwen2", seed=9)
     ids = torch.randint(1, 512, (2, 300))
-    with tierkv.offload(model, EXACT) as cache, torch.no_grad():
+    with tierkv.offload(model, EXACT.replace(scoring="bound")) as cache, torch.no_grad():
         model(ids, past_key_values=cache)
         layer = cache.layers[1]
+        assert layer.codes is None and cache.device_bytes()["key_codes"] == 0
         k, _ = layer.gather_all()  # [B, H, C*L, D], exact in bf16
         B, H, _, D = k.shape
         C, L = layer.n_chunks, layer.chunk_len
@@ -229,3 +230,31 @@ def test_layer_scores_equal_reference_bounds():
         got = layer.score(q)
         want = score(q, ref_ab)
     torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
+
+
+def test_layer_mass_scores_equal_reference():
+    """scoring='mass': the decode path's scores equal abstracts.mass_score over the chunks' keys (codes
+    made from the exact keys), with the sink and tail as the exact hot set; codes are counted on the GPU."""
+    from tierkv.abstracts import key_codes, mass_score
+
+    model = build("llama", seed=10)
+    ids = torch.randint(1, 512, (2, 300))
+    with tierkv.offload(model, EXACT) as cache, torch.no_grad():
+        model(ids, past_key_values=cache)
+        layer = cache.layers[0]
+        k, _ = layer.gather_all()
+        B, H, _, D = k.shape
+        C, L = layer.n_chunks, layer.chunk_len
+        kc = k.reshape(B, H, C, L, D)
+        lo, hi = kc.amin(-2), kc.amax(-2)
+        codes = key_codes(kc, lo, hi)
+        assert torch.equal(layer.codes[:, :, :C], codes)
+        assert cache.device_bytes()["key_codes"] == len(cache.layers) * B * H * C * L * D // 4
+        q = torch.randn(B, 4, 1, D, dtype=torch.bfloat16)
+        layer.scaling = 0.25
+        got = layer.score(q)
+        hot = torch.cat([layer.sink_k, layer.tail_k], dim=-2)
+        want = mass_score(q, lo, hi, codes, 0.25, hot)
+    assert got.shape == (B, H, C)
+    torch.testing.assert_close(got, want)
+

@@ -78,3 +78,75 @@ def select(scores: torch.Tensor, lengths: torch.Tensor, budget: int, eligible: O
     chosen = torch.zeros_like(take_sorted)
     chosen.scatter_(-1, order, take_sorted)
     return chosen
+
+
+# --- attention-mass scoring from 2-bit key codes ---------------------------------------------------------
+# The bound above ranks a chunk by the most any one of its keys could score, which says little about how
+# much of a query's softmax the chunk holds: a chunk of sixteen moderately matching keys outweighs one
+# whose single corner the bound flatters. Mass scoring keeps, beside the abstract's per-channel min m and
+# max M, a 2-bit code per key channel (KIVI int2 over the chunk: k ~ m + code * (M - m) / 3), estimates
+# every key's logit from it, and ranks a chunk by the share of each query head's softmax it takes (the
+# hot set's exact logits in the denominator), summed over the grouped query heads. Codes are packed four
+# channels to a byte: channel 4i + j sits at bits 2j..2j+1 of byte i.
+
+def key_codes(k: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """Keys [..., L, D] with their chunk's min/max [..., D] -> packed 2-bit codes [..., L, D/4] uint8."""
+    D = k.shape[-1]
+    if D % 4:
+        raise FormatError(f"mass scoring packs 4 channels a byte: head dim {D} is not a multiple of 4")
+    lo_f, hi_f = lo.float().unsqueeze(-2), hi.float().unsqueeze(-2)
+    width = hi_f - lo_f
+    c = ((k.float() - lo_f) / torch.where(width > 0, width, torch.ones_like(width)) * 3).round_().clamp_(0, 3)
+    c = c.to(torch.uint8).reshape(*k.shape[:-1], D // 4, 4)
+    return c[..., 0] | (c[..., 1] << 2) | (c[..., 2] << 4) | (c[..., 3] << 6)
+
+
+def unpack_codes(codes: torch.Tensor) -> torch.Tensor:
+    """Packed codes [..., D/4] uint8 -> codes [..., D] uint8 in 0..3."""
+    parts = [(codes >> s) & 3 for s in (0, 2, 4, 6)]
+    return torch.stack(parts, dim=-1).reshape(*codes.shape[:-1], codes.shape[-1] * 4)
+
+
+def chunk_log_mass(q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, codes: torch.Tensor, scaling: float,
+                   block_elems: int = 1 << 24) -> torch.Tensor:
+    """log sum_t exp(scaling * q . k_t) over each chunk's keys as their codes give them.
+
+    q: [B, H, G, D] (G query rows per KV head); lo, hi: [B, H, C, D]; codes: [B, H, C, L, D/4].
+    returns [B, H, G, C] float32. Work runs over blocks of chunks of at most `block_elems` key elements,
+    in the keys' dtype on CUDA (float32 on the CPU, where half-precision matmuls are slow).
+    """
+    B, H, G, D = q.shape
+    C, L = codes.shape[2], codes.shape[3]
+    dt = lo.dtype if (lo.is_cuda and lo.dtype in (torch.bfloat16, torch.float16)) else torch.float32
+    qd = q.to(dt)
+    out = torch.empty(B, H, G, C, dtype=torch.float32, device=q.device)
+    step = max(1, block_elems // max(1, B * H * L * D))
+    for c0 in range(0, C, step):
+        c1 = min(C, c0 + step)
+        l, h = lo[:, :, c0:c1].to(dt), hi[:, :, c0:c1].to(dt)
+        k = unpack_codes(codes[:, :, c0:c1]).to(dt) * ((h - l) / 3).unsqueeze(3) + l.unsqueeze(3)  # [B,H,c,L,D]
+        logits = torch.matmul(qd, k.reshape(B, H, (c1 - c0) * L, D).transpose(-1, -2)).float() * scaling
+        out[..., c0:c1] = logits.reshape(B, H, G, c1 - c0, L).logsumexp(-1)
+    return out
+
+
+def mass_score(q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, codes: torch.Tensor, scaling: float,
+               hot_keys: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Estimated attention mass per KV head per chunk [B, H, C]: each query head's softmax share of the
+    chunk (over all chunks plus, when given, the exact hot-set keys [B, H, S, D]) summed over the heads.
+
+    q: [B, Hq, T, D] or [B, Hq, D]; lo, hi [B, H, C, D]; codes [B, H, C, L, D/4].
+    """
+    if q.dim() == 3:
+        q = q.unsqueeze(2)
+    B, Hq, T, D = q.shape
+    H = lo.shape[1]
+    if Hq % H:
+        raise FormatError(f"{Hq} query heads are not a multiple of {H} KV heads")
+    qg = q.float().reshape(B, H, (Hq // H) * T, D)
+    lm = chunk_log_mass(qg, lo, hi, codes, scaling)  # [B, H, G, C]
+    if hot_keys is not None and hot_keys.shape[-2] > 0:
+        hot = (torch.matmul(qg, hot_keys.float().transpose(-1, -2)) * scaling).logsumexp(-1, keepdim=True)
+        lm = torch.cat([hot, lm], dim=-1)
+        return torch.softmax(lm, dim=-1)[..., 1:].sum(2)
+    return torch.softmax(lm, dim=-1).sum(2)

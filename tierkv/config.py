@@ -16,6 +16,7 @@ from .errors import ConfigError
 
 FORMATS = ("bf16", "fp16", "int8", "int4", "int2")
 MISS_POLICIES = ("wait", "skip")
+SCORINGS = ("mass", "bound")
 DEFAULT_CHUNK_LENGTHS = (16, 32, 64, 128, 256)
 DEFAULT_PREFETCH_DEPTH = 2
 AUTO_FIELDS = ("chunk_lengths", "prefetch_depth")
@@ -82,6 +83,11 @@ class TierConfig:
     chunk_length: a fixed chunk length for every layer (None: the planner chooses).
     importance_decay: per-step decay of a chunk's importance for eviction (1.0: never forget).
     miss_policy:  when a selected chunk is not on the GPU or CPU in time: 'wait' or 'skip'.
+    scoring:      how chunks are ranked for selection. 'mass': by the attention mass each query head
+                  would give the chunk, estimated from 2-bit copies of its keys (KIVI int2 codes over the
+                  abstract's per-channel min/max, kept on the GPU: 1/16 of the bf16 KV); 'bound': by the
+                  abstract's upper bound of q . k alone (min/max only, no codes). 'mass' covers far more of
+                  the attention mass (see bench/results/quality_cpu.json), 'bound' holds less on the GPU.
     write_queue:  depth of the bounded write-behind queue to disk.
     prefetch_depth: chunks per head prefetched ahead of need (None: auto, see below).
     profile:      path of a saved `tierkv profile` JSON whose measurements set defaults.
@@ -106,6 +112,7 @@ class TierConfig:
     chunk_length: Optional[int] = None
     importance_decay: float = 0.9
     miss_policy: str = "wait"
+    scoring: str = "mass"
     write_queue: int = 64
     prefetch_depth: Optional[int] = None
     profile: Optional[str] = None
@@ -156,6 +163,8 @@ class TierConfig:
             raise ConfigError(f"importance_decay: expected a number in (0, 1], got {self.importance_decay!r}")
         if self.miss_policy not in MISS_POLICIES:
             raise ConfigError(f"miss_policy: expected one of {', '.join(MISS_POLICIES)}, got {self.miss_policy!r}")
+        if self.scoring not in SCORINGS:
+            raise ConfigError(f"scoring: expected one of {', '.join(SCORINGS)}, got {self.scoring!r}")
         _int_at_least("write_queue", self.write_queue, 1)
         _int_at_least("prefetch_depth", self.prefetch_depth, 0)
         if self.disk_path is not None:

@@ -95,6 +95,7 @@ def sparse_attend(layer, q, padding, scaling):
         w[:, :, :, :S] = layer.sink
     idx = skipped = None
     if k_sel > 0:
+        layer.scaling = scaling
         idx = torch.topk(layer.score(q), k_sel, dim=-1, sorted=False).indices  # [B, H, k]
         cache = layer.cache
         if cache.store.disk is not None:

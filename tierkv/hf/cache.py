@@ -26,12 +26,14 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from .. import ops
 from ..config import TierConfig
 from ..errors import CapacityError, TierKVError
+from ..abstracts import key_codes, mass_score
 from ..formats import ChunkLayout
 from ..keys import ChunkKey
 from ..planner import desert_rate, plan_length
 from ..store import ChunkStore
 
 _ids = itertools.count()
+MIN_CHUNKS_IN_BUDGET = 4  # the planner gives no layer chunks longer than budget / 4
 PROMOTE_EVERY = 16  # decode steps between refreshes of the gpu tier's contents (each costs a host sync)
 
 
@@ -41,6 +43,13 @@ def _pinned(values, dtype, device) -> torch.Tensor:
     if device.type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t
+
+
+def _cat(parts) -> Optional[torch.Tensor]:
+    parts = [p for p in parts if p is not None and p.shape[-2] > 0]
+    if not parts:
+        return None
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
 
 
 class TierKVLayer(CacheLayerMixin):
@@ -65,6 +74,9 @@ class TierKVLayer(CacheLayerMixin):
         self.addr: Optional[torch.Tensor] = None
         self.on_gpu: Optional[torch.Tensor] = None
         self.importance: Optional[torch.Tensor] = None
+        # scoring 'mass': packed 2-bit key codes per chunk [B, H, cap, L, D/4] (see abstracts.key_codes)
+        self.codes: Optional[torch.Tensor] = None
+        self.scaling: Optional[float] = None  # the attention's softmax scale, set by the first sparse step
         self.chosen: Optional[torch.Tensor] = None  # [B, capacity]: times chosen since hits were last counted
         self.rate: Optional[float] = None  # attention-desert rate measured at prefill
         self.pending: Optional[torch.Tensor] = None  # key states returned by the last update
@@ -166,6 +178,11 @@ class TierKVLayer(CacheLayerMixin):
         if cfg.chunk_length is not None:
             return cfg.chunk_length
         lengths = cfg.chunk_lengths
+        if cfg.budget is not None:
+            # at least MIN_CHUNKS_IN_BUDGET chunks fit the budget: a layer given chunks as long as its budget
+            # would choose one or none and see little beyond sink and window
+            fit = [n for n in lengths if n * MIN_CHUNKS_IN_BUDGET <= cfg.budget]
+            lengths = fit or lengths[:1]
         if self.rate is None:
             return lengths[len(lengths) // 2]
         return plan_length(self.rate, lengths)
@@ -219,6 +236,12 @@ class TierKVLayer(CacheLayerMixin):
         on_gpu = torch.zeros(B, new_cap, dtype=torch.bool, device=self.device)
         imp = torch.zeros(B, new_cap, dtype=torch.float32, device=self.device)
         chosen = torch.zeros(B, new_cap, dtype=torch.float32, device=self.device)
+        codes = None
+        if self.cache.config.scoring == "mass" and (cap == 0 or self.codes is not None):
+            codes = torch.empty(B, H, new_cap, self.chunk_len, D // 4, dtype=torch.uint8, device=self.device)
+            if cap:
+                codes[:, :, :cap] = self.codes
+        self.codes = codes
         if cap:
             chosen[:, :cap] = self.chosen
             ab[..., :cap] = self.abstracts
@@ -234,18 +257,31 @@ class TierKVLayer(CacheLayerMixin):
         c0 = self.n_chunks
         self._grow(c0 + n)
         self.abstracts[..., c0 : c0 + n] = abstracts.permute(0, 2, 3, 4, 1).reshape(B, H, 2 * D, n)
+        if self.codes is not None:
+            ab = abstracts.transpose(1, 2)  # [B, H, n, 2, D]
+            kc = k.reshape(B, H, n, lay.n_tokens, D)
+            self.codes[:, :, c0 : c0 + n] = key_codes(kc, ab[:, :, :, 0], ab[:, :, :, 1])
         keys = [self.cache.key(b, self.layer_idx, c) for b in range(B) for c in range(c0, c0 + n)]
         self.cache.store.put_many(keys, packed.reshape(B * n, lay.nbytes), tier="cpu")
         self.n_chunks += n
 
     # --- scoring and selection ---------------------------------------------------------------------
     def score(self, q: torch.Tensor) -> torch.Tensor:
-        """Upper bounds of q . k per KV head per chunk [B, H, C], max over grouped heads and query tokens.
+        """Importance of each chunk per KV head [B, H, C] for the query q [B, Hq, T, D]; higher is better.
 
-        Same bound as abstracts.score, from the stored layout: [min(q, 0), max(q, 0)] . [min; max].
+        With key codes (scoring 'mass'): abstracts.mass_score, the chunk's estimated share of each query
+        head's softmax (the exact sink and tail in the denominator) summed over the group. Without:
+        upper bounds of q . k, max over grouped heads and query tokens, the same bound as abstracts.score
+        from the stored layout: [min(q, 0), max(q, 0)] . [min; max].
         """
         B, Hq, T, D = q.shape
         H, C = self.n_heads, self.n_chunks
+        if self.codes is not None and self.cache.config.scoring == "mass":
+            lo = self.abstracts[:, :, :D, :C].transpose(-1, -2)
+            hi = self.abstracts[:, :, D:, :C].transpose(-1, -2)
+            hot = _cat([self.sink_k, self.tail_k])
+            scale = self.scaling if self.scaling is not None else D ** -0.5
+            return mass_score(q, lo, hi, self.codes[:, :, :C], scale, hot)
         qg = q.reshape(B, H, (Hq // H) * T, D)
         qc = torch.cat([qg.clamp(max=0), qg.clamp(min=0)], dim=-1).to(self.dtype)
         return torch.matmul(qc, self.abstracts[..., :C]).amax(dim=2)
@@ -561,6 +597,8 @@ class TierKVCache(Cache):
         k = min(self.config.budget // nxt.chunk_len, nxt.n_chunks)
         if k <= 0 or nxt.head_dim != layer.head_dim:
             return
+        if nxt.scaling is None:
+            nxt.scaling = layer.scaling
         pred = torch.topk(nxt.score(q), k, dim=-1, sorted=False).indices
         nxt.predicted = pred
         nxt.refresh_addresses()
@@ -671,13 +709,15 @@ class TierKVCache(Cache):
 
     def device_bytes(self) -> dict:
         """Bytes of KV state this cache keeps in device memory: the hot set, the abstracts, the gpu tier."""
-        hot = abstracts = 0
+        hot = abstracts = codes = 0
         for layer in self.layers:
             for t in (layer.sink, layer._tbuf):
                 hot += 0 if t is None else t.numel() * t.element_size()
             if layer.abstracts is not None:
                 abstracts += layer.abstracts[..., : layer.n_chunks].numel() * layer.abstracts.element_size()
-        return {"hot_set": hot, "abstracts": abstracts, "gpu_tier": self.store.gpu.used_bytes}
+            if layer.codes is not None:
+                codes += layer.codes[:, :, : layer.n_chunks].numel()
+        return {"hot_set": hot, "abstracts": abstracts, "key_codes": codes, "gpu_tier": self.store.gpu.used_bytes}
 
     def close(self) -> None:
         self.store.remove_listener(self._on_move)
