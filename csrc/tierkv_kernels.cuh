@@ -923,6 +923,101 @@ __global__ void __launch_bounds__(TIERKV_THREADS) ingest(const __grid_constant__
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Mass scoring: per (sequence, KV head, chunk, query row) the log of sum_t exp(q . k_t) over the
+// chunk's keys as their 2-bit codes give them, k_t[d] = lo[d] + code[t][d] * (hi[d] - lo[d]) / 3
+// (tierkv.abstracts.chunk_log_mass is the reference). One warp per (b * h, chunk); a lane owns 4
+// channels (one code byte) per 32-byte step of a token's codes, keeps q[g][d] * w[d] for them in
+// registers, and the warp sums each query row's dot product per token with shuffles; the log-sum-exp
+// over tokens runs online. q is float32 [B, H, G, D], already multiplied by the softmax scale.
+// ---------------------------------------------------------------------------------------------
+#define TIERKV_MASS_MAX_G 8
+#define TIERKV_MASS_MAX_BYTES 2  // code bytes per lane and token: head_dim <= 256
+
+struct MassArgs {
+  u64 q, ab, codes, out;        // q f32 [B,H,G,D]; ab [B,H,2D,cap] (min rows, then max rows); codes u8 [B,H,cap,L,D/4]; out f32 [B,H,G,C]
+  i64 bh, g, d, c, l, cap;      // B*H, query rows per KV head, head dim, chunks scored, tokens per chunk, capacity
+};
+
+template <int DT>
+__global__ void __launch_bounds__(TIERKV_THREADS) mass_logits(const __grid_constant__ MassArgs a) {
+  const i64 item = (i64)blockIdx.x * TIERKV_WARPS + (threadIdx.x >> 5);
+  const int lane = threadIdx.x & 31;
+  if (item >= a.bh * a.c) return;
+  const i64 bh = item / a.c, c = item - bh * a.c;
+  const int G = (int)a.g, D = (int)a.d, NB = D / 4;
+  const float* q = reinterpret_cast<const float*>(a.q) + bh * G * D;
+  const u16* ab = reinterpret_cast<const u16*>(a.ab) + bh * 2 * D * a.cap + c;
+  float qw[TIERKV_MASS_MAX_BYTES][4][TIERKV_MASS_MAX_G];
+  float base[TIERKV_MASS_MAX_G];
+#pragma unroll
+  for (int g = 0; g < TIERKV_MASS_MAX_G; ++g) base[g] = 0.f;
+#pragma unroll
+  for (int j = 0; j < TIERKV_MASS_MAX_BYTES; ++j) {
+    const int byte = lane + 32 * j;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const int d = 4 * byte + k;
+      float lo = 0.f, w = 0.f;
+      if (byte < NB) {
+        lo = half_to_f32<DT>(ab[(i64)d * a.cap]);
+        const float hi = half_to_f32<DT>(ab[(i64)(D + d) * a.cap]);
+        w = (hi - lo) / 3.f;
+      }
+#pragma unroll
+      for (int g = 0; g < TIERKV_MASS_MAX_G; ++g) {
+        const float qv = (g < G && byte < NB) ? q[g * D + d] : 0.f;
+        qw[j][k][g] = qv * w;
+        base[g] = __fmaf_rn(qv, lo, base[g]);
+      }
+    }
+  }
+#pragma unroll
+  for (int g = 0; g < TIERKV_MASS_MAX_G; ++g) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) base[g] += __shfl_xor_sync(0xffffffffu, base[g], o);
+  }
+  float m[TIERKV_MASS_MAX_G], s[TIERKV_MASS_MAX_G];
+#pragma unroll
+  for (int g = 0; g < TIERKV_MASS_MAX_G; ++g) { m[g] = -3.402823466e38f; s[g] = 0.f; }
+  const u8* cp = reinterpret_cast<const u8*>(a.codes) + (bh * a.cap + c) * a.l * NB;
+  for (i64 t = 0; t < a.l; ++t) {
+    float part[TIERKV_MASS_MAX_G];
+#pragma unroll
+    for (int g = 0; g < TIERKV_MASS_MAX_G; ++g) part[g] = 0.f;
+#pragma unroll
+    for (int j = 0; j < TIERKV_MASS_MAX_BYTES; ++j) {
+      const int byte = lane + 32 * j;
+      const u32 v = byte < NB ? (u32)cp[t * NB + byte] : 0u;
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const float code = (float)((v >> (2 * k)) & 3u);
+#pragma unroll
+        for (int g = 0; g < TIERKV_MASS_MAX_G; ++g) part[g] = __fmaf_rn(qw[j][k][g], code, part[g]);
+      }
+    }
+#pragma unroll
+    for (int g = 0; g < TIERKV_MASS_MAX_G; ++g) {
+      if (g < G) {
+        float x = part[g];
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+        x += base[g];
+        const float nm = fmaxf(m[g], x);
+        s[g] = s[g] * __expf(m[g] - nm) + __expf(x - nm);
+        m[g] = nm;
+      }
+    }
+  }
+  if (lane == 0) {
+    float* out = reinterpret_cast<float*>(a.out) + bh * G * a.c + c;
+#pragma unroll
+    for (int g = 0; g < TIERKV_MASS_MAX_G; ++g) {
+      if (g < G) out[(i64)g * a.c] = m[g] + __logf(s[g]);
+    }
+  }
+}
+
 }  // namespace tierkv
 
 #endif  // TIERKV_KERNELS_CUH

@@ -240,6 +240,36 @@ void copy_chunks(at::TensorList sources, const at::Tensor& copies, const at::Ten
   }
 }
 
+// Mass scoring (see tierkv_kernels.cuh): out [B, H, G, C] float32 from q [B, H, G, D] float32 (scaled),
+// abstracts [B, H, 2D, cap] (bf16/fp16) and codes [B, H, cap, L, D/4] uint8, for the first C chunks.
+at::Tensor mass_logits(const at::Tensor& q, const at::Tensor& abstracts, const at::Tensor& codes, int64_t n_chunks) {
+  TORCH_CHECK(q.is_cuda() && abstracts.is_cuda() && codes.is_cuda() && q.device() == abstracts.device() &&
+                  codes.device() == q.device(), "tierkv.mass_logits: tensors must be on one CUDA device");
+  TORCH_CHECK(q.scalar_type() == at::kFloat && q.dim() == 4 && q.is_contiguous(), "tierkv.mass_logits: q must be contiguous float32 [B, H, G, D]");
+  TORCH_CHECK(abstracts.dim() == 4 && abstracts.is_contiguous() && (abstracts.scalar_type() == at::kBFloat16 || abstracts.scalar_type() == at::kHalf),
+              "tierkv.mass_logits: abstracts must be contiguous bf16/fp16 [B, H, 2D, cap]");
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.dim() == 5 && codes.is_contiguous(), "tierkv.mass_logits: codes must be contiguous uint8 [B, H, cap, L, D/4]");
+  const i64 B = q.size(0), H = q.size(1), G = q.size(2), D = q.size(3), cap = abstracts.size(3), L = codes.size(3);
+  TORCH_CHECK(G >= 1 && G <= TIERKV_MASS_MAX_G, "tierkv.mass_logits: at most ", TIERKV_MASS_MAX_G, " query rows per KV head, got ", G);
+  TORCH_CHECK(D % 4 == 0 && D >= 4 && D <= 128 * TIERKV_MASS_MAX_BYTES, "tierkv.mass_logits: head dim must be a multiple of 4 up to ", 128 * TIERKV_MASS_MAX_BYTES);
+  TORCH_CHECK(abstracts.size(0) == B && abstracts.size(1) == H && abstracts.size(2) == 2 * D, "tierkv.mass_logits: abstracts do not match q");
+  TORCH_CHECK(codes.size(0) == B && codes.size(1) == H && codes.size(2) == cap && codes.size(4) == D / 4, "tierkv.mass_logits: codes do not match abstracts");
+  TORCH_CHECK(n_chunks >= 0 && n_chunks <= cap, "tierkv.mass_logits: n_chunks ", n_chunks, " outside [0, ", cap, "]");
+  at::Tensor out = at::empty({B, H, G, n_chunks}, q.options());
+  if (B * H * n_chunks == 0) return out;
+  c10::cuda::CUDAGuard guard(q.device());
+  tierkv::MassArgs a;
+  a.q = (u64)q.data_ptr(); a.ab = (u64)abstracts.data_ptr(); a.codes = (u64)codes.data_ptr(); a.out = (u64)out.data_ptr();
+  a.bh = B * H; a.g = G; a.d = D; a.c = n_chunks; a.l = L; a.cap = cap;
+  const i64 items = B * H * n_chunks;
+  const dim3 grid((unsigned)((items + TIERKV_WARPS - 1) / TIERKV_WARPS));
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.device().index()).stream();
+  if (abstracts.scalar_type() == at::kBFloat16) tierkv::mass_logits<0><<<grid, TIERKV_THREADS, 0, stream>>>(a);
+  else tierkv::mass_logits<1><<<grid, TIERKV_THREADS, 0, stream>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(tierkv, m) {
@@ -247,12 +277,14 @@ TORCH_LIBRARY(tierkv, m) {
         "int parts, int tile_tokens, int blocks) -> ()");
   m.def("ingest(Tensor k, Tensor v, int chunk_len, int fmt, int group) -> (Tensor, Tensor)");
   m.def("copy_chunks(Tensor[] sources, Tensor copies, Tensor(a!) dst) -> ()");
+  m.def("mass_logits(Tensor q, Tensor abstracts, Tensor codes, int n_chunks) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tierkv, CUDA, m) {
   m.impl("gather", &gather);
   m.impl("ingest", &ingest);
   m.impl("copy_chunks", &copy_chunks);
+  m.impl("mass_logits", &mass_logits);
 }
 
 // `import tierkv._C` loads this library, which registers the ops above; the module itself is empty.

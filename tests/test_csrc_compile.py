@@ -46,6 +46,8 @@ def _instances() -> str:
         lines.append(f"template __global__ void {name}(const __grid_constant__ tierkv::GatherArgs);")
     for name in cb.INGEST_KERNELS.values():
         lines.append(f"template __global__ void {name}(const __grid_constant__ tierkv::IngestArgs);")
+    for name in cb.MASS_KERNELS.values():
+        lines.append(f"template __global__ void {name}(const __grid_constant__ tierkv::MassArgs);")
     return "\n".join(lines) + "\n"
 
 
@@ -59,9 +61,9 @@ def test_kernels_compile_for_sm90(tmp_path):
     assert r.returncode == 0, r.stderr[-4000:]
     # ptxas -v: "Compiling entry function '<mangled>'" then "<n> bytes stack frame, <s> bytes spill stores, ..."
     report = re.findall(r"Function properties for (\S+)\n\s+(\d+) bytes stack frame, (\d+) bytes spill stores", r.stderr)
-    assert len(report) >= len(cb.GATHER_KERNELS) + len(cb.INGEST_KERNELS), r.stderr[-2000:]
+    assert len(report) >= len(cb.GATHER_KERNELS) + len(cb.INGEST_KERNELS) + len(cb.MASS_KERNELS), r.stderr[-2000:]
     for fn, stack, spill in report:
-        if "gather" in fn:
+        if "gather" in fn or "mass" in fn:
             # the integer kernels spill one register, outside their inner loops; more is a regression
             assert int(stack) <= 16 and int(spill) <= 16, f"{fn}: {stack} bytes stack frame, {spill} spilled"
 
@@ -103,7 +105,7 @@ def test_kernels_compile_with_nvrtc():
     source = open(cb.header_path()).read().encode()
     prog = ctypes.c_void_p()
     assert lib.nvrtcCreateProgram(ctypes.byref(prog), source, b"tierkv_kernels.cu", 0, None, None) == 0
-    names = list(cb.GATHER_KERNELS.values()) + list(cb.INGEST_KERNELS.values())
+    names = list(cb.GATHER_KERNELS.values()) + list(cb.INGEST_KERNELS.values()) + list(cb.MASS_KERNELS.values())
     for n in names:
         assert lib.nvrtcAddNameExpression(prog, n.encode()) == 0
     opts = [o.encode() for o in cb.NVRTC_OPTIONS] + [b"--gpu-architecture=sm_90"]

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from tierkv import ops
-from tierkv._cupy_backend import GATHER_DTYPE, INGEST_DTYPE, header_path
+from tierkv._cupy_backend import GATHER_DTYPE, INGEST_DTYPE, MASS_DTYPE, header_path
 from tierkv.abstracts import chunk_abstract
 from tierkv.errors import BackendError, FormatError
 from tierkv.formats import ChunkLayout, decode, encode
@@ -268,6 +268,7 @@ def test_cupy_structs_mirror_header():
     """The cupy backend builds the kernels' argument structs byte for byte; their field order must be the header's."""
     assert list(GATHER_DTYPE.names) == _struct_fields("GatherArgs")
     assert list(INGEST_DTYPE.names) == _struct_fields("IngestArgs")
+    assert list(MASS_DTYPE.names) == _struct_fields("MassArgs")
     assert GATHER_DTYPE.itemsize == 8 * (2 * ops.MAX_SOURCES + len(GATHER_DTYPE.names) - 2)
     src = open(header_path()).read()
     assert f"#define TIERKV_MAX_SOURCES {ops.MAX_SOURCES}" in src
@@ -416,3 +417,50 @@ def test_ingest_then_gather_roundtrip(backend, fmt, seed):
     k_exp, v_exp = decode(encode(kc.cpu(), vc.cpu(), lay), lay, torch.bfloat16)  # encode on the CPU: see above
     assert same_bits(k_out, k_exp.permute(0, 2, 1, 3, 4).reshape(B, H, C * L, D))
     assert same_bits(v_out, v_exp.permute(0, 2, 1, 3, 4).reshape(B, H, C * L, D))
+
+
+# --- mass scoring ---------------------------------------------------------------------------------------
+def _mass_scene(B, H, G, D, L, cap, C, dtype, device, gen):
+    from tierkv.abstracts import key_codes
+
+    k = torch.randn(B, H, cap, L, D, generator=gen) * 2
+    lo, hi = k.amin(3), k.amax(3)
+    codes = key_codes(k, lo, hi).to(device)
+    ab = torch.cat([lo.transpose(-1, -2), hi.transpose(-1, -2)], dim=2).to(dtype).to(device).contiguous()  # [B,H,2D,cap]
+    q = (torch.randn(B, H, G, D, generator=gen) * 0.2).to(device)
+    return q, ab, codes
+
+
+def test_mass_logits_reference_and_validation():
+    gen = torch.Generator().manual_seed(11)
+    q, ab, codes = _mass_scene(2, 2, 3, 16, 5, 7, 6, torch.bfloat16, "cpu", gen)
+    from tierkv.abstracts import chunk_log_mass
+
+    got = ops.mass_logits(q, ab, codes, 6)
+    lo, hi = ab[:, :, :16, :6].float().transpose(-1, -2), ab[:, :, 16:, :6].float().transpose(-1, -2)
+    torch.testing.assert_close(got, chunk_log_mass(q, lo, hi, codes[:, :, :6], 1.0))
+    with pytest.raises(FormatError, match="n_chunks"):
+        ops.mass_logits(q, ab, codes, 8)
+    with pytest.raises(FormatError, match="do not fit"):
+        ops.mass_logits(q, ab, codes[..., :2], 6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["ext", "cupy"])
+@pytest.mark.parametrize("shape", [(1, 8, 4, 128, 64, 40, 37), (2, 2, 8, 256, 16, 9, 9), (3, 4, 1, 64, 5, 7, 6),
+                                   (1, 2, 7, 8, 33, 3, 2)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mass_logits_kernel_matches_reference(backend, shape, dtype, seed):
+    """The kernel's log-masses equal the float32 torch reference (summation order differs: close, not equal)."""
+    _need(backend)
+    from tierkv.abstracts import chunk_log_mass
+
+    B, H, G, D, L, cap, C = shape
+    gen = torch.Generator().manual_seed(seed)
+    q, ab, codes = _mass_scene(B, H, G, D, L, cap, C, dtype, "cuda", gen)
+    got = ops.mass_logits(q, ab, codes, C, backend=backend)
+    lo, hi = ab[:, :, :D, :C].float().transpose(-1, -2), ab[:, :, D:, :C].float().transpose(-1, -2)
+    want = chunk_log_mass(q.double(), lo.double(), hi.double(), codes[:, :, :C], 1.0).float()
+    torch.cuda.synchronize()
+    assert got.shape == (B, H, G, C) and torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

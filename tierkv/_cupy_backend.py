@@ -38,6 +38,9 @@ _INGEST_FIELDS = [(f, "<u8") for f in ("k", "v", "packed", "abstracts")] + [
         "in_vec", "v_tile",
     )
 ]
+_MASS_FIELDS = [(f, "<u8") for f in ("q", "ab", "codes", "out")] + [(f, "<i8") for f in ("bh", "g", "d", "c", "l", "cap")]
+MASS_DTYPE = np.dtype(_MASS_FIELDS)
+MASS_KERNELS = {torch.bfloat16: "tierkv::mass_logits<0>", torch.float16: "tierkv::mass_logits<1>"}
 GATHER_DTYPE = np.dtype(_GATHER_FIELDS)
 INGEST_DTYPE = np.dtype(_INGEST_FIELDS)
 
@@ -86,7 +89,7 @@ def _module(device_index: int):
         mod = cupy.RawModule(
             code=source,
             options=NVRTC_OPTIONS,
-            name_expressions=list(GATHER_KERNELS.values()) + list(INGEST_KERNELS.values()),
+            name_expressions=list(GATHER_KERNELS.values()) + list(INGEST_KERNELS.values()) + list(MASS_KERNELS.values()),
         )
         mod.compile()
     return mod
@@ -191,3 +194,17 @@ def ingest(k: torch.Tensor, v: torch.Tensor, chunk: int, fmt: int, group: int) -
     smem = ingest_smem_bytes(D, D // group, vt)
     _launch(k.device, INGEST_KERNELS[(DTYPE_CODES[k.dtype], fmt)], B * C * H, a, smem)
     return packed, abstracts
+
+
+def mass_logits(q: torch.Tensor, abstracts: torch.Tensor, codes: torch.Tensor, n_chunks: int) -> torch.Tensor:
+    """Mirrors the extension's mass_logits (arguments already checked by tierkv.ops)."""
+    B, H, G, D = q.shape
+    out = torch.empty((B, H, G, n_chunks), dtype=torch.float32, device=q.device)
+    if B * H * n_chunks == 0:
+        return out
+    a = np.zeros(1, dtype=MASS_DTYPE)
+    a["q"], a["ab"], a["codes"], a["out"] = q.data_ptr(), abstracts.data_ptr(), codes.data_ptr(), out.data_ptr()
+    a["bh"], a["g"], a["d"], a["c"], a["l"], a["cap"] = B * H, G, D, n_chunks, codes.shape[3], abstracts.shape[3]
+    warps = THREADS // 32
+    _launch(q.device, MASS_KERNELS[abstracts.dtype], (B * H * n_chunks + warps - 1) // warps, a, 0)
+    return out

@@ -144,9 +144,13 @@ def mass_score(q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, codes: torch
     if Hq % H:
         raise FormatError(f"{Hq} query heads are not a multiple of {H} KV heads")
     qg = q.float().reshape(B, H, (Hq // H) * T, D)
-    lm = chunk_log_mass(qg, lo, hi, codes, scaling)  # [B, H, G, C]
+    return mass_shares(chunk_log_mass(qg, lo, hi, codes, scaling), qg * scaling, hot_keys)
+
+
+def mass_shares(log_mass: torch.Tensor, q_scaled: torch.Tensor, hot_keys: Optional[torch.Tensor]) -> torch.Tensor:
+    """Chunks' log-masses [B, H, G, C] -> their softmax shares summed over the G query rows [B, H, C],
+    the hot set's exact logits (q_scaled [B, H, G, D] . hot_keys [B, H, S, D]) in the denominator."""
     if hot_keys is not None and hot_keys.shape[-2] > 0:
-        hot = (torch.matmul(qg, hot_keys.float().transpose(-1, -2)) * scaling).logsumexp(-1, keepdim=True)
-        lm = torch.cat([hot, lm], dim=-1)
-        return torch.softmax(lm, dim=-1)[..., 1:].sum(2)
-    return torch.softmax(lm, dim=-1).sum(2)
+        hot = torch.matmul(q_scaled, hot_keys.to(q_scaled.dtype).transpose(-1, -2)).logsumexp(-1, keepdim=True)
+        return torch.softmax(torch.cat([hot, log_mass], dim=-1), dim=-1)[..., 1:].sum(2)
+    return torch.softmax(log_mass, dim=-1).sum(2)

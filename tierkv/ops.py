@@ -431,3 +431,41 @@ def ingest_reference(k, v, chunk_len: int, fmt: str, group_size: int = 32):
     kc, vc = chunks(k), chunks(v)
     packed = encode(kc, vc, ChunkLayout(fmt, chunk_len, H, D, group_size))
     return packed.reshape(B, C, -1), chunk_abstract(kc)
+
+
+# --- mass scoring ------------------------------------------------------------------------------------
+MASS_MAX_G = 8  # query rows per KV head the kernel keeps in registers (csrc: TIERKV_MASS_MAX_G)
+MASS_MAX_HEAD_DIM = 256
+
+
+def mass_logits(q: torch.Tensor, abstracts: torch.Tensor, codes: torch.Tensor, n_chunks: int, *,
+                backend: Optional[str] = None) -> torch.Tensor:
+    """log sum_t exp(q . k_t) per (b, KV head, query row, chunk) over the first n_chunks chunks, with keys
+    as their 2-bit codes give them (abstracts.chunk_log_mass is the reference).
+
+    q: [B, H, G, D] float32, already multiplied by the softmax scale; abstracts: [B, H, 2D, cap] (min rows
+    then max rows, bf16/fp16); codes: [B, H, cap, L, D/4] uint8. Returns [B, H, G, n_chunks] float32.
+    The kernels run where they can (CUDA, G <= 8, D <= 256, contiguous inputs); else the torch reference.
+    """
+    B, H, G, D = q.shape
+    if abstracts.dim() != 4 or abstracts.shape[:3] != (B, H, 2 * D) or codes.dim() != 5 \
+            or codes.shape[:3] != (B, H, abstracts.shape[3]) or codes.shape[4] * 4 != D:
+        raise FormatError(f"mass_logits: q {tuple(q.shape)}, abstracts {tuple(abstracts.shape)} and codes "
+                          f"{tuple(codes.shape)} do not fit together")
+    if not 0 <= n_chunks <= abstracts.shape[3]:
+        raise FormatError(f"mass_logits: n_chunks {n_chunks} outside [0, {abstracts.shape[3]}]")
+    name = _pick(q.device, backend)
+    fits = (G <= MASS_MAX_G and D <= MASS_MAX_HEAD_DIM and abstracts.dtype in (torch.bfloat16, torch.float16)
+            and abstracts.is_contiguous() and codes.is_contiguous())
+    if name == "torch" or not fits:
+        from .abstracts import chunk_log_mass
+
+        lo = abstracts[:, :, :D, :n_chunks].transpose(-1, -2)
+        hi = abstracts[:, :, D:, :n_chunks].transpose(-1, -2)
+        return chunk_log_mass(q.float(), lo, hi, codes[:, :, :n_chunks], 1.0)
+    q = q.float().contiguous()
+    if name == "ext":
+        return torch.ops.tierkv.mass_logits(q, abstracts, codes, n_chunks)
+    from . import _cupy_backend
+
+    return _cupy_backend.mass_logits(q, abstracts, codes, n_chunks)

@@ -26,7 +26,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from .. import ops
 from ..config import TierConfig
 from ..errors import CapacityError, TierKVError
-from ..abstracts import key_codes, mass_score
+from ..abstracts import key_codes, mass_shares
 from ..formats import ChunkLayout
 from ..keys import ChunkKey
 from ..planner import desert_rate, plan_length
@@ -277,11 +277,10 @@ class TierKVLayer(CacheLayerMixin):
         B, Hq, T, D = q.shape
         H, C = self.n_heads, self.n_chunks
         if self.codes is not None and self.cache.config.scoring == "mass":
-            lo = self.abstracts[:, :, :D, :C].transpose(-1, -2)
-            hi = self.abstracts[:, :, D:, :C].transpose(-1, -2)
-            hot = _cat([self.sink_k, self.tail_k])
             scale = self.scaling if self.scaling is not None else D ** -0.5
-            return mass_score(q, lo, hi, self.codes[:, :, :C], scale, hot)
+            qs = q.float().reshape(B, H, (Hq // H) * T, D) * scale
+            log_mass = ops.mass_logits(qs, self.abstracts, self.codes, C)  # [B, H, G, C]
+            return mass_shares(log_mass, qs, _cat([self.sink_k, self.tail_k]))
         qg = q.reshape(B, H, (Hq // H) * T, D)
         qc = torch.cat([qg.clamp(max=0), qg.clamp(min=0)], dim=-1).to(self.dtype)
         return torch.matmul(qc, self.abstracts[..., :C]).amax(dim=2)
