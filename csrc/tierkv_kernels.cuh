@@ -926,93 +926,106 @@ __global__ void __launch_bounds__(TIERKV_THREADS) ingest(const __grid_constant__
 // ---------------------------------------------------------------------------------------------
 // Mass scoring: per (sequence, KV head, chunk, query row) the log of sum_t exp(q . k_t) over the
 // chunk's keys as their 2-bit codes give them, k_t[d] = lo[d] + code[t][d] * (hi[d] - lo[d]) / 3
-// (tierkv.abstracts.chunk_log_mass is the reference). One warp per (b * h, chunk); a lane owns 4
-// channels (one code byte) per 32-byte step of a token's codes, keeps q[g][d] * w[d] for them in
-// registers, and the warp sums each query row's dot product per token with shuffles; the log-sum-exp
-// over tokens runs online. q is float32 [B, H, G, D], already multiplied by the softmax scale.
+// (tierkv.abstracts.chunk_log_mass is the reference). One warp per (b * h, chunk): the warp first
+// writes q[g][d] * w[d] (w = (hi - lo) / 3) for its chunk into its shared-memory slice and sums
+// q[g] . lo; then each lane takes whole tokens (t = lane, lane + 32, ...), reads the token's codes
+// a 32-bit word (16 channels) at a time and keeps a running log-sum-exp per query row; one shuffle
+// reduction per chunk merges the lanes. q is float32 [B, H, G, D], already times the softmax scale.
+// GT (1, 2, 4, 8) is G rounded up to a power of two; rows >= G are computed on zeros and not written.
 // ---------------------------------------------------------------------------------------------
 #define TIERKV_MASS_MAX_G 8
-#define TIERKV_MASS_MAX_BYTES 2  // code bytes per lane and token: head_dim <= 256
+#define TIERKV_MASS_MAX_HEAD_DIM 256
+#define TIERKV_MASS_WARPS 4
 
 struct MassArgs {
   u64 q, ab, codes, out;        // q f32 [B,H,G,D]; ab [B,H,2D,cap] (min rows, then max rows); codes u8 [B,H,cap,L,D/4]; out f32 [B,H,G,C]
   i64 bh, g, d, c, l, cap;      // B*H, query rows per KV head, head dim, chunks scored, tokens per chunk, capacity
 };
 
-template <int DT>
-__global__ void __launch_bounds__(TIERKV_THREADS) mass_logits(const __grid_constant__ MassArgs a) {
-  const i64 item = (i64)blockIdx.x * TIERKV_WARPS + (threadIdx.x >> 5);
-  const int lane = threadIdx.x & 31;
-  if (item >= a.bh * a.c) return;
+__host__ __device__ inline i64 mass_smem_bytes(i64 d, i64 gt) { return TIERKV_MASS_WARPS * d * gt * 4; }
+
+template <int DT, int GT>
+__global__ void __launch_bounds__(TIERKV_MASS_WARPS * 32) mass_logits(const __grid_constant__ MassArgs a) {
+  extern __shared__ float mass_smem[];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const i64 item = (i64)blockIdx.x * TIERKV_MASS_WARPS + warp;
+  if (item >= a.bh * a.c) return;  // no block-wide barrier below: warps are independent
   const i64 bh = item / a.c, c = item - bh * a.c;
   const int G = (int)a.g, D = (int)a.d, NB = D / 4;
+  float* qw = mass_smem + (i64)warp * D * GT;
   const float* q = reinterpret_cast<const float*>(a.q) + bh * G * D;
   const u16* ab = reinterpret_cast<const u16*>(a.ab) + bh * 2 * D * a.cap + c;
-  float qw[TIERKV_MASS_MAX_BYTES][4][TIERKV_MASS_MAX_G];
-  float base[TIERKV_MASS_MAX_G];
+  float base[GT];
 #pragma unroll
-  for (int g = 0; g < TIERKV_MASS_MAX_G; ++g) base[g] = 0.f;
+  for (int g = 0; g < GT; ++g) base[g] = 0.f;
+  for (int d = lane; d < D; d += 32) {
+    const float lo = half_to_f32<DT>(ab[(i64)d * a.cap]);
+    const float hi = half_to_f32<DT>(ab[(i64)(D + d) * a.cap]);
+    const float w = (hi - lo) / 3.f;
 #pragma unroll
-  for (int j = 0; j < TIERKV_MASS_MAX_BYTES; ++j) {
-    const int byte = lane + 32 * j;
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const int d = 4 * byte + k;
-      float lo = 0.f, w = 0.f;
-      if (byte < NB) {
-        lo = half_to_f32<DT>(ab[(i64)d * a.cap]);
-        const float hi = half_to_f32<DT>(ab[(i64)(D + d) * a.cap]);
-        w = (hi - lo) / 3.f;
-      }
-#pragma unroll
-      for (int g = 0; g < TIERKV_MASS_MAX_G; ++g) {
-        const float qv = (g < G && byte < NB) ? q[g * D + d] : 0.f;
-        qw[j][k][g] = qv * w;
-        base[g] = __fmaf_rn(qv, lo, base[g]);
-      }
+    for (int g = 0; g < GT; ++g) {
+      const float qv = g < G ? q[g * D + d] : 0.f;
+      qw[d * GT + g] = qv * w;
+      base[g] = __fmaf_rn(qv, lo, base[g]);
     }
   }
 #pragma unroll
-  for (int g = 0; g < TIERKV_MASS_MAX_G; ++g) {
+  for (int g = 0; g < GT; ++g) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) base[g] += __shfl_xor_sync(0xffffffffu, base[g], o);
   }
-  float m[TIERKV_MASS_MAX_G], s[TIERKV_MASS_MAX_G];
+  __syncwarp();
+  float m[GT], s[GT];
 #pragma unroll
-  for (int g = 0; g < TIERKV_MASS_MAX_G; ++g) { m[g] = -3.402823466e38f; s[g] = 0.f; }
+  for (int g = 0; g < GT; ++g) { m[g] = -3.402823466e38f; s[g] = 0.f; }
   const u8* cp = reinterpret_cast<const u8*>(a.codes) + (bh * a.cap + c) * a.l * NB;
-  for (i64 t = 0; t < a.l; ++t) {
-    float part[TIERKV_MASS_MAX_G];
+  const bool words = (NB % 4) == 0 && ((u64)cp % 4) == 0;
+  for (i64 t = lane; t < a.l; t += 32) {
+    const u8* tp = cp + t * NB;
+    float acc[GT];
 #pragma unroll
-    for (int g = 0; g < TIERKV_MASS_MAX_G; ++g) part[g] = 0.f;
+    for (int g = 0; g < GT; ++g) acc[g] = 0.f;
+    for (int i0 = 0; i0 < NB; i0 += 4) {
+      u32 v;
+      if (words) {
+        v = *reinterpret_cast<const u32*>(tp + i0);
+      } else {
+        v = 0;
+        for (int b = 0; b < 4 && i0 + b < NB; ++b) v |= (u32)tp[i0 + b] << (8 * b);
+      }
+      const int kmax = min(16, 4 * (NB - i0));
 #pragma unroll
-    for (int j = 0; j < TIERKV_MASS_MAX_BYTES; ++j) {
-      const int byte = lane + 32 * j;
-      const u32 v = byte < NB ? (u32)cp[t * NB + byte] : 0u;
+      for (int k = 0; k < 16; ++k) {
+        if (k < kmax) {
+          const float code = (float)((v >> (2 * k)) & 3u);
+          const float* wq = qw + (4 * i0 + k) * GT;
 #pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        const float code = (float)((v >> (2 * k)) & 3u);
-#pragma unroll
-        for (int g = 0; g < TIERKV_MASS_MAX_G; ++g) part[g] = __fmaf_rn(qw[j][k][g], code, part[g]);
+          for (int g = 0; g < GT; ++g) acc[g] = __fmaf_rn(wq[g], code, acc[g]);
+        }
       }
     }
 #pragma unroll
-    for (int g = 0; g < TIERKV_MASS_MAX_G; ++g) {
-      if (g < G) {
-        float x = part[g];
+    for (int g = 0; g < GT; ++g) {
+      const float x = base[g] + acc[g];
+      const float nm = fmaxf(m[g], x);
+      s[g] = s[g] * __expf(m[g] - nm) + __expf(x - nm);
+      m[g] = nm;
+    }
+  }
 #pragma unroll
-        for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
-        x += base[g];
-        const float nm = fmaxf(m[g], x);
-        s[g] = s[g] * __expf(m[g] - nm) + __expf(x - nm);
-        m[g] = nm;
-      }
+  for (int g = 0; g < GT; ++g) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      const float mo = __shfl_xor_sync(0xffffffffu, m[g], o), so = __shfl_xor_sync(0xffffffffu, s[g], o);
+      const float nm = fmaxf(m[g], mo);
+      s[g] = s[g] * __expf(m[g] - nm) + so * __expf(mo - nm);
+      m[g] = nm;
     }
   }
   if (lane == 0) {
     float* out = reinterpret_cast<float*>(a.out) + bh * G * a.c + c;
 #pragma unroll
-    for (int g = 0; g < TIERKV_MASS_MAX_G; ++g) {
+    for (int g = 0; g < GT; ++g) {
       if (g < G) out[(i64)g * a.c] = m[g] + __logf(s[g]);
     }
   }

@@ -251,7 +251,7 @@ at::Tensor mass_logits(const at::Tensor& q, const at::Tensor& abstracts, const a
   TORCH_CHECK(codes.scalar_type() == at::kByte && codes.dim() == 5 && codes.is_contiguous(), "tierkv.mass_logits: codes must be contiguous uint8 [B, H, cap, L, D/4]");
   const i64 B = q.size(0), H = q.size(1), G = q.size(2), D = q.size(3), cap = abstracts.size(3), L = codes.size(3);
   TORCH_CHECK(G >= 1 && G <= TIERKV_MASS_MAX_G, "tierkv.mass_logits: at most ", TIERKV_MASS_MAX_G, " query rows per KV head, got ", G);
-  TORCH_CHECK(D % 4 == 0 && D >= 4 && D <= 128 * TIERKV_MASS_MAX_BYTES, "tierkv.mass_logits: head dim must be a multiple of 4 up to ", 128 * TIERKV_MASS_MAX_BYTES);
+  TORCH_CHECK(D % 4 == 0 && D >= 4 && D <= TIERKV_MASS_MAX_HEAD_DIM, "tierkv.mass_logits: head dim must be a multiple of 4 up to ", TIERKV_MASS_MAX_HEAD_DIM);
   TORCH_CHECK(abstracts.size(0) == B && abstracts.size(1) == H && abstracts.size(2) == 2 * D, "tierkv.mass_logits: abstracts do not match q");
   TORCH_CHECK(codes.size(0) == B && codes.size(1) == H && codes.size(2) == cap && codes.size(4) == D / 4, "tierkv.mass_logits: codes do not match abstracts");
   TORCH_CHECK(n_chunks >= 0 && n_chunks <= cap, "tierkv.mass_logits: n_chunks ", n_chunks, " outside [0, ", cap, "]");
@@ -262,10 +262,20 @@ at::Tensor mass_logits(const at::Tensor& q, const at::Tensor& abstracts, const a
   a.q = (u64)q.data_ptr(); a.ab = (u64)abstracts.data_ptr(); a.codes = (u64)codes.data_ptr(); a.out = (u64)out.data_ptr();
   a.bh = B * H; a.g = G; a.d = D; a.c = n_chunks; a.l = L; a.cap = cap;
   const i64 items = B * H * n_chunks;
-  const dim3 grid((unsigned)((items + TIERKV_WARPS - 1) / TIERKV_WARPS));
+  const i64 gt = G <= 1 ? 1 : G <= 2 ? 2 : G <= 4 ? 4 : 8;
+  const i64 smem = tierkv::mass_smem_bytes(D, gt);
+  const dim3 grid((unsigned)((items + TIERKV_MASS_WARPS - 1) / TIERKV_MASS_WARPS));
+  const dim3 block(TIERKV_MASS_WARPS * 32);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.device().index()).stream();
-  if (abstracts.scalar_type() == at::kBFloat16) tierkv::mass_logits<0><<<grid, TIERKV_THREADS, 0, stream>>>(a);
-  else tierkv::mass_logits<1><<<grid, TIERKV_THREADS, 0, stream>>>(a);
+#define TIERKV_MASS(DT, GT) tierkv::mass_logits<DT, GT><<<grid, block, smem, stream>>>(a)
+  const bool bf = abstracts.scalar_type() == at::kBFloat16;
+  switch (gt) {
+    case 1: if (bf) TIERKV_MASS(0, 1); else TIERKV_MASS(1, 1); break;
+    case 2: if (bf) TIERKV_MASS(0, 2); else TIERKV_MASS(1, 2); break;
+    case 4: if (bf) TIERKV_MASS(0, 4); else TIERKV_MASS(1, 4); break;
+    default: if (bf) TIERKV_MASS(0, 8); else TIERKV_MASS(1, 8); break;
+  }
+#undef TIERKV_MASS
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }

@@ -70,7 +70,7 @@ def test_device_kv_within_gpu_budget_plus_hot_set():
     kv = 16384 * kv_per_token
     # what stays on the device between steps: the gpu tier, the hot set and the abstracts, not the KV
     assert held["gpu_tier"] <= gpu_budget
-    assert long_res <= gpu_budget + held["hot_set"] + held["abstracts"] + (1 << 20), (long_res, held)
+    assert long_res <= gpu_budget + held["hot_set"] + held["abstracts"] + held["key_codes"] + (1 << 20), (long_res, held)
     assert long_res < 0.25 * kv, (long_res, kv)
     # and a decode step's transient does not grow with the context (beyond scoring the abstracts)
     assert long_peak - long_res <= short_peak - short_res + 8 * held["abstracts"] + (1 << 20), (long_peak, short_peak)

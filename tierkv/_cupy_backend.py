@@ -40,7 +40,9 @@ _INGEST_FIELDS = [(f, "<u8") for f in ("k", "v", "packed", "abstracts")] + [
 ]
 _MASS_FIELDS = [(f, "<u8") for f in ("q", "ab", "codes", "out")] + [(f, "<i8") for f in ("bh", "g", "d", "c", "l", "cap")]
 MASS_DTYPE = np.dtype(_MASS_FIELDS)
-MASS_KERNELS = {torch.bfloat16: "tierkv::mass_logits<0>", torch.float16: "tierkv::mass_logits<1>"}
+MASS_KERNELS = {(dt, gt): f"tierkv::mass_logits<{c}, {gt}>" for dt, c in ((torch.bfloat16, 0), (torch.float16, 1))
+                for gt in (1, 2, 4, 8)}
+MASS_WARPS = 4
 GATHER_DTYPE = np.dtype(_GATHER_FIELDS)
 INGEST_DTYPE = np.dtype(_INGEST_FIELDS)
 
@@ -102,7 +104,7 @@ def _struct_arg(rec: np.ndarray):
     return function.CPointer(rec.ctypes.data)
 
 
-def _launch(device: torch.device, name: str, grid: int, args: np.ndarray, smem: int) -> None:
+def _launch(device: torch.device, name: str, grid: int, args: np.ndarray, smem: int, threads: int = THREADS) -> None:
     import cupy
 
     index = device.index if device.index is not None else torch.cuda.current_device()
@@ -111,7 +113,7 @@ def _launch(device: torch.device, name: str, grid: int, args: np.ndarray, smem: 
         kernel.max_dynamic_shared_size_bytes = smem
     stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream, index)
     with cupy.cuda.Device(index), stream:
-        kernel((grid,), (THREADS,), (_struct_arg(args),), shared_mem=smem)
+        kernel((grid,), (threads,), (_struct_arg(args),), shared_mem=smem)
 
 
 def _vec_ok(t: torch.Tensor, per16: int) -> bool:
@@ -205,6 +207,8 @@ def mass_logits(q: torch.Tensor, abstracts: torch.Tensor, codes: torch.Tensor, n
     a = np.zeros(1, dtype=MASS_DTYPE)
     a["q"], a["ab"], a["codes"], a["out"] = q.data_ptr(), abstracts.data_ptr(), codes.data_ptr(), out.data_ptr()
     a["bh"], a["g"], a["d"], a["c"], a["l"], a["cap"] = B * H, G, D, n_chunks, codes.shape[3], abstracts.shape[3]
-    warps = THREADS // 32
-    _launch(q.device, MASS_KERNELS[abstracts.dtype], (B * H * n_chunks + warps - 1) // warps, a, 0)
+    gt = 1 if G <= 1 else 2 if G <= 2 else 4 if G <= 4 else 8
+    smem = MASS_WARPS * D * gt * 4  # mirrors tierkv::mass_smem_bytes
+    _launch(q.device, MASS_KERNELS[(abstracts.dtype, gt)], (B * H * n_chunks + MASS_WARPS - 1) // MASS_WARPS, a, smem,
+            threads=MASS_WARPS * 32)
     return out
