@@ -151,6 +151,9 @@ def mass_shares(log_mass: torch.Tensor, q_scaled: torch.Tensor, hot_keys: Option
     """Chunks' log-masses [B, H, G, C] -> their softmax shares summed over the G query rows [B, H, C],
     the hot set's exact logits (q_scaled [B, H, G, D] . hot_keys [B, H, S, D]) in the denominator."""
     if hot_keys is not None and hot_keys.shape[-2] > 0:
-        hot = torch.matmul(q_scaled, hot_keys.to(q_scaled.dtype).transpose(-1, -2)).logsumexp(-1, keepdim=True)
-        return torch.softmax(torch.cat([hot, log_mass], dim=-1), dim=-1)[..., 1:].sum(2)
+        # the hot keys' logits enter the softmax one by one (the same denominator as their log-sum-exp,
+        # without logsumexp's host cost, which on a decode step is more than the arithmetic)
+        hot = torch.matmul(q_scaled, hot_keys.to(q_scaled.dtype).transpose(-1, -2))
+        n = hot.shape[-1]
+        return torch.softmax(torch.cat([hot, log_mass], dim=-1), dim=-1)[..., n:].sum(2)
     return torch.softmax(log_mass, dim=-1).sum(2)
