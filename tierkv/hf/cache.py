@@ -34,9 +34,7 @@ from ..store import ChunkStore
 
 _ids = itertools.count()
 MIN_CHUNKS_IN_BUDGET = 4  # the planner gives no layer chunks longer than budget / 4
-PROMOTE_EVERY = 16
-STAGING_MAX_BYTES = 512 << 20  # pinned staging of the prefetch pipeline, at most
-PREFETCH_WORKERS = 8  # disk reader threads (lz4 and the file reads release the GIL)  # decode steps between refreshes of the gpu tier's contents (each costs a host sync)
+PROMOTE_EVERY = 16  # decode steps between refreshes of the gpu tier's contents (each costs a host sync)
 
 
 def _pinned(values, dtype, device) -> torch.Tensor:
@@ -342,8 +340,6 @@ class TierKVLayer(CacheLayerMixin):
         pf = cache.prefetcher()
         t0 = time.perf_counter()
         found = []
-        if wait:  # ask for every missing chunk first, so the workers read them side by side
-            pf.request([(cache.key(b, self.layer_idx, c), nb) for b, c in uniq])
         for b, c in uniq:
             key = cache.key(b, self.layer_idx, c)
             loc = pf.fetch(key, nb, wait=wait)
@@ -569,10 +565,7 @@ class TierKVCache(Cache):
             shortest = cfg.chunk_length or min(cfg.chunk_lengths)
             slot = ChunkLayout(cfg.format, longest, layer.n_heads, layer.head_dim, cfg.group_size).nbytes
             per_layer = (cfg.budget // shortest if cfg.budget else 32) * layer.n_heads * layer.batch_size
-            # staged chunks move into the cpu tier only at the end of a forward pass: room for one
-            # pass's worth of misses (every layer's selection), so none falls back to a serial read
-            depth = max(64, min(per_layer * len(self.layers), STAGING_MAX_BYTES // slot))
-            self._prefetcher = Prefetcher(self.store.disk, slot, depth=depth, workers=PREFETCH_WORKERS,
+            self._prefetcher = Prefetcher(self.store.disk, slot, depth=max(64, 2 * per_layer),
                                           pinned=layer.device.type == "cuda")
         return self._prefetcher
 
