@@ -11,6 +11,8 @@ read of the same files (cold page cache), in the same run.
 
     python bench/bench_pipeline.py --disk-dir /tmp/tierkv-cold --json bench/results/pipeline_h100.json
     python bench/bench_pipeline.py --quick        # small model and context, CPU smoke test
+    python bench/bench_pipeline.py --model retrieval --context 4096 --budget 256 --chunk-length 16 \
+        --window 64 --piece 4096 --json bench/results/pipeline_cpu_retrieval.json   # learned attention
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ def run_mode(model, cfg, ids, mode, args, device):
     if disk and os.path.exists(disk):
         shutil.rmtree(disk)
     tcfg = TierConfig(gpu_budget=int(kv * 0.05), cpu_budget=cpu, disk_path=disk, budget=args.budget,
-                      format=args.format, sink=4, window=128, chunk_length=args.chunk_length)
+                      format=args.format, sink=4, window=args.window, chunk_length=args.chunk_length)
     with tierkv.offload(model, tcfg) as cache:
         cache.predict = mode == "pipeline"
         pre, tok = prefill(model, ids, cache, args.piece)
@@ -123,18 +125,32 @@ def main(argv=None):
     p.add_argument("--piece", type=int, default=16384)
     p.add_argument("--modes", nargs="+", default=["all-cpu", "sync", "pipeline"])
     p.add_argument("--disk-dir", default="/tmp/tierkv-bench-pipeline")
+    p.add_argument("--model", default="llama8b", choices=["llama8b", "retrieval"],
+                   help="llama8b: Llama-3-8B-shaped, random weights; retrieval: the shipped trained model")
+    p.add_argument("--window", type=int, default=128)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if args.quick:
         args.context, args.steps, args.warmup, args.piece, args.budget = 4096, 4, 1, 2048, 256
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    cfg = llama8b_config(args.quick)
-    model = build_model(cfg, device)
     torch.manual_seed(0)
-    ids = torch.randint(0, cfg.vocab_size, (args.batch, args.context), device=device)
+    if args.model == "retrieval":
+        # the shipped model, whose attention is learned: a passkey prompt, so the decode steps look for
+        # one place in the context the way retrieval does (random weights attend anywhere, step to step)
+        from tierkv.models import load_retrieval_model
+        from tierkv.models.tasks import make_prompts
+
+        model, _ = load_retrieval_model(device=device, dtype=torch.bfloat16)
+        cfg = model.config
+        prompts = make_prompts("passkey", args.context, args.batch, seed=1234)
+        ids = torch.tensor([p.input_ids for p in prompts], device=device)
+    else:
+        cfg = llama8b_config(args.quick)
+        model = build_model(cfg, device)
+        ids = torch.randint(0, cfg.vocab_size, (args.batch, args.context), device=device)
     os.makedirs(args.disk_dir, exist_ok=True)
-    results = dict(bench="pipeline", device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
+    results = dict(bench="pipeline", model=args.model, device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
                    torch=torch.__version__, tierkv=tierkv.__version__, git_commit=_git(), command=" ".join(sys.argv),
                    date=time.strftime("%Y-%m-%d %H:%M:%S"), args=vars(args), rows=[])
     for mode in args.modes:

@@ -132,3 +132,33 @@ def test_prefetcher_unit(tmp_path):
         pf.close()
         disk.close()
     assert not prefetch_threads()
+
+
+def test_next_layer_prefetch_gated_by_its_hit_rate(tmp_path, monkeypatch):
+    """Guesses of the next layer's choice are read from disk only while enough of them hit: with the gate
+    shut, every request comes from a step asking for what it chose (requested == sync reads); open, the
+    guesses add requests of their own. The gate follows the hit rate of the last window of guesses."""
+    import tierkv.hf.cache as cache_mod
+
+    monkeypatch.setattr(cache_mod, "GATE_EVERY", 10**9)  # no automatic looks: the test sets the gate
+    model = build("llama", seed=4)
+    torch.manual_seed(4)
+    ids = torch.randint(1, 512, (2, 400))
+    seen = {}
+    for gate in (True, False):
+        cfg = sparse_cfg(cpu_budget="12KiB", disk_path=str(tmp_path / f"cold{gate}"))
+        with tierkv.offload(model, cfg) as cache:
+            cache.next_layer_prefetch = gate
+            gen(model, ids, cache, n=10)
+            seen[gate] = cache.stats().prefetch
+    assert seen[False]["requested"] == seen[False]["sync_reads"] > 0
+    assert seen[True]["requested"] > seen[True]["sync_reads"]
+
+    with tierkv.offload(model, sparse_cfg()) as cache:
+        cache._pred["next_layer_hits"], cache._pred["next_layer_total"] = torch.tensor(10), 100
+        cache._gate_next_layer()
+        assert cache.next_layer_prefetch is False  # 10% of guesses right
+        cache._pred["next_layer_hits"], cache._pred["next_layer_total"] = torch.tensor(70), 200
+        cache._gate_next_layer()
+        assert cache.next_layer_prefetch is True  # 60 of the last 100 right
+        assert cache.stats().prefetch["next_layer_prefetch_on"] is True

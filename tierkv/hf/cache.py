@@ -34,7 +34,9 @@ from ..store import ChunkStore
 
 _ids = itertools.count()
 MIN_CHUNKS_IN_BUDGET = 4  # the planner gives no layer chunks longer than budget / 4
-PROMOTE_EVERY = 16  # decode steps between refreshes of the gpu tier's contents (each costs a host sync)
+PROMOTE_EVERY = 16
+GATE_EVERY = 8  # decode steps between looks at the next-layer prediction's hit rate
+NEXT_LAYER_MIN_HIT = 0.25  # below this share of right guesses, next-layer guesses are not prefetched  # decode steps between refreshes of the gpu tier's contents (each costs a host sync)
 
 
 def _pinned(values, dtype, device) -> torch.Tensor:
@@ -346,6 +348,7 @@ class TierKVLayer(CacheLayerMixin):
             if loc is None and wait:  # staging is full: read it here
                 buf = torch.empty(nb, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
                 cache.store.disk.read(key, out=buf)
+                pf.stats.bytes_read += nb  # counted with the staged reads: disk bytes per step
                 cache.keep_alive(buf)
                 loc = buf
             found.append((b, c, loc))
@@ -498,6 +501,10 @@ class TierKVCache(Cache):
         self.fast_ext = ops.backend() == "ext" and store.gpu.device.type == "cuda"
         self.skipped_entries = 0
         self.predict = True  # prefetch what the next layer is predicted to need (off: only what is asked)
+        # the next-layer guesses are still made and scored when they miss too often, but not read from
+        # disk: reading chunks nobody will use only takes the disk from the ones that are asked for
+        self.next_layer_prefetch = True
+        self._gate_mark = (0, 0)  # next-layer (hits, guesses) at the last look
         self._prefetcher = None
         self._zero: Optional[torch.Tensor] = None
         self._pred = {"next_layer_hits": None, "next_layer_total": 0, "next_step_hits": None, "next_step_total": 0}
@@ -545,7 +552,7 @@ class TierKVCache(Cache):
         for tier, hit, miss in (("gpu", gpu, cpu + disk), ("cpu", cpu, disk), ("disk", disk, 0)):
             s.hits[tier] = s.hits.get(tier, 0) + hit
             s.misses[tier] = s.misses.get(tier, 0) + miss
-        p = {"skipped_entries": self.skipped_entries}
+        p = {"skipped_entries": self.skipped_entries, "next_layer_prefetch_on": self.next_layer_prefetch}
         for name in ("next_layer", "next_step"):
             hits, total = self._pred[name + "_hits"], self._pred[name + "_total"]
             p[f"predict_{name}_hit_rate"] = (int(hits) / total) if total else None
@@ -601,7 +608,7 @@ class TierKVCache(Cache):
         pred = torch.topk(nxt.score(q), k, dim=-1, sorted=False).indices
         nxt.predicted = pred
         nxt.refresh_addresses()
-        if not nxt.disk_only or self.store.disk is None or not self.predict:
+        if not nxt.disk_only or self.store.disk is None or not self.predict or not self.next_layer_prefetch:
             return
         on_disk = nxt.addr[..., 0].gather(1, pred.reshape(B, -1)) < 0  # [B, H*k]
         pairs = torch.stack([torch.arange(B, device=pred.device).view(B, 1).expand_as(on_disk)[on_disk],
@@ -657,6 +664,8 @@ class TierKVCache(Cache):
         if self.store._inflight:  # the end of a forward pass is where ingest may be waited for
             self.store.settle()
         self.steps += 1
+        if self.steps % GATE_EVERY == 0:
+            self._gate_next_layer()
         if not self.selected_layers or self.steps % self.promote_every:
             return
         per_layer = self.config.prefetch_depth
@@ -688,6 +697,22 @@ class TierKVCache(Cache):
                 except CapacityError:
                     break
         self._promoted = True
+
+    def _gate_next_layer(self) -> None:
+        """Every GATE_EVERY steps: prefetch next-layer guesses from disk only while enough of them hit.
+
+        Reads the device-side hit counter (one host sync per GATE_EVERY steps); the guesses of the
+        last window decide the next one.
+        """
+        hits = self._pred["next_layer_hits"]
+        total = self._pred["next_layer_total"]
+        if hits is None:
+            return
+        hits = int(hits)
+        h0, t0 = self._gate_mark
+        self._gate_mark = (hits, total)
+        if total - t0 >= 1:
+            self.next_layer_prefetch = (hits - h0) / (total - t0) >= NEXT_LAYER_MIN_HIT
 
     def _worth_promoting(self, gpu_hits: float) -> bool:
         """Adapt how often the gpu tier is refreshed to how often it serves the chosen chunks.
