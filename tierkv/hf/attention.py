@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .cache import _cat
+
 _BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
@@ -53,11 +55,6 @@ def make_attention_function(get_cache: Callable, original_fn: Callable) -> Calla
         return out
 
     return tierkv_attention
-
-
-def _cat(parts):
-    parts = [p for p in parts if p is not None and p.shape[-2] > 0]
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
 
 
 def attend(layer, module, q, original_mask, padding, scaling, dropout, original_fn, kwargs):

@@ -34,9 +34,9 @@ from ..store import ChunkStore
 
 _ids = itertools.count()
 MIN_CHUNKS_IN_BUDGET = 4  # the planner gives no layer chunks longer than budget / 4
-PROMOTE_EVERY = 16
+PROMOTE_EVERY = 16  # decode steps between refreshes of the gpu tier's contents (each costs a host sync)
 GATE_EVERY = 8  # decode steps between looks at the next-layer prediction's hit rate
-NEXT_LAYER_MIN_HIT = 0.25  # below this share of right guesses, next-layer guesses are not prefetched  # decode steps between refreshes of the gpu tier's contents (each costs a host sync)
+NEXT_LAYER_MIN_HIT = 0.25  # below this share of right guesses, next-layer guesses are not prefetched
 
 
 def _pinned(values, dtype, device) -> torch.Tensor:
@@ -48,6 +48,7 @@ def _pinned(values, dtype, device) -> torch.Tensor:
 
 
 def _cat(parts) -> Optional[torch.Tensor]:
+    """The non-empty tensors of `parts` joined along the token axis (None when there are none)."""
     parts = [p for p in parts if p is not None and p.shape[-2] > 0]
     if not parts:
         return None
