@@ -35,9 +35,19 @@ from tierkv import TierConfig  # noqa: E402
 from bench_decode import _dump, _git, build_model, decode, kv_bytes, llama8b_config, prefill  # noqa: E402
 
 
+def encoded_kv_bytes(cfg, ctx, batch, fmt, chunk_length):
+    """Bytes of the KV as the cpu and disk tiers hold it: chunks in `fmt` (int4 is ~0.3 of bf16)."""
+    from tierkv.formats import ChunkLayout
+
+    lay = ChunkLayout(fmt, chunk_length, cfg.num_key_value_heads, cfg.head_dim)
+    return lay.nbytes * -(-ctx // chunk_length) * cfg.num_hidden_layers * batch
+
+
 def run_mode(model, cfg, ids, mode, args, device):
     kv = kv_bytes(cfg, ids.shape[1], ids.shape[0])
-    cpu = int(kv * 1.1) + (256 << 20) if mode == "all-cpu" else int(kv * args.cpu_share)
+    # the cpu tier's share is of the KV in the chunk format, so that (1 - share) of the chunks are on disk
+    enc = encoded_kv_bytes(cfg, ids.shape[1], ids.shape[0], args.format, args.chunk_length)
+    cpu = int(kv * 1.1) + (256 << 20) if mode == "all-cpu" else int(enc * args.cpu_share)
     disk = None if mode == "all-cpu" else os.path.join(args.disk_dir, mode)
     if disk and os.path.exists(disk):
         shutil.rmtree(disk)
@@ -119,7 +129,7 @@ def main(argv=None):
     p.add_argument("--budget", type=int, default=2048)
     p.add_argument("--format", default="int4")
     p.add_argument("--chunk-length", type=int, default=64)
-    p.add_argument("--cpu-share", type=float, default=0.10, help="cpu tier budget as a share of the KV")
+    p.add_argument("--cpu-share", type=float, default=0.10, help="cpu tier budget as a share of the KV in --format")
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--piece", type=int, default=16384)

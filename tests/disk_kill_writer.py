@@ -104,6 +104,10 @@ def main(argv) -> None:
         tier.put(ChunkKey(*key), content(seed, run, key), on_durable=ack)
     tier.close()
     _say("done")
+    # stay up until the test kills us: a run that finished its writes before the kill still ends on
+    # SIGKILL (its chunks are then all acknowledged), so every run is a kill the test can count
+    while True:
+        time.sleep(1)
 
 
 if __name__ == "__main__":

@@ -226,7 +226,9 @@ class _Child:
 
     def wait_for(self, pred, timeout=10.0):
         with self.cv:
-            assert self.cv.wait_for(lambda: pred(self.lines) or "<eof>" in self.lines, timeout), "writer hung"
+            # "done": the writer finished its writes and waits to be killed
+            assert self.cv.wait_for(lambda: pred(self.lines) or "<eof>" in self.lines or "done" in self.lines,
+                                    timeout), "writer hung"
             return "<eof>" not in self.lines
 
     def kill(self):
