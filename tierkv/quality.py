@@ -186,8 +186,9 @@ class SelectionProbe:
     around the decode; `stats` then holds the sums. Wrapping is per layer instance and undone on exit.
 
     lowbit=True also measures the int2-mass ranking (RecallStats.lowbit); rescore=True makes the cache
-    select by it (the runtime's `score` is replaced on these layers): an experiment for what such a
-    scoring would do to answers, not something the runtime offers."""
+    select by it (the runtime's `score` is replaced on these layers). This experiment is what led to
+    TierConfig(scoring="mass"), the runtime's default since, which ranks the same way from the int2 codes
+    it keeps on the GPU (with the hot set exact in the denominator)."""
 
     def __init__(self, cache, scaling: float, needles: Optional[Sequence[Tuple[int, int]]] = None,
                  lowbit: bool = False, rescore: bool = False):
