@@ -93,36 +93,36 @@ def decode(model, cache, tok, warmup, steps):
     return steps * tok.shape[0] / (time.perf_counter() - t0)
 
 
-def _profile_steps(model, cache, tok, args, name):
-    """Where a sparse decode step spends host and device time (torch.profiler), as a text table."""
+def _profiler():
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    with torch.no_grad(), profile(activities=acts) as prof:
+    return profile(activities=acts)
+
+
+def _write_tables(prof, args, name):
+    """The profile as text tables: by self CPU time, by total CPU time, and (with CUDA) by self CUDA time."""
+    os.makedirs(args.profile_dir, exist_ok=True)
+    sorts = ["self_cpu_time_total", "cpu_time_total"] + (["self_cuda_time_total"] if torch.cuda.is_available() else [])
+    with open(os.path.join(args.profile_dir, name + ".txt"), "w") as f:
+        f.write("\n\n".join(prof.key_averages().table(sort_by=key, row_limit=40) for key in sorts))
+
+
+def _profile_steps(model, cache, tok, args, name):
+    """Where a sparse decode step spends host and device time (torch.profiler), as text tables."""
+    with torch.no_grad(), _profiler() as prof:
         for _ in range(4):
             tok = model(tok, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
         sync()
-    os.makedirs(args.profile_dir, exist_ok=True)
-    with open(os.path.join(args.profile_dir, name + ".txt"), "w") as f:
-        f.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
-        f.write("\n\n")
-        f.write(prof.key_averages().table(sort_by="cpu_time_total", row_limit=40))
+    _write_tables(prof, args, name)
 
 
 def _profile_prefill(model, ids, tcfg, piece, args, name):
-    """Where a tierkv prefill spends host and device time (torch.profiler), as a text table."""
-    from torch.profiler import ProfilerActivity, profile
-
+    """Where a tierkv prefill spends host and device time (torch.profiler), as text tables."""
     cleanup()
-    with tierkv.offload(model, tcfg) as cache, profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with tierkv.offload(model, tcfg) as cache, _profiler() as prof:
         prefill(model, ids, cache, piece)
-    os.makedirs(args.profile_dir, exist_ok=True)
-    with open(os.path.join(args.profile_dir, name + ".txt"), "w") as f:
-        f.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=45))
-        f.write("\n\n")
-        f.write(prof.key_averages().table(sort_by="cpu_time_total", row_limit=45))
-        f.write("\n\n")
-        f.write(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30))
+    _write_tables(prof, args, name)
     cleanup()
 
 
@@ -285,11 +285,10 @@ def main(argv=None):
         except ValueError:
             p.error(f"--cases: expected CONTEXTxBATCH like 32768x4, got {args.cases}")
     for ctx, b in cases:
-        if True:
-            print(f"context {ctx} batch {b}", flush=True)
-            results["rows"].extend(run_case(model, cfg, ctx, b, args, device))
-            if args.json:
-                _dump(results, args.json)
+        print(f"context {ctx} batch {b}", flush=True)
+        results["rows"].extend(run_case(model, cfg, ctx, b, args, device))
+        if args.json:
+            _dump(results, args.json)
     results["ratios"] = ratios(results["rows"])
     print(json.dumps(results["ratios"], indent=1))
     if args.json:

@@ -257,4 +257,3 @@ def test_layer_mass_scores_equal_reference():
         want = mass_score(q, lo, hi, codes, 0.25, hot)
     assert got.shape == (B, H, C)
     torch.testing.assert_close(got, want)
-

@@ -34,7 +34,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .abstracts import chunk_abstract
+from .abstracts import chunk_abstract, chunk_log_mass
 from .config import FORMATS
 from .errors import BackendError, FormatError
 from .formats import BITS, OUT_DTYPES, ChunkLayout, decode, encode, is_quantized
@@ -458,8 +458,6 @@ def mass_logits(q: torch.Tensor, abstracts: torch.Tensor, codes: torch.Tensor, n
     fits = (G <= MASS_MAX_G and D <= MASS_MAX_HEAD_DIM and abstracts.dtype in (torch.bfloat16, torch.float16)
             and abstracts.is_contiguous() and codes.is_contiguous())
     if name == "torch" or not fits:
-        from .abstracts import chunk_log_mass
-
         lo = abstracts[:, :, :D, :n_chunks].transpose(-1, -2)
         hi = abstracts[:, :, D:, :n_chunks].transpose(-1, -2)
         return chunk_log_mass(q.float(), lo, hi, codes[:, :, :n_chunks], 1.0)
