@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# One device call for the shipped retrieval model: up to two training runs side by side on the one GPU
+# (each its own process and data workers), and meanwhile, if asked, the extension build plus
+# compute-sanitizer memcheck over the mass-scoring kernel's tests. Each run's directory is packed into
+# one tar split in 15 MB pieces (a file coming back from the device is limited to 16 MiB).
+#   RUNS="a:--hidden 512 --heads 4 --kv-heads 2;b:--hidden 384" SANITIZE=1 bash bench/gpu_train.sh
+set -uo pipefail
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  && export PYTHONPATH=/tmp/site:$PWD || exit 1
+export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0
+OUT=${OUT:-/tmp/tierkv_out}
+COMMON=${COMMON:---steps 8000 --time-budget 450 --eval-prompts 200 --eval-batch 50 --workers 6 --log-every 100}
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+pids=()
+IFS=';' read -ra specs <<< "${RUNS:?RUNS=name:args;name:args}"
+for spec in "${specs[@]}"; do
+  name=${spec%%:*}; extra=${spec#*:}
+  # shellcheck disable=SC2086
+  python3 bench/train_retrieval_model.py $COMMON $extra --git-commit "${GIT_COMMIT:-unknown}" --out /tmp/train_$name \
+    > /tmp/train_$name.out 2>&1 &
+  pids+=($!)
+  echo "started $name: $extra"
+done
+if [ -n "${SANITIZE:-}" ]; then
+  t0=$(date +%s)
+  MAX_JOBS=8 python3 setup.py build_ext --inplace > /tmp/build.log 2>&1 || tail -20 /tmp/build.log
+  echo "build: $(( $(date +%s) - t0 )) s"
+  CS=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+  timeout 300 "$CS" --tool memcheck --error-exitcode 9 --print-limit 20 \
+    python3 -m pytest -q -m gpu tests/test_ops.py -k "mass" -p no:cacheprovider > $OUT/mass_sanitizer.txt 2>&1
+  echo "sanitizer exit code $? (9: errors found)"
+  grep -E "ERROR SUMMARY|passed|failed|skipped" $OUT/mass_sanitizer.txt | tail -4
+fi
+for p in "${pids[@]}"; do wait "$p"; done
+for spec in "${specs[@]}"; do
+  name=${spec%%:*}
+  cp /tmp/train_$name.out /tmp/train_$name/stdout.txt 2>/dev/null
+  tail -16 /tmp/train_$name.out
+  tar -C /tmp -cf - train_$name | split -b 15M - $OUT/train_$name.tar.
+done
+ls -la $OUT
