@@ -53,6 +53,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=9000)
     p.add_argument("--time-budget", type=float, default=500.0, help="seconds of training before stopping early")
+    p.add_argument("--stop-after", type=int, default=None,
+                   help="stop after this many steps, keeping the schedule (lr, curriculum) of --steps: replays a run "
+                        "that the time budget stopped early, step for step")
     p.add_argument("--train-length", type=int, default=4096, help="longest evaluated prompt; training goes a bit beyond")
     p.add_argument("--tokens-per-step", type=int, default=65536)
     p.add_argument("--hold", type=float, default=0.15, help="fraction of steps kept at <= 512 tokens, where retrieval is learnt cheaply")
@@ -90,6 +93,8 @@ def parse_args(argv=None):
         a.device = a.device or "cpu"
     if a.hidden % a.heads or a.hidden // a.heads not in (64, 128, 256) and not a.quick:
         p.error(f"hidden {a.hidden} / heads {a.heads} must give head_dim 64, 128 or 256 (what the kernels support)")
+    if a.stop_after is not None and not 1 <= a.stop_after <= a.steps:
+        p.error(f"stop-after {a.stop_after} must be in 1..steps ({a.steps})")
     if not 0 < a.kv_share < 1:
         p.error(f"kv-share {a.kv_share} must be in (0, 1)")
     if a.kv_dense and not 10 <= a.kv_dense <= 64:
@@ -130,7 +135,7 @@ class StepData(torch.utils.data.Dataset):
         self.args = args
 
     def __len__(self):
-        return self.args.steps
+        return self.args.stop_after or self.args.steps
 
     def __getitem__(self, step):
         a = self.args
@@ -265,6 +270,8 @@ def train(args, model, device, log):
     steps_done = 0
     stopped_early = False
     for step, (ids, mask, kind) in enumerate(loader):
+        if args.stop_after is not None and step >= args.stop_after:
+            break
         if time.perf_counter() - t0 > args.time_budget:
             stopped_early = True
             break

@@ -104,7 +104,8 @@ def test_replayed_prefill_decodes_like_a_real_one(model):
             replayed = continue_greedy(model, cache, first2, 4)
     assert torch.equal(first, first2) and torch.equal(real, replayed)
     a, b = real_probe.stats, replay_probe.stats
-    assert a.count == b.count and sum(a.count) == 6 * 3 * 4 * 6  # batch x steps x layers x query heads
+    n_q = model.config.num_attention_heads * model.config.num_hidden_layers
+    assert a.count == b.count and sum(a.count) == 6 * 3 * n_q  # batch x steps x (layers x query heads)
     assert a.middle == pytest.approx(b.middle, rel=1e-6) and a.total == pytest.approx(b.total, rel=1e-6)
 
 
@@ -159,7 +160,7 @@ def test_probe_full_budget_covers_everything(model):
             replay_prefill(cache, kv)
             continue_greedy(model, cache, first, 3)
     d = probe.stats.as_dict()
-    assert d["queries"] == 2 * 2 * 4 * 6
+    assert d["queries"] == 2 * 2 * model.config.num_hidden_layers * model.config.num_attention_heads
     assert d["total"] == pytest.approx(1.0, abs=1e-5) and d["middle"] == pytest.approx(1.0, abs=1e-5)
     assert d["needle_chosen"] == 1.0
 
