@@ -84,6 +84,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None)
     p.add_argument("--git-commit", default=None)
     p.add_argument("--profile-shapes", action="store_true", help="first time a few steps per context length on a throwaway model")
+    p.add_argument("--deterministic", action="store_true",
+                   help="deterministic GPU kernels (torch.use_deterministic_algorithms, cuBLAS workspace config; "
+                        "flash attention's deterministic backward): the same arguments give the same weights")
     p.add_argument("--quick", action="store_true", help="tiny model, short contexts, a few CPU steps: checks the code path")
     a = p.parse_args(argv)
     if a.quick:
@@ -191,7 +194,9 @@ def answer_loss(model, ids, mask, kind, amp):
         tgt = mask[:, 1:]
         logits = model.lm_head(hidden[:, :-1][tgt]).float()
     labels = ids[:, 1:][tgt]
-    per_token = F.cross_entropy(logits, labels, reduction="none")
+    # log_softmax + gather rather than F.cross_entropy: nll_loss on CUDA has no deterministic
+    # implementation, gather's backward (scatter_add) has one under --deterministic
+    per_token = -logits.log_softmax(-1).gather(1, labels.unsqueeze(1)).squeeze(1)
     loss = per_token.mean()
     with torch.no_grad():
         row_of = torch.arange(ids.shape[0], device=ids.device).unsqueeze(1).expand_as(tgt)[tgt]
@@ -200,7 +205,8 @@ def answer_loss(model, ids, mask, kind, amp):
         right[tgt] = logits.argmax(-1) == labels
         # a row's first answer is exactly an evaluation prompt's answer, and teacher-forced all-correct
         # equals greedy exact match, so this is a free held-out accuracy estimate on fresh data
-        first = tgt.float().cumsum(1)
+        # counted on the CPU: cumsum on CUDA has no deterministic implementation (--deterministic)
+        first = tgt.cpu().to(torch.int32).cumsum(1).to(tgt.device)
         n_first = torch.where(kind == 0, 5, 4).unsqueeze(1)  # passkey has 5 digits, kv values 4
         in_first = tgt & (first <= n_first)
         exact = ((right | ~in_first).all(1)).float()
@@ -296,6 +302,8 @@ def train(args, model, device, log):
                 **{f"loss_{t}": round(x, 4) for t, x in zip(TASKS, task_loss.tolist())},
                 "grad_norm": round(gnorm.item(), 3), "lr": round(lr_at(args, step), 6),
                 "batch_exact": round(exact.mean().item(), 3), "elapsed_s": round(time.perf_counter() - t0, 1),
+                # sum of all weights: two runs that log the same sums at the same steps trained identically
+                "param_sum": float(f"{sum(float(p.detach().double().sum()) for p in model.parameters()):.12g}"),
             }
             for t in TASKS:  # exact match over the recent full-length steps, per task
                 if window[t]:
@@ -343,6 +351,10 @@ def main(argv=None):
         log_file.write(msg + "\n")
         log_file.flush()
 
+    if args.deterministic:
+        # before the first cuBLAS call; without it cuBLAS may split reductions differently run to run
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(args.seed)
     if device.type == "cuda":
