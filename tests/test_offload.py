@@ -257,3 +257,36 @@ def test_layer_mass_scores_equal_reference():
         want = mass_score(q, lo, hi, codes, 0.25, hot)
     assert got.shape == (B, H, C)
     torch.testing.assert_close(got, want)
+
+
+def test_deferred_selection_counts_equal_stepwise():
+    """note_selection defers its counting (flushed when the counts are read or the arrays grow); the result
+    must be what stepping gives: importance = importance * d + count at every step, chosen += count."""
+    model = build("llama", seed=6)
+    ids = torch.randint(1, 512, (2, 300))
+    cfg = TierConfig(budget=48, format="bf16", sink=4, window=32, chunk_length=16, gpu_budget="32KiB",
+                     cpu_budget="16MiB", importance_decay=0.8)
+    seen = []
+    with tierkv.offload(model, cfg) as cache:
+        cache.promote_every = 10**6  # no promotion (which zeroes chosen) during the run
+        layer = cache.layers[1]
+        original = layer.note_selection
+
+        def spy(idx):
+            seen.append(idx.clone())
+            return original(idx)
+
+        layer.note_selection = spy
+        gen(model, ids, cache, max_new_tokens=20)
+        assert layer._sel  # some steps still deferred (a chunk was cut in between, which flushed the rest)
+        layer.flush_selection()
+        assert not layer._sel
+        C, B = layer.n_chunks, layer.batch_size
+        imp, chosen = torch.zeros(B, C), torch.zeros(B, C)  # no choice is counted at prefill
+        for idx in seen:
+            count = torch.zeros(B, C).scatter_add_(1, idx.reshape(B, -1), torch.ones(B, idx[0].numel()))
+            imp = imp * 0.8 + count
+            chosen += count
+        assert len(seen) == 19 and chosen.sum() == 19 * B * 2 * 3  # decode steps x B x KV heads x chunks
+        torch.testing.assert_close(layer.importance[:, :C], imp, rtol=1e-5, atol=1e-5)
+        assert torch.equal(layer.chosen[:, :C], chosen)

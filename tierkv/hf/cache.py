@@ -34,6 +34,7 @@ from ..store import ChunkStore
 
 _ids = itertools.count()
 MIN_CHUNKS_IN_BUDGET = 4  # the planner gives no layer chunks longer than budget / 4
+SELECTION_FLUSH_MAX = 32  # decode steps a layer's choices may wait before they are counted (see note_selection)
 PROMOTE_EVERY = 16  # decode steps between refreshes of the gpu tier's contents (each costs a host sync)
 GATE_EVERY = 8  # decode steps between looks at the next-layer prediction's hit rate
 NEXT_LAYER_MIN_HIT = 0.25  # below this share of right guesses, next-layer guesses are not prefetched
@@ -89,7 +90,8 @@ class TierKVLayer(CacheLayerMixin):
         self.prev_idx: Optional[torch.Tensor] = None  # last step's choice (for the persistence statistic)
         self.predicted: Optional[torch.Tensor] = None  # the previous layer's guess at this step's choice
         self._launch_plans: dict = {}
-        self._ones: Optional[torch.Tensor] = None
+        self._sel: list = []  # this layer's choices [B, H, k] since importance/chosen were last brought up to date
+        self._sel_weights: dict = {}  # (steps, per step, decay) -> decay weights and ones of a flush
 
     # --- CacheLayerMixin -------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -246,6 +248,7 @@ class TierKVLayer(CacheLayerMixin):
                 codes[:, :, :cap] = self.codes
         self.codes = codes
         if cap:
+            self.flush_selection()
             chosen[:, :cap] = self.chosen
             ab[..., :cap] = self.abstracts
             addr[:, :cap] = self.addr
@@ -289,16 +292,47 @@ class TierKVLayer(CacheLayerMixin):
         return torch.matmul(qc, self.abstracts[..., :C]).amax(dim=2)
 
     def note_selection(self, idx: torch.Tensor) -> None:
-        """Count the heads that chose each chunk this step into its decayed importance."""
-        B, C = self.batch_size, self.n_chunks
-        flat = idx.reshape(B, -1)
+        """Count the heads that chose each chunk this step into its decayed importance.
+
+        Deferred: the choices are kept and folded in by flush_selection, all steps at once, before anything
+        reads importance or chosen (three launches per layer and step saved on a host-bound decode).
+        """
+        self._sel.append(idx)
+        if len(self._sel) >= SELECTION_FLUSH_MAX:
+            self.flush_selection()
+
+    def flush_selection(self) -> None:
+        """Fold the deferred choices into importance and chosen: after n steps with counts c_1..c_n,
+        importance = importance * d^n + sum_j d^(n-j) c_j (d = importance_decay), as stepping would give."""
+        sel = self._sel
+        if not sel:
+            return
+        self._sel = []
+        if self.importance is None:
+            return
+        B, n = self.batch_size, len(sel)
+        per_step = sel[0][0].numel()
+        if any(i[0].numel() != per_step for i in sel):  # the budget changed in between: one step at a time
+            for i in sel:
+                self._sel = [i]
+                self.flush_selection()
+            return
+        d = self.cache.config.importance_decay
+        key = (n, per_step, d)
+        wts = self._sel_weights.get(key)
+        if wts is None:
+            w = torch.tensor([d ** (n - 1 - j) for j in range(n)], dtype=torch.float32)
+            wts = (w.repeat_interleave(per_step).to(self.device).view(1, -1).expand(B, -1).contiguous(),
+                   torch.ones(B, n * per_step, dtype=torch.float32, device=self.device))
+            self._sel_weights = {key: wts}
+        flat = torch.cat([i.reshape(B, -1) for i in sel], dim=1) if n > 1 else sel[0].reshape(B, -1)
+        # chunk ids only grow, so every id is below today's n_chunks
+        C = self.n_chunks
         imp = self.importance[:, :C]
-        imp.mul_(self.cache.config.importance_decay)
-        ones = self._ones
-        if ones is None or ones.shape != flat.shape:
-            ones = self._ones = torch.ones(flat.shape, dtype=torch.float32, device=self.device)
-        imp.scatter_add_(1, flat, ones)
-        self.chosen[:, :C].scatter_add_(1, flat, ones)
+        if d != 1.0:
+            imp.mul_(d ** n)
+        imp.scatter_add_(1, flat, wts[0])
+        self.chosen[:, :C].scatter_add_(1, flat, wts[1])
 
     # --- reading chunks back -------------------------------------------------------------------------
     def refresh_addresses(self) -> None:
@@ -452,6 +486,7 @@ class TierKVLayer(CacheLayerMixin):
         A chunk chosen n times while a copy sat in the gpu tier was n gpu hits: residency only changes
         at promotions, so counting there (and when statistics are read) needs no work per step.
         """
+        self.flush_selection()
         if self.chosen is None or self.n_chunks == 0:
             return
         C = self.n_chunks
@@ -463,6 +498,7 @@ class TierKVLayer(CacheLayerMixin):
         C = self.n_chunks
         if limit <= 0 or C == 0:
             return None
+        self.flush_selection()
         self.refresh_addresses()
         skip = self.on_gpu[:, :C] | (self.addr[:, :C, 0] < 0)
         imp = torch.where(skip, torch.zeros_like(self.importance[:, :C]), self.importance[:, :C]).reshape(-1)
