@@ -147,6 +147,23 @@ def test_sparse_with_budget_covering_everything_matches_dense():
     assert torch.equal(out, ref)
 
 
+def test_sparse_left_padded_batch_masks_the_padding():
+    """Sparse decode lays keys out as [sink | tail | chosen chunks]; the padding mask must follow that
+    order. With a budget covering every chunk, left-padded sparse decode equals DynamicCache's; a mask
+    built in the wrong order lets rows attend to padding (or hides real keys) and changes the tokens."""
+    model = build("llama", seed=1)
+    ids = torch.randint(1, 512, (3, 150))
+    mask = torch.ones_like(ids)
+    mask[1, :40] = 0
+    mask[2, :77] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    ref = gen(model, ids, DynamicCache(config=model.config), attention_mask=mask, max_new_tokens=24)
+    with tierkv.offload(model, EXACT.replace(budget=100000)) as cache:
+        out = gen(model, ids, cache, attention_mask=mask, max_new_tokens=24)
+        assert cache.entries > 0  # the sparse path ran (chunks were gathered by selection)
+    assert torch.equal(out, ref)
+
+
 def test_restores_attention_implementation_even_on_error():
     model = build("llama")
     before = model.config._attn_implementation

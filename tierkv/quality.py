@@ -221,14 +221,14 @@ class SelectionProbe:
             self._keys[i] = k.clone() if self._keys[i] is None else torch.cat([self._keys[i], k], dim=-2)
             return update(key_states, value_states, *args, **kwargs)
 
-        def probe_score(q):
+        def probe_score(q, **kwargs):
             # geometry as sparse_attend sees it, before it picks chunks
             C = layer.n_chunks
             self._pending[i] = (q.detach(), layer.sink_len, layer.chunk_len, C, layer.tail_len, layer.length,
                                 layer.abstracts[..., :C].clone())
             if self.rescore:
                 return self._int2_mass(i, q, self._keys[i], layer.sink_len, layer.chunk_len, C)
-            return score(q)
+            return score(q, **kwargs)
 
         def probe_gather_into(chunk_idx, *args, **kwargs):
             if self._pending[i] is not None:

@@ -272,13 +272,14 @@ class TierKVLayer(CacheLayerMixin):
         self.n_chunks += n
 
     # --- scoring and selection ---------------------------------------------------------------------
-    def score(self, q: torch.Tensor) -> torch.Tensor:
+    def score(self, q: torch.Tensor, hot_keys: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Importance of each chunk per KV head [B, H, C] for the query q [B, Hq, T, D]; higher is better.
 
         With key codes (scoring 'mass'): abstracts.mass_score, the chunk's estimated share of each query
         head's softmax (the exact sink and tail in the denominator) summed over the group. Without:
         upper bounds of q . k, max over grouped heads and query tokens, the same bound as abstracts.score
-        from the stored layout: [min(q, 0), max(q, 0)] . [min; max].
+        from the stored layout: [min(q, 0), max(q, 0)] . [min; max]. hot_keys [B, H, S + T, D]: the sink's
+        and tail's keys where the caller already holds them together (else they are concatenated here).
         """
         B, Hq, T, D = q.shape
         H, C = self.n_heads, self.n_chunks
@@ -286,7 +287,7 @@ class TierKVLayer(CacheLayerMixin):
             scale = self.scaling if self.scaling is not None else D ** -0.5
             qs = q.float().reshape(B, H, (Hq // H) * T, D) * scale
             log_mass = ops.mass_logits(qs, self.abstracts, self.codes, C)  # [B, H, G, C]
-            return mass_shares(log_mass, qs, _cat([self.sink_k, self.tail_k]))
+            return mass_shares(log_mass, qs, hot_keys if hot_keys is not None else _cat([self.sink_k, self.tail_k]))
         qg = q.reshape(B, H, (Hq // H) * T, D)
         qc = torch.cat([qg.clamp(max=0), qg.clamp(min=0)], dim=-1).to(self.dtype)
         return torch.matmul(qc, self.abstracts[..., :C]).amax(dim=2)
