@@ -185,6 +185,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
 
     t_start = time.perf_counter()
+    commit = git_commit()  # the code evaluated is the code at the start (a run takes tens of minutes)
 
     def log(msg):
         print(f"[{time.perf_counter() - t_start:7.1f}s] {msg}", flush=True)
@@ -250,7 +251,7 @@ def main(argv=None) -> int:
     out = {
         "benchmark": "eval_quality",
         "command": " ".join([os.path.relpath(sys.argv[0], ROOT) if sys.argv[0] else "bench/eval_quality.py"] + sys.argv[1:]),
-        "git_commit": git_commit(),
+        "git_commit": commit,
         "device": "cpu",
         "cpu": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
