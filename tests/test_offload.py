@@ -307,3 +307,26 @@ def test_deferred_selection_counts_equal_stepwise():
         assert len(seen) == 19 and chosen.sum() == 19 * B * 2 * 3  # decode steps x B x KV heads x chunks
         torch.testing.assert_close(layer.importance[:, :C], imp, rtol=1e-5, atol=1e-5)
         assert torch.equal(layer.chosen[:, :C], chosen)
+
+
+def test_gather_table_static_parts_built_once():
+    """The gather table's constant columns are cached per (chunks per head, first row): sparse decode must
+    keep that key fixed from step to step (the chunks sit at the front of the work buffer), or every layer
+    rebuilds them at every step, a dozen extra launches on a host-bound decode."""
+    model = build("llama", seed=7)
+    ids = torch.randint(1, 512, (1, 300))
+    cfg = TierConfig(budget=48, format="bf16", sink=4, window=32, chunk_length=16, gpu_budget="32KiB", cpu_budget="16MiB")
+    with tierkv.offload(model, cfg) as cache:
+        layer = cache.layers[0]
+        built = []
+        original = layer._table_parts
+
+        def spy(kk, n0):
+            before = layer._static
+            out = original(kk, n0)
+            built.append(layer._static is not before)
+            return out
+
+        layer._table_parts = spy
+        gen(model, ids, cache, max_new_tokens=12)
+    assert len(built) == 11 and sum(built) == 1  # built at the first sparse step only

@@ -77,10 +77,11 @@ def attend(layer, module, q, original_mask, padding, scaling, dropout, original_
 def sparse_attend(layer, q, padding, scaling):
     """One query token: sink + the top-scoring chunks per KV head under the budget + the tail.
 
-    The three parts are laid out in one work buffer [sink | tail | selected chunks]: the hot set first, so
-    scoring reads its keys from there (one slice, no concatenation), and the kernel decodes the chunks
-    straight behind it, where attention reads them. (The order of keys does not matter to attention;
-    positions only matter to the padding mask, which is built in the same order.)
+    The three parts are laid out in one work buffer [selected chunks | sink | tail]: the kernel decodes
+    the chunks straight into the front (a fixed offset, so the gather table's static columns are built
+    once), and the hot set sits behind them in one piece, which scoring reads as one slice (no
+    concatenation). The order of keys does not matter to attention; positions only matter to the
+    padding mask, which is built in the same order.
     """
     cfg = layer.cache.config
     B, Hq, _, D = q.shape
@@ -90,35 +91,37 @@ def sparse_attend(layer, q, padding, scaling):
     N = S + k_sel * L + T
     w = layer.cache.work_buffer(layer, N)
     kw, vw = w[0], w[1]
+    K = k_sel * L  # the chunks' rows, then the sink's, then the tail's
     if S:
-        w[:, :, :, :S] = layer.sink
+        w[:, :, :, K : K + S] = layer.sink
     if layer.tail_in_buffer():
-        w[:, :, :, S : S + T] = layer._tbuf[:, :, :, :T]
+        w[:, :, :, K + S : N] = layer._tbuf[:, :, :, :T]
     else:
-        kw[:, :, S : S + T] = layer.tail_k
-        vw[:, :, S : S + T] = layer.tail_v
+        kw[:, :, K + S : N] = layer.tail_k
+        vw[:, :, K + S : N] = layer.tail_v
     idx = skipped = None
     if k_sel > 0:
         layer.scaling = scaling
-        idx = torch.topk(layer.score(q, hot_keys=kw[:, :, : S + T]), k_sel, dim=-1, sorted=False).indices  # [B, H, k]
+        idx = torch.topk(layer.score(q, hot_keys=kw[:, :, K:N]), k_sel, dim=-1, sorted=False).indices  # [B, H, k]
         cache = layer.cache
         if cache.store.disk is not None:
             cache.predict_next(layer, q, idx)
-        skipped = layer.gather_into(idx, kw, vw, n0=S + T, wait=cfg.miss_policy == "wait")
+        skipped = layer.gather_into(idx, kw, vw, n0=0, wait=cfg.miss_policy == "wait")
         layer.note_selection(idx)
         cache.selected_layers.add(layer.layer_idx)
     attn_mask = None
     if skipped is not None:  # chunks left on disk this step (miss policy 'skip'): their rows are zeros
         keep = torch.ones(B, H, 1, N, dtype=torch.bool, device=q.device)
         drop = skipped.unsqueeze(-1).expand(B, H, k_sel, L).reshape(B, H, 1, k_sel * L)
-        keep[..., S + T :] = ~drop
+        keep[..., :K] = ~drop
         attn_mask = keep
     if padding is not None:
-        pos = [torch.arange(S, device=q.device).view(1, 1, S).expand(B, H, S),
-               torch.arange(layer.length - T, layer.length, device=q.device).view(1, 1, T).expand(B, H, T)]
+        pos = []
         if idx is not None:
             within = torch.arange(L, device=q.device)
-            pos.append((S + idx.unsqueeze(-1) * L + within).reshape(B, H, k_sel * L))
+            pos.append((S + idx.unsqueeze(-1) * L + within).reshape(B, H, K))
+        pos.append(torch.arange(S, device=q.device).view(1, 1, S).expand(B, H, S))
+        pos.append(torch.arange(layer.length - T, layer.length, device=q.device).view(1, 1, T).expand(B, H, T))
         pos = torch.cat(pos, dim=-1)  # [B, H, N]
         pad = padding.to(q.device).gather(1, pos.reshape(B, -1)).reshape(B, H, 1, -1)
         attn_mask = pad if attn_mask is None else attn_mask & pad
