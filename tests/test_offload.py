@@ -61,13 +61,18 @@ def test_dense_greedy_identical_to_dynamic_cache(family):
         torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2)
 
 
-def test_left_padded_batch_identical():
-    model = build("llama", seed=1)
+def left_padded_batch():
+    """Three prompts of 150, 110 and 73 tokens, left-padded to 150 (pad id 0), and their attention mask."""
     ids = torch.randint(1, 512, (3, 150))
     mask = torch.ones_like(ids)
     mask[1, :40] = 0
     mask[2, :77] = 0
-    ids = ids.masked_fill(mask == 0, 0)
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def test_left_padded_batch_identical():
+    model = build("llama", seed=1)
+    ids, mask = left_padded_batch()
     ref = gen(model, ids, DynamicCache(config=model.config), attention_mask=mask, max_new_tokens=40)
     with tierkv.offload(model, EXACT) as cache:
         out = gen(model, ids, cache, attention_mask=mask, max_new_tokens=40)
@@ -152,11 +157,7 @@ def test_sparse_left_padded_batch_masks_the_padding():
     order. With a budget covering every chunk, left-padded sparse decode equals DynamicCache's; a mask
     built in the wrong order lets rows attend to padding (or hides real keys) and changes the tokens."""
     model = build("llama", seed=1)
-    ids = torch.randint(1, 512, (3, 150))
-    mask = torch.ones_like(ids)
-    mask[1, :40] = 0
-    mask[2, :77] = 0
-    ids = ids.masked_fill(mask == 0, 0)
+    ids, mask = left_padded_batch()
     ref = gen(model, ids, DynamicCache(config=model.config), attention_mask=mask, max_new_tokens=24)
     with tierkv.offload(model, EXACT.replace(budget=100000)) as cache:
         out = gen(model, ids, cache, attention_mask=mask, max_new_tokens=24)
