@@ -179,3 +179,26 @@ def randomized_ops(st, n_ops, seed, max_chunk=3000, n_keys=40, use_disk=False):
 def test_randomized_memory_tiers():
     st = ChunkStore(TierConfig(gpu_budget=12 * 1024, cpu_budget=64 * 1024, importance_decay=0.8))
     randomized_ops(st, 3000, seed=1234, max_chunk=3000, n_keys=24)
+
+
+def test_add_copies_makes_room_once_among_the_old_contents(tmp_path):
+    """Prefetched chunks go into the cpu tier together: the victims are the least valuable chunks the
+    tier held before (never one of the newcomers, as one-by-one installs would pick the oldest newcomer),
+    chunks already present or deleted are skipped, and everything still reads back."""
+    st = ChunkStore(TierConfig(gpu_budget=4 * 1024, cpu_budget=8 * 1024, importance_decay=0.5,
+                               disk_path=str(tmp_path)))
+    for i in range(8):  # fills the cpu tier; chunk 3 and 5 are valuable
+        st.put(K(i), data(1024, i), tier="cpu")
+    st.touch([K(3)], 5.0)
+    st.touch([K(5)], 5.0)
+    for i in (10, 11, 12):  # live on disk only
+        st.put(K(i), data(1024, i), tier="disk")
+    st.put(K(13), data(1024, 13), tier="disk")
+    st.delete(K(13))
+    items = [(K(i), data(1024, i)) for i in (10, 11, 12, 13)] + [(K(3), data(1024, 3))]
+    assert st.add_copies(items, "cpu") == 3
+    assert all(K(i) in st.cpu for i in (10, 11, 12, 3, 5))
+    assert sum(K(i) in st.cpu for i in range(8)) == 5  # three old, valueless chunks made way
+    for i in list(range(8)) + [10, 11, 12]:
+        assert torch.equal(st.read(K(i)), data(1024, i))
+    assert st.add_copies([], "cpu") == 0

@@ -118,15 +118,15 @@ class ChunkStore:
         return m
 
     # --- placement ---------------------------------------------------------------------------------
-    def _make_room(self, tier, nbytes: int, protect: ChunkKey) -> None:
-        """Evict from a memory tier until an allocation of nbytes succeeds.
+    def _make_room(self, tier, nbytes: int, protect) -> None:
+        """Evict from a memory tier until an allocation of nbytes succeeds; `protect`: keys never evicted.
 
         Victims are taken in one sorted pass and at least 1/64 of the budget is reclaimed, so a full tier
         under a stream of puts sorts once per many puts rather than once per put.
         """
         want = max(nbytes, tier.budget // 64)
         victims = sorted(
-            (k for k in tier.keys() if k != protect),
+            (k for k in tier.keys() if k not in protect),
             key=lambda k: (self._value(self._meta[k]), self._meta[k].step, self._meta[k].order),
         )
         freed = 0
@@ -180,7 +180,7 @@ class ChunkStore:
                     f"the {tier.name} tier (budget {tier.budget} bytes, {tier.used_bytes} used) has no room for "
                     f"chunk {key} of {nbytes} bytes even after eviction"
                 )
-            self._make_room(tier, nbytes, key)
+            self._make_room(tier, nbytes, (key,))
 
     def _put_memory(self, tier, key: ChunkKey, data: torch.Tensor) -> None:
         view = self._reserve_memory(tier, key, data.numel())
@@ -350,6 +350,30 @@ class ChunkStore:
             self._put_memory(self._tier(tier), key, data)
             self._moved[f"disk->{tier}"] += data.numel()
             return True
+
+    def add_copies(self, items: Sequence[Tuple[ChunkKey, torch.Tensor]], tier: str = "cpu") -> int:
+        """add_copy for many chunks: room for all of them is made in one eviction pass (victims from what
+        the tier held before; one sort instead of one per 1/64 of the budget), then they are copied in,
+        in order, until one does not fit. Returns how many got a copy; gone or present ones are skipped."""
+        with self._lock:
+            t = self._tier(tier)
+            todo = [(k, d) for k, d in items if k in self._meta and k not in t]
+            if not todo:
+                return 0
+            short = sum(d.numel() for _, d in todo) - (t.budget - t.used_bytes)
+            if short > 0:
+                newcomers = {k for k, _ in todo}
+                if any(k not in newcomers for k in t.keys()):
+                    self._make_room(t, short, newcomers)
+            n = 0
+            for k, d in todo:
+                try:
+                    self._put_memory(t, k, d)
+                except CapacityError:
+                    break
+                self._moved[f"disk->{tier}"] += d.numel()
+                n += 1
+            return n
 
     def promote(self, key: ChunkKey, to: str = "gpu") -> None:
         """Copy a chunk up into `to` (gpu or cpu) from the nearest tier below that holds it."""

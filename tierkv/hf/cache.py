@@ -672,11 +672,7 @@ class TierKVCache(Cache):
             dev = self.store.gpu.device
             if dev.type == "cuda":  # kernels of this pass may still read the staging slots
                 torch.cuda.current_stream(dev).synchronize()
-            for key, view in ready:
-                try:
-                    self.store.add_copy(key, view, "cpu")
-                except CapacityError:
-                    break
+            self.store.add_copies(ready, "cpu")
             pf.release([k for k, _ in ready])
         pf.begin_step(self.steps)
         pf.drop_stale()
