@@ -202,3 +202,16 @@ def test_add_copies_makes_room_once_among_the_old_contents(tmp_path):
     for i in list(range(8)) + [10, 11, 12]:
         assert torch.equal(st.read(K(i)), data(1024, i))
     assert st.add_copies([], "cpu") == 0
+
+
+def test_add_copies_of_more_than_the_tier_holds_keeps_the_first(tmp_path):
+    """A batch larger than the whole tier: the first chunks that fit get copies, the rest are not copied
+    in only to evict them again."""
+    st = ChunkStore(TierConfig(gpu_budget=4 * 1024, cpu_budget=4 * 1024, disk_path=str(tmp_path)))
+    for i in range(6):
+        st.put(K(i), data(1024, i), tier="disk")
+    assert st.add_copies([(K(i), data(1024, i)) for i in range(6)], "cpu") == 4
+    assert [K(i) in st.cpu for i in range(6)] == [True] * 4 + [False] * 2
+    assert st.cpu.used_bytes <= 4 * 1024
+    for i in range(6):
+        assert torch.equal(st.read(K(i)), data(1024, i))

@@ -21,6 +21,7 @@ from .config import TierConfig
 from .errors import CapacityError, ChunkNotFoundError, ConfigError
 from .keys import ChunkKey
 from .tiers import TIER_NAMES, CpuTier, GpuTier
+from .tiers.arena import ALIGN
 
 
 @dataclass
@@ -354,13 +355,23 @@ class ChunkStore:
     def add_copies(self, items: Sequence[Tuple[ChunkKey, torch.Tensor]], tier: str = "cpu") -> int:
         """add_copy for many chunks: room for all of them is made in one eviction pass (victims from what
         the tier held before; one sort instead of one per 1/64 of the budget), then they are copied in,
-        in order, until one does not fit. Returns how many got a copy; gone or present ones are skipped."""
+        in order, until one does not fit; of a batch larger than the whole tier only the first chunks that
+        fit are taken. Returns how many got a copy; gone or present ones are skipped."""
         with self._lock:
             t = self._tier(tier)
             todo = [(k, d) for k, d in items if k in self._meta and k not in t]
             if not todo:
                 return 0
-            short = sum(d.numel() for _, d in todo) - (t.budget - t.used_bytes)
+            # sizes in the arena's allocation units, or the copies would each fall short and evict one by one;
+            # a batch larger than the whole tier keeps its first chunks (the rest would only evict them)
+            keep = total = 0
+            for _, d in todo:
+                size = -(-d.numel() // ALIGN) * ALIGN
+                if total + size > t.budget:
+                    break
+                keep, total = keep + 1, total + size
+            todo = todo[:keep]
+            short = total - (t.budget - t.used_bytes)
             if short > 0:
                 newcomers = {k for k, _ in todo}
                 if any(k not in newcomers for k in t.keys()):
