@@ -204,14 +204,21 @@ def test_add_copies_makes_room_once_among_the_old_contents(tmp_path):
     assert st.add_copies([], "cpu") == 0
 
 
-def test_add_copies_of_more_than_the_tier_holds_keeps_the_first(tmp_path):
-    """A batch larger than the whole tier: the first chunks that fit get copies, the rest are not copied
-    in only to evict them again."""
-    st = ChunkStore(TierConfig(gpu_budget=4 * 1024, cpu_budget=4 * 1024, disk_path=str(tmp_path)))
-    for i in range(6):
+def test_add_copies_admits_by_value_when_the_batch_does_not_fit(tmp_path):
+    """More newcomers than the tier holds: residents and newcomers are ranked together by the eviction
+    order and the best that fit stay; the rest of the newcomers are not copied in (only to be evicted)."""
+    st = ChunkStore(TierConfig(gpu_budget=4 * 1024, cpu_budget=4 * 1024, importance_decay=0.5,
+                               disk_path=str(tmp_path)))
+    for i in range(8):
         st.put(K(i), data(1024, i), tier="disk")
-    assert st.add_copies([(K(i), data(1024, i)) for i in range(6)], "cpu") == 4
-    assert [K(i) in st.cpu for i in range(6)] == [True] * 4 + [False] * 2
+    assert st.add_copies([(K(i), data(1024, i)) for i in (0, 1)], "cpu") == 2
+    st.tick()
+    st.touch([K(0), K(5)], 1.0)  # resident K(0) was chosen again, and newcomer K(5)
+    st.touch([K(0)], 1.0)
+    st.touch([K(6)], 0.5)
+    n = st.add_copies([(K(i), data(1024, i)) for i in (2, 3, 4, 5, 6, 7)], "cpu")
+    # ranked: K0 (2.0), K5 (1.0), K6 (0.5), then valueless by recency and age: K7 beats K2, K3, K4 and K1
+    assert n == 3 and {i for i in range(8) if K(i) in st.cpu} == {0, 5, 6, 7}
     assert st.cpu.used_bytes <= 4 * 1024
-    for i in range(6):
+    for i in range(8):
         assert torch.equal(st.read(K(i)), data(1024, i))

@@ -353,29 +353,40 @@ class ChunkStore:
             return True
 
     def add_copies(self, items: Sequence[Tuple[ChunkKey, torch.Tensor]], tier: str = "cpu") -> int:
-        """add_copy for many chunks: room for all of them is made in one eviction pass (victims from what
-        the tier held before; one sort instead of one per 1/64 of the budget), then they are copied in,
-        in order, until one does not fit; of a batch larger than the whole tier only the first chunks that
-        fit are taken. Returns how many got a copy; gone or present ones are skipped."""
+        """add_copy for many chunks at once (the prefetches of a step), with value-based admission.
+
+        When they do not all fit, the tier's chunks and the newcomers are ranked together by the
+        eviction order (decayed importance, then recency, then age) and the best that fit the budget are
+        kept: residents outside that set are evicted, newcomers outside it are not copied in. One sort
+        per batch, where copying one by one sorted once per 1/64 of the budget and, with a batch larger
+        than the tier, evicted its own first newcomers. Returns how many got a copy; chunks gone from
+        the store or already in the tier are skipped.
+        """
         with self._lock:
             t = self._tier(tier)
             todo = [(k, d) for k, d in items if k in self._meta and k not in t]
             if not todo:
                 return 0
-            # sizes in the arena's allocation units, or the copies would each fall short and evict one by one;
-            # a batch larger than the whole tier keeps its first chunks (the rest would only evict them)
-            keep = total = 0
-            for _, d in todo:
-                size = -(-d.numel() // ALIGN) * ALIGN
-                if total + size > t.budget:
-                    break
-                keep, total = keep + 1, total + size
-            todo = todo[:keep]
-            short = total - (t.budget - t.used_bytes)
-            if short > 0:
+
+            def size(n: int) -> int:  # in the arena's allocation units
+                return -(-n // ALIGN) * ALIGN
+
+            if sum(size(d.numel()) for _, d in todo) > t.budget - t.used_bytes:
+                def rank(k):
+                    m = self._meta[k]
+                    return (self._value(m), m.step, m.order)
+
                 newcomers = {k for k, _ in todo}
-                if any(k not in newcomers for k in t.keys()):
-                    self._make_room(t, short, newcomers)
+                ranked = sorted(list(t.keys()) + list(newcomers), key=rank, reverse=True)
+                room, keep = t.budget, set()
+                for k in ranked:
+                    n = size(self._meta[k].nbytes)
+                    if n <= room:
+                        room -= n
+                        keep.add(k)
+                for k in [k for k in t.keys() if k not in keep]:
+                    self._evict_from(k, tier)
+                todo = [(k, d) for k, d in todo if k in keep]
             n = 0
             for k, d in todo:
                 try:

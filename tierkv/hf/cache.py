@@ -368,10 +368,15 @@ class TierKVLayer(CacheLayerMixin):
         the cpu tier could evict one this very gather is about to read.
         """
         missing = a[..., 0] < 0
-        if not bool(missing.any()):
-            return a, None
         cache = self.cache
         B, H, kk = chunk_idx.shape
+        # what is chosen now is likely chosen next step: its value in the store rises, so installing the
+        # chunks fetched for this step evicts the cpu tier's unchosen chunks first (one host copy of
+        # the choice, next to the sync this path makes anyway)
+        chosen = chunk_idx.reshape(B, H * kk).tolist()
+        cache.store.touch({cache.key(b, self.layer_idx, c) for b in range(B) for c in chosen[b]}, 1.0)
+        if not bool(missing.any()):
+            return a, None
         b_of = torch.arange(B, device=self.device).view(B, 1, 1).expand(B, H, kk)
         uniq = torch.unique(torch.stack([b_of[missing], chunk_idx[missing]], dim=1), dim=0).tolist()
         nb = self.layout.nbytes
