@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Collection, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -119,17 +119,19 @@ class ChunkStore:
         return m
 
     # --- placement ---------------------------------------------------------------------------------
-    def _make_room(self, tier, nbytes: int, protect) -> None:
+    def _rank(self, key: ChunkKey) -> Tuple[float, int, int]:
+        """Eviction order, lowest first: decayed importance, then last use, then age."""
+        m = self._meta[key]
+        return (self._value(m), m.step, m.order)
+
+    def _make_room(self, tier, nbytes: int, protect: Collection[ChunkKey]) -> None:
         """Evict from a memory tier until an allocation of nbytes succeeds; `protect`: keys never evicted.
 
         Victims are taken in one sorted pass and at least 1/64 of the budget is reclaimed, so a full tier
         under a stream of puts sorts once per many puts rather than once per put.
         """
         want = max(nbytes, tier.budget // 64)
-        victims = sorted(
-            (k for k in tier.keys() if k not in protect),
-            key=lambda k: (self._value(self._meta[k]), self._meta[k].step, self._meta[k].order),
-        )
+        victims = sorted((k for k in tier.keys() if k not in protect), key=self._rank)
         freed = 0
         for victim in victims:
             freed += self._evict_from(victim, tier.name)
@@ -340,20 +342,9 @@ class ChunkStore:
         with self._lock:
             self.cpu.arena.reserve_all()
 
-    def add_copy(self, key: ChunkKey, data: torch.Tensor, tier: str = "cpu") -> bool:
-        """Give a chunk that lives below `tier` a copy there from bytes read elsewhere (a prefetch).
-
-        Returns False (and changes nothing) if the chunk is gone or already has a copy in the tier.
-        """
-        with self._lock:
-            if key not in self._meta or key in self._tier(tier):
-                return False
-            self._put_memory(self._tier(tier), key, data)
-            self._moved[f"disk->{tier}"] += data.numel()
-            return True
-
     def add_copies(self, items: Sequence[Tuple[ChunkKey, torch.Tensor]], tier: str = "cpu") -> int:
-        """add_copy for many chunks at once (the prefetches of a step), with value-based admission.
+        """Give chunks that live below `tier` a copy there from bytes read elsewhere (a step's prefetches),
+        with value-based admission.
 
         When they do not all fit, the tier's chunks and the newcomers are ranked together by the
         eviction order (decayed importance, then recency, then age) and the best that fit the budget are
@@ -372,12 +363,8 @@ class ChunkStore:
                 return -(-n // ALIGN) * ALIGN
 
             if sum(size(d.numel()) for _, d in todo) > t.budget - t.used_bytes:
-                def rank(k):
-                    m = self._meta[k]
-                    return (self._value(m), m.step, m.order)
-
                 newcomers = {k for k, _ in todo}
-                ranked = sorted(list(t.keys()) + list(newcomers), key=rank, reverse=True)
+                ranked = sorted(list(t.keys()) + list(newcomers), key=self._rank, reverse=True)
                 room, keep = t.budget, set()
                 for k in ranked:
                     n = size(self._meta[k].nbytes)
