@@ -631,7 +631,9 @@ class TierKVCache(Cache):
 
         The guess scores this layer's query against the next layer's abstracts (queries of neighbouring
         layers look alike). Both predictions are scored for the statistics: the guess when the next layer
-        chooses, and "the same as last step" (importance persists) against this layer's choice.
+        chooses, and "the same as last step" (importance persists) against this layer's choice. While the
+        guesses are not prefetched (the gate is shut, or prediction is off), one step in GATE_EVERY still
+        makes them, for the hit rate the gate and the statistics read: a guess costs a scoring pass.
         """
         B, H, kk = idx.shape
         prev = layer.prev_idx
@@ -640,8 +642,12 @@ class TierKVCache(Cache):
         layer.prev_idx = idx
         if layer.predicted is not None and layer.predicted.shape == idx.shape:
             self._count("next_layer", _overlap(layer.predicted, idx, layer.n_chunks), idx.numel())
+        layer.predicted = None  # a guess is for one step
         nxt = self.layers[layer.layer_idx + 1] if layer.layer_idx + 1 < len(self.layers) else None
         if nxt is None or nxt.n_chunks == 0 or self.config.budget is None:
+            return
+        prefetching = self.predict and self.next_layer_prefetch
+        if not prefetching and self.steps % GATE_EVERY:
             return
         k = min(self.config.budget // nxt.chunk_len, nxt.n_chunks)
         if k <= 0 or nxt.head_dim != layer.head_dim:
@@ -651,7 +657,7 @@ class TierKVCache(Cache):
         pred = torch.topk(nxt.score(q), k, dim=-1, sorted=False).indices
         nxt.predicted = pred
         nxt.refresh_addresses()
-        if not nxt.disk_only or self.store.disk is None or not self.predict or not self.next_layer_prefetch:
+        if not nxt.disk_only or self.store.disk is None or not prefetching:
             return
         on_disk = nxt.addr[..., 0].gather(1, pred.reshape(B, -1)) < 0  # [B, H*k]
         pairs = torch.stack([torch.arange(B, device=pred.device).view(B, 1).expand_as(on_disk)[on_disk],
