@@ -90,8 +90,9 @@ class TierKVLayer(CacheLayerMixin):
         self.prev_idx: Optional[torch.Tensor] = None  # last step's choice (for the persistence statistic)
         self.predicted: Optional[torch.Tensor] = None  # the previous layer's guess at this step's choice
         self._launch_plans: dict = {}
+        self._keys: List[List[ChunkKey]] = []  # [b][c]: the store key of each chunk, made once at ingest
         self._sel: list = []  # this layer's choices [B, H, k] since importance/chosen were last brought up to date
-        self._sel_weights: dict = {}  # (steps, per step, decay) -> decay weights and ones of a flush
+        self._sel_weights = None  # ((steps, per step, decay), (decay weights, ones)) of the last flush
 
     # --- CacheLayerMixin -------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -267,7 +268,11 @@ class TierKVLayer(CacheLayerMixin):
             ab = abstracts.transpose(1, 2)  # [B, H, n, 2, D]
             kc = k.reshape(B, H, n, lay.n_tokens, D)
             self.codes[:, :, c0 : c0 + n] = key_codes(kc, ab[:, :, :, 0], ab[:, :, :, 1])
-        keys = [self.cache.key(b, self.layer_idx, c) for b in range(B) for c in range(c0, c0 + n)]
+        if not self._keys:
+            self._keys = [[] for _ in range(B)]
+        for b in range(B):
+            self._keys[b].extend(self.cache.key(b, self.layer_idx, c) for c in range(c0, c0 + n))
+        keys = [self._keys[b][c] for b in range(B) for c in range(c0, c0 + n)]
         self.cache.store.put_many(keys, packed.reshape(B * n, lay.nbytes), tier="cpu")
         self.n_chunks += n
 
@@ -320,12 +325,11 @@ class TierKVLayer(CacheLayerMixin):
             return
         d = self.cache.config.importance_decay
         key = (n, per_step, d)
-        wts = self._sel_weights.get(key)
-        if wts is None:
+        if self._sel_weights is None or self._sel_weights[0] != key:
             w = torch.tensor([d ** (n - 1 - j) for j in range(n)], dtype=torch.float32)
-            wts = (w.repeat_interleave(per_step).to(self.device).view(1, -1).expand(B, -1).contiguous(),
-                   torch.ones(B, n * per_step, dtype=torch.float32, device=self.device))
-            self._sel_weights = {key: wts}
+            decay = w.repeat_interleave(per_step).to(self.device).view(1, -1).expand(B, -1).contiguous()
+            self._sel_weights = (key, (decay, torch.ones(B, n * per_step, dtype=torch.float32, device=self.device)))
+        wts = self._sel_weights[1]
         flat = torch.cat([i.reshape(B, -1) for i in sel], dim=1) if n > 1 else sel[0].reshape(B, -1)
         # chunk ids only grow, so every id is below today's n_chunks
         C = self.n_chunks
@@ -343,7 +347,7 @@ class TierKVLayer(CacheLayerMixin):
         cache = self.cache
         rows, vals, gpu = [], [], []
         for b, c in self.dirty:
-            loc, tier = cache.best_location(cache.key(b, self.layer_idx, c))
+            loc, tier = cache.best_location(self._keys[b][c])
             rows.append((b, c))
             vals.append(loc if loc is not None else (-1, -1))
             gpu.append(tier == "gpu")
@@ -374,7 +378,8 @@ class TierKVLayer(CacheLayerMixin):
         # chunks fetched for this step evicts the cpu tier's unchosen chunks first (one host copy of
         # the choice, next to the sync this path makes anyway)
         chosen = chunk_idx.reshape(B, H * kk).tolist()
-        cache.store.touch({cache.key(b, self.layer_idx, c) for b in range(B) for c in chosen[b]}, 1.0)
+        keys = self._keys
+        cache.store.touch({keys[b][c] for b in range(B) for c in chosen[b]}, 1.0)
         if not bool(missing.any()):
             return a, None
         b_of = torch.arange(B, device=self.device).view(B, 1, 1).expand(B, H, kk)
@@ -384,7 +389,7 @@ class TierKVLayer(CacheLayerMixin):
         t0 = time.perf_counter()
         found = []
         for b, c in uniq:
-            key = cache.key(b, self.layer_idx, c)
+            key = self._keys[b][c]
             loc = pf.fetch(key, nb, wait=wait)
             if loc is None and wait:  # staging is full: read it here
                 buf = torch.empty(nb, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
@@ -665,7 +670,7 @@ class TierKVCache(Cache):
         if pairs.numel():
             nb = nxt.layout.nbytes
             want = {(b, c) for b, c in pairs.tolist()}
-            self.prefetcher().request([(self.key(b, nxt.layer_idx, c), nb) for b, c in sorted(want)])
+            self.prefetcher().request([(nxt._keys[b][c], nb) for b, c in sorted(want)])
 
     def _count(self, name: str, hits: torch.Tensor, total: int) -> None:
         acc = self._pred[name + "_hits"]
@@ -735,7 +740,7 @@ class TierKVCache(Cache):
                 if val < 1.0:  # chosen by fewer than one head per step on average: not worth a copy
                     break
                 flat = int(flat)
-                key = self.key(flat // layer.n_chunks, layer.layer_idx, flat % layer.n_chunks)
+                key = layer._keys[flat // layer.n_chunks][flat % layer.n_chunks]
                 self.store.touch([key], val)
                 try:
                     self.store.promote(key, "gpu")
