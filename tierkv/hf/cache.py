@@ -368,8 +368,9 @@ class TierKVLayer(CacheLayerMixin):
         `wait` (miss policy 'wait', and always for exact attention), waited for (queued now if nobody
         asked) and the time counted as stall; without `wait` (policy 'skip') it is left out of this
         step: its rows point at a zero chunk and the returned mask [B, H, k] marks it for attention to
-        ignore, and it is queued for the next step. The store is not changed here: putting chunks into
-        the cpu tier could evict one this very gather is about to read.
+        ignore, and it is queued for the next step. No chunk moves between tiers here (putting chunks
+        into the cpu tier could evict one this very gather is about to read); the chosen chunks are only
+        touched, so that the end-of-step install keeps them.
         """
         missing = a[..., 0] < 0
         cache = self.cache
