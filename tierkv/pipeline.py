@@ -53,7 +53,7 @@ class PrefetchStats:
     completed: int = 0
     used: int = 0  # staged chunks a gather actually read
     waited: int = 0  # gathers that had to wait for a chunk still in flight
-    sync_reads: int = 0  # chunks read on the decode thread because nobody had asked for them
+    sync_reads: int = 0  # chunks a step needed that nobody had asked for (read while it waited)
     bytes_read: int = 0
     wait_seconds: float = 0.0
 

@@ -16,6 +16,7 @@ between copies of the sink and the tail, which is what attention then reads.
 from __future__ import annotations
 
 import itertools
+import os
 import time
 import uuid
 from typing import List, Optional, Tuple
@@ -388,29 +389,39 @@ class TierKVLayer(CacheLayerMixin):
         nb = self.layout.nbytes
         pf = cache.prefetcher()
         t0 = time.perf_counter()
-        found = []
-        for b, c in uniq:
-            key = self._keys[b][c]
-            loc = pf.fetch(key, nb, wait=wait)
-            if loc is None and wait:  # staging is full: read it here
-                buf = torch.empty(nb, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
-                cache.store.disk.read(key, out=buf)
-                pf.stats.bytes_read += nb  # counted with the staged reads: disk bytes per step
-                cache.keep_alive(buf)
-                loc = buf
-            found.append((b, c, loc))
+        wanted = [(b, c, self._keys[b][c]) for b, c in uniq]
+        if wait:
+            # all of them asked for at once, so the workers read them side by side (asking one and
+            # waiting for it before asking the next reads them one after another)
+            pf.stats.sync_reads += pf.request([(key, nb) for _, _, key in wanted])
+        found, direct = [], []
+        for b, c, key in wanted:
+            loc = pf.fetch(key, nb, wait=wait) if not wait or pf.wanted(key) else None
+            if loc is None and wait:  # staging is full (or the request was dropped): read it here
+                direct.append((b, c, key))
+            else:
+                found.append((b, c, loc))
         base = len(sources)
         sources.extend(pf.sources)  # the staging arena (its segments exist once something was staged)
         zero_src = len(sources)
         sources.append(cache.zero_chunk(nb))
         src_of = torch.full((B, self.n_chunks), -1, dtype=torch.int64)
         off_of = torch.zeros((B, self.n_chunks), dtype=torch.int64)
+        if direct:
+            # one pinned buffer for all of them, filled by the disk tier's reader threads
+            stride = (nb + 255) // 256 * 256
+            buf = torch.empty(stride * len(direct), dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+            cache.store.disk.read_many([key for _, _, key in direct],
+                                       [buf[i * stride : i * stride + nb] for i in range(len(direct))])
+            pf.stats.sync_reads += len(direct)
+            pf.stats.bytes_read += nb * len(direct)  # counted with the staged reads: disk bytes per step
+            cache.keep_alive(buf)
+            sources.append(buf)
+            for i, (b, c, _) in enumerate(direct):
+                src_of[b, c], off_of[b, c] = len(sources) - 1, i * stride
         for b, c, loc in found:
             if loc is None:
                 src_of[b, c] = zero_src
-            elif isinstance(loc, torch.Tensor):
-                sources.append(loc)
-                src_of[b, c] = len(sources) - 1
             else:
                 src_of[b, c], off_of[b, c] = base + loc[0], loc[1]
         if wait:
@@ -621,7 +632,9 @@ class TierKVCache(Cache):
             shortest = cfg.chunk_length or min(cfg.chunk_lengths)
             slot = ChunkLayout(cfg.format, longest, layer.n_heads, layer.head_dim, cfg.group_size).nbytes
             per_layer = (cfg.budget // shortest if cfg.budget else 32) * layer.n_heads * layer.batch_size
-            self._prefetcher = Prefetcher(self.store.disk, slot, depth=max(64, 2 * per_layer),
+            # reads are mostly waiting on the disk and lz4 releases the GIL: a few more threads than cores
+            workers = max(2, min(8, os.cpu_count() or 1))
+            self._prefetcher = Prefetcher(self.store.disk, slot, depth=max(64, 2 * per_layer), workers=workers,
                                           pinned=layer.device.type == "cuda")
         return self._prefetcher
 
