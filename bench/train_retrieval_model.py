@@ -63,6 +63,11 @@ def parse_args(argv=None):
     p.add_argument("--tokens-per-step", type=int, default=65536)
     p.add_argument("--hold", type=float, default=0.15, help="fraction of steps kept at <= 512 tokens, where retrieval is learnt cheaply")
     p.add_argument("--ramp", type=float, default=0.55, help="fraction of steps by which the longest context reaches full length")
+    p.add_argument("--hold-until", type=float, default=None,
+                   help="adaptive hold: stay at <= 512 tokens past --hold until the kv rows' exact match over the "
+                        "last 20 steps reaches this (then ramp over the same span of steps); the run stays "
+                        "deterministic (the switch takes effect HOLD_DELAY steps after it is decided)")
+    p.add_argument("--hold-max", type=float, default=0.45, help="adaptive hold: fraction of steps after which the ramp starts regardless")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=384)
     p.add_argument("--heads", type=int, default=6)
@@ -105,9 +110,31 @@ def parse_args(argv=None):
         p.error(f"kv-share {a.kv_share} must be in (0, 1)")
     if a.kv_dense and not 10 <= a.kv_dense <= 64:
         p.error(f"kv-dense {a.kv_dense} must be 0 (off) or 10..64 tokens per pair")
+    if a.hold_until is not None and not (0 < a.hold_until <= 1 and a.hold <= a.hold_max < 1):
+        p.error("hold-until must be in (0, 1] and hold <= hold-max < 1")
+    if a.hold_until is not None and a.workers * 4 >= HOLD_DELAY:
+        p.error(f"adaptive hold: workers x 4 batches ahead must stay below {HOLD_DELAY}")
     if a.heads % a.kv_heads:
         p.error(f"heads {a.heads} must be a multiple of kv-heads {a.kv_heads}")
     return a
+
+
+# The adaptive hold's end, shared with the data workers (forked, so they see the parent's shared memory):
+# -1 while holding, else the first step of the ramp. A switch decided after step s starts the ramp at
+# s + HOLD_DELAY; every batch from there on is asked of a worker only after the main process has passed
+# step s (the loader keeps workers * prefetch_factor < HOLD_DELAY batches ahead), so which batches are
+# held never depends on timing.
+HOLD_DELAY = 64
+_HOLD_END = None
+
+
+def _hold_end():
+    global _HOLD_END
+    if _HOLD_END is None:
+        import multiprocessing
+
+        _HOLD_END = multiprocessing.Value("q", -1)
+    return _HOLD_END
 
 
 def top_length(args, step: int) -> int:
@@ -115,6 +142,11 @@ def top_length(args, step: int) -> int:
     full = args.train_length + 128
     start = min(full, 2 * MIN_TRAIN_LENGTH)
     hold, ramp = args.hold * args.steps, max(args.hold * args.steps + 1, args.ramp * args.steps)
+    if args.hold_until is not None:
+        end = _hold_end().value
+        hold = min(end if end >= 0 else math.inf, args.hold_max * args.steps)
+        hold = max(hold, args.hold * args.steps)
+        ramp = hold + max(1.0, (args.ramp - args.hold) * args.steps)
     if step < hold:
         return start
     f = min(1.0, (step - hold) / (ramp - hold))
@@ -270,6 +302,8 @@ def train(args, model, device, log):
     loader = torch.utils.data.DataLoader(
         StepData(args), batch_size=None, shuffle=False, num_workers=args.workers,
         prefetch_factor=4 if args.workers else None, persistent_workers=False,
+        # forked workers share the adaptive hold's switch with this process
+        multiprocessing_context="fork" if args.workers else None,
     )
     amp = device.type == "cuda"
     model.train()
@@ -278,6 +312,9 @@ def train(args, model, device, log):
     t0 = time.perf_counter()
     steps_done = 0
     stopped_early = False
+    hold_at, kv_recent = None, []
+    if args.hold_until is not None:
+        _hold_end().value = -1
     for step, (ids, mask, kind) in enumerate(loader):
         if args.stop_after is not None and step >= args.stop_after:
             break
@@ -294,6 +331,15 @@ def train(args, model, device, log):
         opt.step()
         steps_done = step + 1
         length = ids.shape[1]
+        if args.hold_until is not None and hold_at is None:
+            sel = exact[kind == TASKS.index("kv")]
+            if sel.numel():
+                kv_recent.append(sel.mean().item())
+            if len(kv_recent) >= 20 and float(np.mean(kv_recent[-20:])) >= args.hold_until:
+                hold_at = step
+                _hold_end().value = step + HOLD_DELAY
+                log(json.dumps({"hold_ends": step, "ramp_starts": step + HOLD_DELAY,
+                                "kv_exact_last_20": round(float(np.mean(kv_recent[-20:])), 3)}))
         if length >= args.train_length:
             for ti, t in enumerate(TASKS):
                 sel = exact[kind == ti]
@@ -315,7 +361,7 @@ def train(args, model, device, log):
             log(json.dumps(rec))
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return {"steps_done": steps_done, "stopped_early": stopped_early,
+    return {"steps_done": steps_done, "stopped_early": stopped_early, "hold_ended_at": hold_at,
             "train_seconds": round(time.perf_counter() - t0, 1), "history": history}
 
 
