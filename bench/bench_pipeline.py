@@ -52,7 +52,8 @@ def run_mode(model, cfg, ids, mode, args, device):
     if disk and os.path.exists(disk):
         shutil.rmtree(disk)
     tcfg = TierConfig(gpu_budget=int(kv * 0.05), cpu_budget=cpu, disk_path=disk, budget=args.budget,
-                      format=args.format, sink=4, window=args.window, chunk_length=args.chunk_length)
+                      format=args.format, sink=4, window=args.window, chunk_length=args.chunk_length,
+                      selection=args.selection)
     with tierkv.offload(model, tcfg) as cache:
         cache.predict = mode == "pipeline"
         pre, tok = prefill(model, ids, cache, args.piece)
@@ -138,6 +139,8 @@ def main(argv=None):
     p.add_argument("--model", default="llama8b", choices=["llama8b", "retrieval"],
                    help="llama8b: Llama-3-8B-shaped, random weights; retrieval: the shipped trained model")
     p.add_argument("--window", type=int, default=128)
+    p.add_argument("--selection", default="head", choices=["head", "shared"],
+                   help="TierConfig.selection of every mode: 'shared' reads each chunk file for all heads at once")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)

@@ -70,7 +70,8 @@ def cell_config(args, fmt, budget, batch, ctx, chunk_length=0, window=None) -> T
     need = 2 * batch * (ctx + 64) * args.kv_token_bytes
     return TierConfig(budget=budget, format=fmt, sink=args.sink, window=args.window if window is None else window,
                       chunk_length=args.chunk_length if chunk_length == 0 else chunk_length,
-                      group_size=args.group_size, gpu_budget="1MiB", cpu_budget=need + (16 << 20))
+                      group_size=args.group_size, gpu_budget="1MiB", cpu_budget=need + (16 << 20),
+                      selection=args.selection)
 
 
 def run_cell(model, cfg, kv, first, n_new, needles, scaling, ids, probe_kw):
@@ -155,6 +156,7 @@ def main(argv=None) -> int:
     ap.add_argument("--window", type=int, default=64)
     ap.add_argument("--chunk-length", type=int, default=16)
     ap.add_argument("--group-size", type=int, default=32)
+    ap.add_argument("--selection", default="head", choices=["head", "shared"], help="TierConfig.selection of every cell")
     ap.add_argument("--seed", type=int, default=1234, help="prompt seed (held out: training used other RNG streams)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (default 1: on a shared 2-core machine 2 threads made small decode "

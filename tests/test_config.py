@@ -40,6 +40,7 @@ def test_budgets_normalised_to_bytes():
         ({"importance_decay": 0}, "importance_decay"),
         ({"miss_policy": "hope"}, "miss_policy"),
         ({"scoring": "psychic"}, "scoring"),
+        ({"selection": "per-layer"}, "selection"),
         ({"profile": "/nonexistent/profile.json"}, "profile"),
     ],
 )

@@ -162,3 +162,63 @@ def test_next_layer_prefetch_gated_by_its_hit_rate(tmp_path, monkeypatch):
         cache._gate_next_layer()
         assert cache.next_layer_prefetch is True  # 60 of the last 100 right
         assert cache.stats().prefetch["next_layer_prefetch_on"] is True
+
+
+def _record_selections(cache):
+    """Wrap every layer's gather_into to keep the chunk ids [B, H, k] each sparse gather was asked for."""
+    seen = []
+    for layer in cache.layers:
+        orig = layer.gather_into
+
+        def rec(chunk_idx, *a, orig=orig, **kw):
+            seen.append(chunk_idx.clone())
+            return orig(chunk_idx, *a, **kw)
+
+        layer.gather_into = rec
+    return seen
+
+
+def test_shared_selection_reads_fewer_disk_bytes_and_stays_exact_over_its_choice(tmp_path):
+    """selection='shared': every KV head of a layer reads the same chunks; with most chunks on disk the
+    step reads fewer chunk files than per-head selection, and 'wait' still decodes what all-in-cpu does."""
+    model = build("llama", seed=5)
+    assert model.config.num_key_value_heads > 1
+    torch.manual_seed(5)
+    ids = torch.randint(1, 512, (2, 320))
+    with tierkv.offload(model, sparse_cfg(selection="shared")) as cache:
+        seen = _record_selections(cache)
+        ref = gen(model, ids, cache)
+    sparse = [i for i in seen if i.shape[-1] * 16 <= 48]  # the sparse steps' gathers (k = budget // L)
+    assert sparse and all(torch.equal(i, i[:, :1].expand_as(i)) for i in sparse)
+    read = {}
+    for selection in ("head", "shared"):
+        cfg = sparse_cfg(cpu_budget="12KiB", disk_path=str(tmp_path / selection), selection=selection)
+        with tierkv.offload(model, cfg) as cache:
+            out = gen(model, ids, cache)
+            read[selection] = cache.stats().prefetch["bytes_read"]
+        if selection == "shared":
+            assert torch.equal(out, ref)
+    assert 0 < read["shared"] < read["head"]
+
+
+def test_staging_full_reads_the_rest_directly(tmp_path, monkeypatch):
+    """A staging arena too small for a step's missing chunks: the rest are read on the disk tier's
+    threads into a pinned buffer of the step, and the output is still exactly the all-in-cpu one."""
+    import tierkv.pipeline as pipeline
+
+    orig = pipeline.Prefetcher.__init__
+
+    def tiny(self, disk, slot_bytes, depth=64, **kw):
+        orig(self, disk, slot_bytes, depth=2, **kw)
+
+    monkeypatch.setattr(pipeline.Prefetcher, "__init__", tiny)
+    model = build("qwen3", seed=3)
+    torch.manual_seed(3)
+    ids = torch.randint(1, 512, (2, 320))
+    with tierkv.offload(model, sparse_cfg()) as cache:
+        ref = gen(model, ids, cache)
+    with tierkv.offload(model, sparse_cfg(cpu_budget="12KiB", disk_path=str(tmp_path / "cold"))) as cache:
+        out = gen(model, ids, cache)
+        stats = cache.stats()
+    assert torch.equal(out, ref)
+    assert stats.prefetch["dropped_full"] > 0 and stats.prefetch["sync_reads"] > stats.prefetch["completed"]

@@ -17,6 +17,7 @@ from .errors import ConfigError
 FORMATS = ("bf16", "fp16", "int8", "int4", "int2")
 MISS_POLICIES = ("wait", "skip")
 SCORINGS = ("mass", "bound")
+SELECTIONS = ("head", "shared")
 DEFAULT_CHUNK_LENGTHS = (16, 32, 64, 128, 256)
 DEFAULT_PREFETCH_DEPTH = 2
 AUTO_FIELDS = ("chunk_lengths", "prefetch_depth")
@@ -88,6 +89,12 @@ class TierConfig:
                   abstract's per-channel min/max, kept on the GPU: 1/16 of the bf16 KV); 'bound': by the
                   abstract's upper bound of q . k alone (min/max only, no codes). 'mass' covers far more of
                   the attention mass (see bench/results/quality_cpu.json), 'bound' holds less on the GPU.
+    selection:    'head': each KV head picks its own top chunks (the most attention mass per head);
+                  'shared': the heads of a layer pick one set together, ranked by their summed scores
+                  (the same tokens per head). A chunk on disk is one file holding every head, so with
+                  'head' a step reads whole files for one head's share of them; 'shared' reads a file
+                  for all heads at once (bench/bench_pipeline.py: disk bytes per token fall by up to the
+                  number of KV heads), at some cost in the mass covered (bench/eval_quality.py).
     write_queue:  depth of the bounded write-behind queue to disk.
     prefetch_depth: chunks per head prefetched ahead of need (None: auto, see below).
     profile:      path of a saved `tierkv profile` JSON whose measurements set defaults.
@@ -113,6 +120,7 @@ class TierConfig:
     importance_decay: float = 0.9
     miss_policy: str = "wait"
     scoring: str = "mass"
+    selection: str = "head"
     write_queue: int = 64
     prefetch_depth: Optional[int] = None
     profile: Optional[str] = None
@@ -165,6 +173,8 @@ class TierConfig:
             raise ConfigError(f"miss_policy: expected one of {', '.join(MISS_POLICIES)}, got {self.miss_policy!r}")
         if self.scoring not in SCORINGS:
             raise ConfigError(f"scoring: expected one of {', '.join(SCORINGS)}, got {self.scoring!r}")
+        if self.selection not in SELECTIONS:
+            raise ConfigError(f"selection: expected one of {', '.join(SELECTIONS)}, got {self.selection!r}")
         _int_at_least("write_queue", self.write_queue, 1)
         _int_at_least("prefetch_depth", self.prefetch_depth, 0)
         if self.disk_path is not None:

@@ -102,7 +102,7 @@ def sparse_attend(layer, q, padding, scaling):
     idx = skipped = None
     if k_sel > 0:
         layer.scaling = scaling
-        idx = torch.topk(layer.score(q, hot_keys=kw[:, :, K:N]), k_sel, dim=-1, sorted=False).indices  # [B, H, k]
+        idx = layer.choose(layer.score(q, hot_keys=kw[:, :, K:N]), k_sel)  # [B, H, k]
         cache = layer.cache
         if cache.store.disk is not None:
             cache.predict_next(layer, q, idx)

@@ -298,6 +298,14 @@ class TierKVLayer(CacheLayerMixin):
         qc = torch.cat([qg.clamp(max=0), qg.clamp(min=0)], dim=-1).to(self.dtype)
         return torch.matmul(qc, self.abstracts[..., :C]).amax(dim=2)
 
+    def choose(self, scores: torch.Tensor, k: int) -> torch.Tensor:
+        """The k chunks [B, H, k] to read for scores [B, H, C]: each head's top k, or (selection 'shared')
+        the top k of the heads' summed scores, the same for every head of the layer."""
+        if self.cache.config.selection == "shared":
+            idx = torch.topk(scores.sum(1), k, dim=-1, sorted=False).indices
+            return idx.unsqueeze(1).expand(-1, self.n_heads, -1).contiguous()
+        return torch.topk(scores, k, dim=-1, sorted=False).indices
+
     def note_selection(self, idx: torch.Tensor) -> None:
         """Count the heads that chose each chunk this step into its decayed importance.
 
@@ -673,7 +681,7 @@ class TierKVCache(Cache):
             return
         if nxt.scaling is None:
             nxt.scaling = layer.scaling
-        pred = torch.topk(nxt.score(q), k, dim=-1, sorted=False).indices
+        pred = nxt.choose(nxt.score(q), k)
         nxt.predicted = pred
         nxt.refresh_addresses()
         if not nxt.disk_only or self.store.disk is None or not prefetching:
