@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call for the pipeline, store and decode benchmarks (results in $OUT):
-#   1. bench_pipeline.py at 128K, cpu tier at 10% of the KV, disk tier on the machine's local disk
+#   1. bench_pipeline.py at 128K, cpu tier at 10% of the KV, disk tier on the machine's local disk (PIPE_ARGS)
 #   2. bench_store.py (store vs plain reads, 256 KiB and 1 MiB chunks)
 #   3. bench_decode.py for the cases given in DECODE_CASES (e.g. "32768x1 131072x1"; none if unset)
 #   4. bench_decode.py tierkv only at 128K x 4 (the case DynamicCache does not fit on an 80 GB GPU)
@@ -14,7 +14,8 @@ t0=$(date +%s)
 ls tierkv/_C*.so >/dev/null 2>&1 || MAX_JOBS=16 python3 setup.py build_ext --inplace > $OUT/build.log 2>&1 || tail -30 $OUT/build.log
 echo "build: $(( $(date +%s) - t0 )) s"
 DISK=${DISK_DIR:-/tmp/tierkv-bench}
-timeout ${T_PIPE:-200} python3 bench/bench_pipeline.py --disk-dir $DISK/pipeline --json $OUT/pipeline_gpu.json 2>&1 \
+# shellcheck disable=SC2086  (PIPE_ARGS: extra bench_pipeline arguments, e.g. "--selection shared")
+timeout ${T_PIPE:-200} python3 bench/bench_pipeline.py --disk-dir $DISK/pipeline --json $OUT/pipeline_gpu.json ${PIPE_ARGS:-} 2>&1 \
   | grep -v Warning | tee $OUT/pipeline_log.txt | tail -25
 rm -rf $DISK/pipeline
 timeout ${T_B4:-200} python3 bench/bench_decode.py --json $OUT/decode_gpu_128k_b4.json --cases 131072x4 --modes tierkv \

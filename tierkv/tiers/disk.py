@@ -101,7 +101,7 @@ class DiskTier:
 
     budget:       most bytes of chunk files (compressed) the tier may hold; None: the disk's own limit.
     queue_depth:  most writes queued behind `put` before it blocks.
-    read_threads: threads `read_many` reads with (default: min(4, cores)).
+    read_threads: threads `read_many` reads with (default: 2 to 8, by core count).
     """
 
     def __init__(self, path, budget: Optional[Size] = None, queue_depth: int = 64,
@@ -127,7 +127,8 @@ class DiskTier:
             ("chunks_written", "bytes_written_raw", "bytes_written_disk", "chunks_read", "bytes_read_raw",
              "bytes_read_disk", "reads_from_queue", "corrupt_chunks", "write_errors"), 0)
         self._tls = threading.local()  # per-thread scratch buffer for file bytes
-        self._read_threads = read_threads or min(4, os.cpu_count() or 1)
+        # reads wait on the disk and lz4 / crc32c release the GIL: up to 8 in flight where cores allow
+        self._read_threads = read_threads or max(2, min(8, os.cpu_count() or 1))
         self._pool: Optional[ThreadPoolExecutor] = None
         self._closed = False
         self._lock_fd = -1
