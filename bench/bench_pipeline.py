@@ -43,17 +43,17 @@ def encoded_kv_bytes(cfg, ctx, batch, fmt, chunk_length):
     return lay.nbytes * -(-ctx // chunk_length) * cfg.num_hidden_layers * batch
 
 
-def run_mode(model, cfg, ids, mode, args, device):
+def run_mode(model, cfg, ids, mode, args, device, selection="head"):
     kv = kv_bytes(cfg, ids.shape[1], ids.shape[0])
     # the cpu tier's share is of the KV in the chunk format, so that (1 - share) of the chunks are on disk
     enc = encoded_kv_bytes(cfg, ids.shape[1], ids.shape[0], args.format, args.chunk_length)
     cpu = int(kv * 1.1) + (256 << 20) if mode == "all-cpu" else int(enc * args.cpu_share)
-    disk = None if mode == "all-cpu" else os.path.join(args.disk_dir, mode)
+    disk = None if mode == "all-cpu" else os.path.join(args.disk_dir, f"{mode}-{selection}")
     if disk and os.path.exists(disk):
         shutil.rmtree(disk)
     tcfg = TierConfig(gpu_budget=int(kv * 0.05), cpu_budget=cpu, disk_path=disk, budget=args.budget,
                       format=args.format, sink=4, window=args.window, chunk_length=args.chunk_length,
-                      selection=args.selection)
+                      selection=selection)
     with tierkv.offload(model, tcfg) as cache:
         cache.predict = mode == "pipeline"
         pre, tok = prefill(model, ids, cache, args.piece)
@@ -65,11 +65,11 @@ def run_mode(model, cfg, ids, mode, args, device):
         after = cache.stats()
     steps = args.warmup + args.steps
     disk_bytes = (after.prefetch.get("bytes_read", 0) or 0) - (before.prefetch.get("bytes_read", 0) or 0)
-    row = dict(mode=mode, tokens_per_s=tps, prefill_s=pre, cpu_budget=cpu, kv_bytes=kv,
+    row = dict(mode=mode, selection=selection, tokens_per_s=tps, prefill_s=pre, cpu_budget=cpu, kv_bytes=kv,
                stall_s_per_step=(after.stall_seconds - before.stall_seconds) / steps,
                disk_bytes_per_token=disk_bytes / (steps * ids.shape[0]),
                resident=after.resident_chunks, prefetch=after.prefetch, decode_wall_s=time.perf_counter() - t0)
-    print(f"  {mode:9s} tok/s={tps:.2f} stall/step={row['stall_s_per_step'] * 1e3:.1f} ms "
+    print(f"  {mode:9s} {selection:6s} tok/s={tps:.2f} stall/step={row['stall_s_per_step'] * 1e3:.1f} ms "
           f"disk/token={row['disk_bytes_per_token'] / 2**20:.1f} MiB resident={after.resident_chunks} "
           f"next-layer hit={after.prefetch.get('predict_next_layer_hit_rate')} "
           f"next-step hit={after.prefetch.get('predict_next_step_hit_rate')}", flush=True)
@@ -139,8 +139,9 @@ def main(argv=None):
     p.add_argument("--model", default="llama8b", choices=["llama8b", "retrieval"],
                    help="llama8b: Llama-3-8B-shaped, random weights; retrieval: the shipped trained model")
     p.add_argument("--window", type=int, default=128)
-    p.add_argument("--selection", default="head", choices=["head", "shared"],
-                   help="TierConfig.selection of every mode: 'shared' reads each chunk file for all heads at once")
+    p.add_argument("--selection", nargs="+", default=["head"], choices=["head", "shared"],
+                   help="TierConfig.selection, each measured in every mode ('shared' reads each chunk file for "
+                        "all heads at once); ratios are taken within one selection")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -166,21 +167,27 @@ def main(argv=None):
     results = dict(bench="pipeline", model=args.model, device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
                    torch=torch.__version__, tierkv=tierkv.__version__, git_commit=_git(), command=" ".join(sys.argv),
                    date=time.strftime("%Y-%m-%d %H:%M:%S"), args=vars(args), rows=[])
-    for mode in args.modes:
-        results["rows"].append(run_mode(model, cfg, ids, mode, args, device))
-        if args.json:
-            _dump(results, args.json)
-    by = {r["mode"]: r for r in results["rows"]}
-    if "all-cpu" in by:
-        for m in ("pipeline", "sync"):
-            if m in by:
-                results[f"{m}_over_all_cpu"] = by[m]["tokens_per_s"] / by["all-cpu"]["tokens_per_s"]
+    results["ratios"] = {}
+    for selection in args.selection:
+        print(f"selection {selection!r}", flush=True)
+        for mode in args.modes:
+            row = run_mode(model, cfg, ids, mode, args, device, selection)
+            results["rows"].append(row)
+            if args.json:
+                _dump(results, args.json)
+        by = {r["mode"]: r for r in results["rows"] if r["selection"] == selection}
+        if "all-cpu" in by:
+            ratios = {f"{m}_over_all_cpu": by[m]["tokens_per_s"] / by["all-cpu"]["tokens_per_s"]
+                      for m in ("pipeline", "sync") if m in by}
+            results["ratios"][selection] = ratios
+            if selection == args.selection[0]:  # the first selection's also at the top level, as before
+                results.update(ratios)
     for m in ("pipeline", "sync"):
-        d = os.path.join(args.disk_dir, m)
+        d = os.path.join(args.disk_dir, f"{m}-{args.selection[0]}")
         if os.path.isdir(d):
             results["disk_read"] = read_throughput(d)
             break
-    print(json.dumps({k: v for k, v in results.items() if k.endswith("all_cpu") or k == "disk_read"}, indent=1))
+    print(json.dumps({k: v for k, v in results.items() if k.endswith("all_cpu") or k in ("ratios", "disk_read")}, indent=1))
     if args.json:
         _dump(results, args.json)
 

@@ -14,7 +14,7 @@ t0=$(date +%s)
 ls tierkv/_C*.so >/dev/null 2>&1 || MAX_JOBS=16 python3 setup.py build_ext --inplace > $OUT/build.log 2>&1 || tail -30 $OUT/build.log
 echo "build: $(( $(date +%s) - t0 )) s"
 DISK=${DISK_DIR:-/tmp/tierkv-bench}
-# shellcheck disable=SC2086  (PIPE_ARGS: extra bench_pipeline arguments, e.g. "--selection shared")
+# shellcheck disable=SC2086  (PIPE_ARGS: extra bench_pipeline arguments, e.g. "--selection head shared")
 timeout ${T_PIPE:-200} python3 bench/bench_pipeline.py --disk-dir $DISK/pipeline --json $OUT/pipeline_gpu.json ${PIPE_ARGS:-} 2>&1 \
   | grep -v Warning | tee $OUT/pipeline_log.txt | tail -25
 rm -rf $DISK/pipeline
