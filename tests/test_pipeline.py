@@ -222,3 +222,24 @@ def test_staging_full_reads_the_rest_directly(tmp_path, monkeypatch):
         stats = cache.stats()
     assert torch.equal(out, ref)
     assert stats.prefetch["dropped_full"] > 0 and stats.prefetch["sync_reads"] > stats.prefetch["completed"]
+
+
+def test_bench_pipeline_runs_both_selections(tmp_path):
+    """bench/bench_pipeline.py end to end on the CPU at a small size: every (selection, mode) row, ratios
+    per selection, and shared selection reading fewer disk bytes per token than per-head selection."""
+    import json
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+    import bench_pipeline
+
+    out = tmp_path / "pipe.json"
+    bench_pipeline.main(["--model", "retrieval", "--context", "768", "--budget", "64", "--chunk-length", "16",
+                         "--window", "32", "--piece", "768", "--steps", "3", "--warmup", "1",
+                         "--disk-dir", str(tmp_path / "disk"), "--selection", "head", "shared", "--json", str(out)])
+    res = json.loads(out.read_text())
+    rows = {(r["selection"], r["mode"]): r for r in res["rows"]}
+    assert set(rows) == {(s, m) for s in ("head", "shared") for m in ("all-cpu", "sync", "pipeline")}
+    assert set(res["ratios"]) == {"head", "shared"} and all(v > 0 for r in res["ratios"].values() for v in r.values())
+    assert rows["head", "all-cpu"]["disk_bytes_per_token"] == 0
+    assert 0 < rows["shared", "sync"]["disk_bytes_per_token"] < rows["head", "sync"]["disk_bytes_per_token"]
