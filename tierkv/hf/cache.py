@@ -707,9 +707,7 @@ class TierKVCache(Cache):
         pf.check()
         ready = pf.take_ready()
         if ready:
-            dev = self.store.gpu.device
-            if dev.type == "cuda":  # kernels of this pass may still read the staging slots
-                torch.cuda.current_stream(dev).synchronize()
+            self._wait_for_kernels()  # kernels of this pass may still read the staging slots
             self.store.add_copies(ready, "cpu")
             pf.release([k for k, _ in ready])
         pf.begin_step(self.steps)
@@ -718,6 +716,14 @@ class TierKVCache(Cache):
     def keep_alive(self, t: torch.Tensor) -> None:
         """Hold a host buffer a kernel may still be reading until the end of the forward pass."""
         self._alive.append(t)
+
+    def _wait_for_kernels(self) -> None:
+        """Block until this pass's kernels are done (no-op on the CPU): after it, host buffers they read
+        may be reused. Pinned buffers come from torch's caching host allocator, which knows nothing of
+        reads made by our kernels through unified addressing, so freeing one hands it out again at once."""
+        dev = self.store.gpu.device
+        if dev.type == "cuda":
+            torch.cuda.current_stream(dev).synchronize()
 
     def work_buffer(self, layer: TierKVLayer, n: int) -> torch.Tensor:
         """[2, B, H, >= n, D] scratch shared by all layers (they run one after another)."""
@@ -732,7 +738,9 @@ class TierKVCache(Cache):
         """After the last layer of a forward pass: age importance, now and then refresh the gpu tier."""
         self.store.tick()
         self._install_prefetched()
-        self._alive.clear()
+        if self._alive:
+            self._wait_for_kernels()
+            self._alive.clear()
         if self.store._inflight:  # the end of a forward pass is where ingest may be waited for
             self.store.settle()
         self.steps += 1
@@ -818,7 +826,9 @@ class TierKVCache(Cache):
     def close(self) -> None:
         self.store.remove_listener(self._on_move)
         self._work = None
-        self._alive.clear()
+        if self._alive:
+            self._wait_for_kernels()
+            self._alive.clear()
         if self._prefetcher is not None:
             pf, self._prefetcher = self._prefetcher, None
             pf.close()
