@@ -218,10 +218,24 @@ def test_staging_full_reads_the_rest_directly(tmp_path, monkeypatch):
     with tierkv.offload(model, sparse_cfg()) as cache:
         ref = gen(model, ids, cache)
     with tierkv.offload(model, sparse_cfg(cpu_budget="12KiB", disk_path=str(tmp_path / "cold"))) as cache:
+        read_directly, offered = set(), set()
+        read_many, add_copies = cache.store.disk.read_many, cache.store.add_copies
+
+        def rec_read(keys, outs=None):
+            read_directly.update(keys)
+            return read_many(keys, outs)
+
+        def rec_add(items, tier="cpu"):
+            offered.update(k for k, _ in items)
+            return add_copies(items, tier)
+
+        cache.store.disk.read_many, cache.store.add_copies = rec_read, rec_add
         out = gen(model, ids, cache)
         stats = cache.stats()
     assert torch.equal(out, ref)
     assert stats.prefetch["dropped_full"] > 0 and stats.prefetch["sync_reads"] > stats.prefetch["completed"]
+    # chunks read outside staging are offered to the cpu tier at the end of the pass, like staged ones
+    assert read_directly and read_directly <= offered
 
 
 def test_bench_pipeline_runs_both_selections(tmp_path):

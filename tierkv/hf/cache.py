@@ -425,8 +425,9 @@ class TierKVLayer(CacheLayerMixin):
             pf.stats.bytes_read += nb * len(direct)  # counted with the staged reads: disk bytes per step
             cache.keep_alive(buf)
             sources.append(buf)
-            for i, (b, c, _) in enumerate(direct):
+            for i, (b, c, key) in enumerate(direct):
                 src_of[b, c], off_of[b, c] = len(sources) - 1, i * stride
+                cache._direct.append((key, buf[i * stride : i * stride + nb]))  # offered to the cpu tier
         for b, c, loc in found:
             if loc is None:
                 src_of[b, c] = zero_src
@@ -561,6 +562,7 @@ class TierKVCache(Cache):
         self._work: Optional[torch.Tensor] = None
         self._sources: Optional[List[torch.Tensor]] = None
         self._alive: list = []
+        self._direct: list = []  # (key, bytes) of chunks read from disk outside staging this pass
         # gather entries (one per KV head per chunk) served from the gpu tier: counted on the device so
         # counting costs no sync; the rest came from the cpu tier, or from disk (counted on the host)
         self._gpu_entries: Optional[torch.Tensor] = None
@@ -706,9 +708,12 @@ class TierKVCache(Cache):
             return
         pf.check()
         ready = pf.take_ready()
-        if ready:
+        direct, self._direct = self._direct, []
+        if ready or direct:
             self._wait_for_kernels()  # kernels of this pass may still read the staging slots
-            self.store.add_copies(ready, "cpu")
+            # chunks read outside staging compete for the cpu tier like staged ones: what this step
+            # chose is likely chosen again (one ranking over all of them)
+            self.store.add_copies(list(dict(ready + direct).items()), "cpu")
             pf.release([k for k, _ in ready])
         pf.begin_step(self.steps)
         pf.drop_stale()
@@ -826,6 +831,7 @@ class TierKVCache(Cache):
     def close(self) -> None:
         self.store.remove_listener(self._on_move)
         self._work = None
+        self._direct = []
         if self._alive:
             self._wait_for_kernels()
             self._alive.clear()
