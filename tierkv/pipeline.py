@@ -25,7 +25,7 @@ import torch
 
 from .errors import TierKVError
 from .keys import ChunkKey
-from .tiers.arena import Arena, Extent
+from .tiers.arena import Arena, Extent, round_up
 
 _STOP = object()
 
@@ -66,7 +66,7 @@ class Prefetcher:
         self.disk = disk
         self.depth = depth
         self.wait_timeout = wait_timeout
-        self.arena = Arena(depth * _round(slot_bytes), "cpu", pinned=pinned, segment_bytes=depth * _round(slot_bytes))
+        self.arena = Arena(depth * round_up(slot_bytes), "cpu", pinned=pinned, segment_bytes=depth * round_up(slot_bytes))
         self.stats = PrefetchStats()
         self._slots: Dict[ChunkKey, _Slot] = {}
         self._lock = threading.Lock()
@@ -231,7 +231,3 @@ class Prefetcher:
         self.arena = None  # its pinned segments are unpinned and freed with it
         if alive:
             raise PrefetchError(f"prefetch workers did not stop within {timeout} s: {', '.join(alive)}")
-
-
-def _round(n: int) -> int:
-    return (n + 255) // 256 * 256

@@ -21,7 +21,7 @@ from .config import TierConfig
 from .errors import CapacityError, ChunkNotFoundError, ConfigError
 from .keys import ChunkKey
 from .tiers import TIER_NAMES, CpuTier, GpuTier
-from .tiers.arena import ALIGN
+from .tiers.arena import round_up
 
 
 @dataclass
@@ -359,8 +359,7 @@ class ChunkStore:
             if not todo:
                 return 0
 
-            def size(n: int) -> int:  # in the arena's allocation units
-                return -(-n // ALIGN) * ALIGN
+            size = round_up  # in the arena's allocation units
 
             if sum(size(d.numel()) for _, d in todo) > t.budget - t.used_bytes:
                 newcomers = {k for k, _ in todo}

@@ -16,7 +16,6 @@ between copies of the sink and the tail, which is what attention then reads.
 from __future__ import annotations
 
 import itertools
-import os
 import time
 import uuid
 from typing import List, Optional, Tuple
@@ -32,6 +31,7 @@ from ..formats import ChunkLayout
 from ..keys import ChunkKey
 from ..planner import desert_rate, plan_length
 from ..store import ChunkStore
+from ..tiers.arena import round_up
 
 _ids = itertools.count()
 MIN_CHUNKS_IN_BUDGET = 4  # the planner gives no layer chunks longer than budget / 4
@@ -417,7 +417,7 @@ class TierKVLayer(CacheLayerMixin):
         off_of = torch.zeros((B, self.n_chunks), dtype=torch.int64)
         if direct:
             # one pinned buffer for all of them, filled by the disk tier's reader threads
-            stride = (nb + 255) // 256 * 256
+            stride = round_up(nb)
             buf = torch.empty(stride * len(direct), dtype=torch.uint8, pin_memory=self.device.type == "cuda")
             cache.store.disk.read_many([key for _, _, key in direct],
                                        [buf[i * stride : i * stride + nb] for i in range(len(direct))])
@@ -635,6 +635,7 @@ class TierKVCache(Cache):
     def prefetcher(self):
         if self._prefetcher is None:
             from ..pipeline import Prefetcher
+            from ..tiers.disk import io_threads
 
             layer = next(l for l in self.layers if l.is_initialized)
             cfg = self.config
@@ -642,9 +643,7 @@ class TierKVCache(Cache):
             shortest = cfg.chunk_length or min(cfg.chunk_lengths)
             slot = ChunkLayout(cfg.format, longest, layer.n_heads, layer.head_dim, cfg.group_size).nbytes
             per_layer = (cfg.budget // shortest if cfg.budget else 32) * layer.n_heads * layer.batch_size
-            # reads are mostly waiting on the disk and lz4 releases the GIL: a few more threads than cores
-            workers = max(2, min(8, os.cpu_count() or 1))
-            self._prefetcher = Prefetcher(self.store.disk, slot, depth=max(64, 2 * per_layer), workers=workers,
+            self._prefetcher = Prefetcher(self.store.disk, slot, depth=max(64, 2 * per_layer), workers=io_threads(),
                                           pinned=layer.device.type == "cuda")
         return self._prefetcher
 
@@ -701,11 +700,12 @@ class TierKVCache(Cache):
         self._pred[name + "_hits"] = hits if acc is None else acc + hits
         self._pred[name + "_total"] += total
 
-    def _install_prefetched(self) -> None:
-        """Move staged chunks into the cpu tier (the next steps find them there) and recycle the slots."""
+    def _install_prefetched(self) -> bool:
+        """Move staged chunks into the cpu tier (the next steps find them there) and recycle the slots.
+        Returns whether it waited for this pass's kernels."""
         pf = self._prefetcher
         if pf is None:
-            return
+            return False
         pf.check()
         ready = pf.take_ready()
         direct, self._direct = self._direct, []
@@ -717,6 +717,7 @@ class TierKVCache(Cache):
             pf.release([k for k, _ in ready])
         pf.begin_step(self.steps)
         pf.drop_stale()
+        return bool(ready or direct)
 
     def keep_alive(self, t: torch.Tensor) -> None:
         """Hold a host buffer a kernel may still be reading until the end of the forward pass."""
@@ -742,9 +743,10 @@ class TierKVCache(Cache):
     def end_forward(self) -> None:
         """After the last layer of a forward pass: age importance, now and then refresh the gpu tier."""
         self.store.tick()
-        self._install_prefetched()
+        waited = self._install_prefetched()
         if self._alive:
-            self._wait_for_kernels()
+            if not waited:
+                self._wait_for_kernels()
             self._alive.clear()
         if self.store._inflight:  # the end of a forward pass is where ingest may be waited for
             self.store.settle()

@@ -21,7 +21,8 @@ from ..errors import CapacityError
 ALIGN = 256  # keeps every chunk (and so every 16-byte section inside it) aligned for vector loads
 
 
-def _round_up(n: int, a: int = ALIGN) -> int:
+def round_up(n: int, a: int = ALIGN) -> int:
+    """n rounded up to a multiple of a (by default the arena's allocation unit)."""
     return (n + a - 1) // a * a
 
 
@@ -98,7 +99,7 @@ class Arena:
         self.budget = int(budget)
         self.device = torch.device(device)
         self.pinned = pinned
-        self.segment_bytes = max(ALIGN, _round_up(segment_bytes))
+        self.segment_bytes = max(ALIGN, round_up(segment_bytes))
         self.segments: List[torch.Tensor] = []
         self._free: List[_FreeList] = []
         self.used = 0
@@ -134,7 +135,7 @@ class Arena:
         """An extent of at least `nbytes`, or None if none fits now (the caller evicts and retries)."""
         if nbytes <= 0:
             raise ValueError(f"nbytes: expected a positive size, got {nbytes}")
-        n = _round_up(nbytes)
+        n = round_up(nbytes)
         if n > self.budget:
             raise CapacityError(f"a chunk of {nbytes} bytes is larger than the whole tier budget of {self.budget} bytes")
         for i, fl in enumerate(self._free):

@@ -96,6 +96,12 @@ class _Entry:
 Data = Union[bytes, bytearray, memoryview, np.ndarray, "torch.Tensor"]  # noqa: F821
 
 
+
+def io_threads() -> int:
+    """Threads for chunk reads: 2 to 8 by core count. Reads mostly wait on the disk, and lz4 and
+    crc32c release the GIL, so a few more threads than cores still help."""
+    return max(2, min(8, os.cpu_count() or 1))
+
 class DiskTier:
     """The disk tier at `path`: created if absent or empty, reopened if it holds a tierkv store.
 
@@ -127,8 +133,7 @@ class DiskTier:
             ("chunks_written", "bytes_written_raw", "bytes_written_disk", "chunks_read", "bytes_read_raw",
              "bytes_read_disk", "reads_from_queue", "corrupt_chunks", "write_errors"), 0)
         self._tls = threading.local()  # per-thread scratch buffer for file bytes
-        # reads wait on the disk and lz4 / crc32c release the GIL: up to 8 in flight where cores allow
-        self._read_threads = read_threads or max(2, min(8, os.cpu_count() or 1))
+        self._read_threads = read_threads or io_threads()
         self._pool: Optional[ThreadPoolExecutor] = None
         self._closed = False
         self._lock_fd = -1
