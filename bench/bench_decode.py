@@ -115,6 +115,23 @@ def _profile_steps(model, cache, tok, args, name):
             tok = model(tok, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
         sync()
     _write_tables(prof, args, name)
+    # and where the host's time goes by Python function (the decode is host-bound): cProfile, cumulative
+    import cProfile
+    import io
+    import pstats
+
+    pr = cProfile.Profile()
+    with torch.no_grad():
+        pr.enable()
+        for _ in range(4):
+            tok = model(tok, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+        sync()
+        pr.disable()
+    text = io.StringIO()
+    pstats.Stats(pr, stream=text).sort_stats("cumulative").print_stats(70)
+    pstats.Stats(pr, stream=text).sort_stats("tottime").print_stats(40)
+    with open(os.path.join(args.profile_dir, name + "_python.txt"), "w") as f:
+        f.write(text.getvalue())
 
 
 def _profile_prefill(model, ids, tcfg, piece, args, name):
@@ -226,6 +243,8 @@ def run_case(model, cfg, ctx, batch, args, device):
             torch.cuda.reset_peak_memory_stats() if device == "cuda" else None
             tps = decode(model, cache, tok, args.warmup, args.steps)
             record("tierkv-sparse-bound", pre, tps, f"budget {budget_tokens} tok, scoring 'bound'")
+            if args.profile_dir and "decode" in args.profile:
+                _profile_steps(model, cache, tok, args, f"sparse_bound_ctx{ctx}_b{batch}")
             bound_held = {k: v for k, v in held.items() if k != "key_codes"}
             rows[-1]["device_kv_bytes"] = bound_held
             rows[-1]["device_kv_share"] = sum(bound_held.values()) / kv_bytes(cfg, ctx, batch)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import errno
 import json
+import mmap
 import os
 import re
 import struct
@@ -147,20 +148,34 @@ def decode_into(buf: np.ndarray, nbytes: int, out: np.ndarray) -> None:
         raise CorruptChunkError(f"lz4 block does not decode: {exc}") from exc
 
 
-def read_file(path: str, buf: np.ndarray, expect: int) -> int:
+DIRECT_ALIGN = 4096  # buffer address and request length for O_DIRECT reads (any logical block size up to 4K)
+
+
+def direct_buffer(nbytes: int) -> np.ndarray:
+    """A page-aligned uint8 buffer of at least nbytes, rounded up to DIRECT_ALIGN, as O_DIRECT reads need."""
+    size = -(-max(nbytes, 1) // DIRECT_ALIGN) * DIRECT_ALIGN
+    return np.frombuffer(mmap.mmap(-1, size), np.uint8)
+
+
+def read_file(path: str, buf: np.ndarray, expect: int, direct: bool = False) -> int:
     """Read the whole file at `path` into `buf`; return its length, or len(buf) if it may be longer.
 
     `buf` must be longer than `expect` (the size the file should have): one read that returns
     exactly `expect` bytes of the more asked for has met the end of the file, so the usual case
     costs a single system call; anything else is read on to the end and left to the checks.
+    direct: read with O_DIRECT (past the page cache: one DMA into `buf`, no copy, no readahead, no
+    cache pages to reclaim). `buf` must then come from direct_buffer and be a whole number of
+    DIRECT_ALIGN blocks. Raises OSError (EINVAL) where the filesystem refuses O_DIRECT.
     """
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | (os.O_DIRECT if direct else 0))
     try:
         cap = buf.shape[0]
         got = os.readv(fd, [buf])
         if got == expect:
             return got
-        while 0 < got < cap:
+        # on with the rest; with O_DIRECT only from a block boundary (a short count that is not a whole
+        # number of blocks is the end of the file)
+        while 0 < got < cap and not (direct and got % DIRECT_ALIGN):
             n = os.readv(fd, [buf[got:]])
             if n == 0:
                 break
