@@ -399,7 +399,8 @@ class DiskTier:
         if loc is None:
             raise ChunkNotFoundError(f"chunk {key}: not in the disk tier at {self._root!r}")
         t = _out_tensor(out, loc.nbytes, key)
-        self._read_file(key, loc, t.numpy())
+        n = self._read_file(key, loc, t.numpy())
+        self._tally(1, loc.nbytes, n)
         return t
 
     def read_many(self, keys: Sequence[ChunkKey], outs: Optional[Sequence] = None) -> list:
@@ -415,10 +416,25 @@ class DiskTier:
         # than the thread hand-off saves at these sizes
         got: list = [None] * n
         step = min(self._read_threads, n)
+        if self._errors:
+            self._raise_stored_error()
+        with self._lock:  # one look-up for all: a chunk still queued for writing goes through read()
+            locs = [None if k in self._pending else self._index.get(k) for k in keys]
 
         def share(first: int) -> None:
-            for i in range(first, n, step):
-                got[i] = self.read(keys[i], outs[i])
+            chunks = raw = disk = 0
+            try:
+                for i in range(first, n, step):
+                    loc = locs[i]
+                    if loc is None:
+                        got[i] = self.read(keys[i], outs[i])
+                        continue
+                    t = _out_tensor(outs[i], loc.nbytes, keys[i])
+                    disk += self._read_file(keys[i], loc, t.numpy())
+                    chunks, raw = chunks + 1, raw + loc.nbytes
+                    got[i] = t
+            finally:
+                self._tally(chunks, raw, disk)
 
         futures = [self._executor().submit(share, j) for j in range(step)]
         errors = [e for e in (f.exception() for f in futures) if e is not None]  # all done before we return
@@ -438,7 +454,8 @@ class DiskTier:
                 bad.append(k)
         return bad
 
-    def _read_file(self, key: ChunkKey, loc: _Loc, out: np.ndarray) -> None:
+    def _read_file(self, key: ChunkKey, loc: _Loc, out: np.ndarray) -> int:
+        """Read and check chunk `key`'s file into `out`; returns the file's size (the caller counts it)."""
         cap = io.max_file_size(loc.nbytes) + 1  # one byte more than any valid file, to see overlong ones
         want = -(-cap // io.DIRECT_ALIGN) * io.DIRECT_ALIGN
         buf = getattr(self._tls, "buf", None)
@@ -471,11 +488,15 @@ class DiskTier:
         except OSError as exc:  # EIO and the like: the chunk cannot be served
             self._count("corrupt_chunks")
             raise CorruptChunkError(f"chunk {key}: reading {path!r} failed: {exc}") from exc
-        with self._lock:
-            c = self._counts
-            c["chunks_read"] += 1
-            c["bytes_read_raw"] += loc.nbytes
-            c["bytes_read_disk"] += n
+        return n
+
+    def _tally(self, chunks: int, raw: int, disk: int) -> None:
+        if chunks:
+            with self._lock:
+                c = self._counts
+                c["chunks_read"] += chunks
+                c["bytes_read_raw"] += raw
+                c["bytes_read_disk"] += disk
 
     def _count(self, name: str) -> None:
         with self._lock:
