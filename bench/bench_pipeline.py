@@ -84,6 +84,7 @@ def read_throughput(disk_dir, max_files=1024):
     """
     from concurrent.futures import ThreadPoolExecutor
 
+    from tierkv.profiling import _drop_pages
     from tierkv.tiers.disk import DiskTier
 
     store = DiskTier(disk_dir)
@@ -93,12 +94,6 @@ def read_throughput(disk_dir, max_files=1024):
         return None
     paths = [store._index[k].path for k in keys]
 
-    def drop_cache():
-        for p in paths:
-            fd = os.open(p, os.O_RDONLY)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            os.close(fd)
-
     threads = store._read_threads
     # into one buffer (pinned on a GPU machine), as decode steps read the chunks they stage around the arena
     sizes = [store.nbytes(k) for k in keys]
@@ -106,7 +101,7 @@ def read_throughput(disk_dir, max_files=1024):
     outs = list(torch.split(whole, sizes))
     store.read_many(keys[: 2 * threads], outs[: 2 * threads])  # start the pool's threads, touch the buffer
     whole.fill_(0)
-    drop_cache()
+    _drop_pages(paths)
     t0 = time.perf_counter()
     data = store.read_many(keys, outs)
     t_store = time.perf_counter() - t0
@@ -131,11 +126,11 @@ def read_throughput(disk_dir, max_files=1024):
         return got
 
     try:
-        drop_cache()
+        _drop_pages(paths)
         t0 = time.perf_counter()
         file_bytes = raw_read(paths, mmap.mmap(-1, size))
         out["raw"] = dict(seconds=time.perf_counter() - t0, bytes=file_bytes, threads=1)
-        drop_cache()
+        _drop_pages(paths)
         bufs = [mmap.mmap(-1, size) for _ in range(threads)]
         with ThreadPoolExecutor(threads) as ex:
             t0 = time.perf_counter()

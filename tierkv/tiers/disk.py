@@ -398,8 +398,7 @@ class DiskTier:
             return t
         if loc is None:
             raise ChunkNotFoundError(f"chunk {key}: not in the disk tier at {self._root!r}")
-        t = _out_tensor(out, loc.nbytes, key)
-        n = self._read_file(key, loc, t.numpy())
+        t, n = self._read_into(key, loc, out)
         self._tally(1, loc.nbytes, n)
         return t
 
@@ -429,10 +428,8 @@ class DiskTier:
                     if loc is None:
                         got[i] = self.read(keys[i], outs[i])
                         continue
-                    t = _out_tensor(outs[i], loc.nbytes, keys[i])
-                    disk += self._read_file(keys[i], loc, t.numpy())
-                    chunks, raw = chunks + 1, raw + loc.nbytes
-                    got[i] = t
+                    got[i], size = self._read_into(keys[i], loc, outs[i])
+                    chunks, raw, disk = chunks + 1, raw + loc.nbytes, disk + size
             finally:
                 self._tally(chunks, raw, disk)
 
@@ -454,6 +451,11 @@ class DiskTier:
                 bad.append(k)
         return bad
 
+    def _read_into(self, key: ChunkKey, loc: _Loc, out):
+        """(the chunk as a tensor, in `out` when given; its file's size), uncounted."""
+        t = _out_tensor(out, loc.nbytes, key)
+        return t, self._read_file(key, loc, t.numpy())
+
     def _read_file(self, key: ChunkKey, loc: _Loc, out: np.ndarray) -> int:
         """Read and check chunk `key`'s file into `out`; returns the file's size (the caller counts it)."""
         cap = io.max_file_size(loc.nbytes) + 1  # one byte more than any valid file, to see overlong ones
@@ -465,7 +467,7 @@ class DiskTier:
         try:
             direct = self._direct
             try:
-                n = io.read_file(path, buf[:want] if direct else buf[:cap], loc.size, direct=bool(direct))
+                n = io.read_file(path, buf[:want] if direct else buf[:cap], loc.size, direct=direct)
             except OSError as exc:
                 if not direct or exc.errno != errno.EINVAL:
                     raise
