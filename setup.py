@@ -47,8 +47,9 @@ def cuda_extension():
 
 
 class build_py_with_kernels(build_py):
-    """Copies csrc/*.cuh into the built package as tierkv/csrc/, where the cupy backend finds the
-    kernel source in an installed tierkv (an editable install reads <repo>/csrc directly)."""
+    """Copies csrc/*.cuh and csrc/*.c into the built package as tierkv/csrc/, where the cupy backend finds
+    the kernel source and the disk tier the C reader's source in an installed tierkv (an editable
+    install reads <repo>/csrc directly)."""
 
     def run(self):
         super().run()
@@ -56,7 +57,7 @@ class build_py_with_kernels(build_py):
             return
         target = os.path.join(self.build_lib, "tierkv", "csrc")
         self.mkpath(target)
-        for header in sorted(glob.glob(os.path.join(here, "csrc", "*.cuh"))):
+        for header in sorted(glob.glob(os.path.join(here, "csrc", "*.cuh")) + glob.glob(os.path.join(here, "csrc", "*.c"))):
             self.copy_file(header, os.path.join(target, os.path.basename(header)))
 
 
@@ -71,7 +72,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["tierkv", "tierkv.*"]),
-    package_data={"tierkv": ["csrc/*.cuh", "models/*/*"]},
+    package_data={"tierkv": ["csrc/*.cuh", "csrc/*.c", "models/*/*"]},
     include_package_data=True,
     install_requires=[
         "torch>=2.4",
@@ -80,6 +81,7 @@ setup(
         "numcodecs>=0.13",
         "lz4>=4.0",
         "google-crc32c>=1.5",
+        "crc32c>=2.3",
         "rich>=13",
         "transformers>=5.0",
         "safetensors>=0.4",

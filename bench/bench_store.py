@@ -286,13 +286,16 @@ def gil_release(nbytes: int = 256 * 1024, secs: float = 0.3) -> dict:
     import google_crc32c
     import numcodecs.lz4
 
+    from tierkv.tiers._diskio import crc32c_value
+
     raw = bf16_chunks(1, nbytes, 0)[0]
     comp = numcodecs.lz4.compress(raw)
     dest = np.empty(nbytes, np.uint8)
     calls = {
         "lz4_compress": lambda: numcodecs.lz4.compress(raw),
         "lz4_decompress": lambda: numcodecs.lz4.decompress(comp, dest),
-        "crc32c": lambda: google_crc32c.value(comp),
+        "crc32c_store": lambda: crc32c_value(comp),  # what the disk tier checks chunks with
+        "google_crc32c": lambda: google_crc32c.value(comp),
         "pure_python": lambda: sum(range(2000)),
     }
 
@@ -317,8 +320,9 @@ def gil_release(nbytes: int = 256 * 1024, secs: float = 0.3) -> dict:
         alone += 1
     res = {name: progress(fn) / alone for name, fn in calls.items()}
     return {"main_thread_progress_vs_alone": res, "chunk_bytes": nbytes,
-            "note": "google_crc32c releases the GIL only for bytes objects >= 1 MiB (its C source); "
-                    "numcodecs.lz4 releases it around LZ4 calls"}
+            "crc32c_store": crc32c_value.__module__,
+            "note": "google_crc32c releases the GIL only for bytes objects >= 1 MiB (its C source), the crc32c "
+                    "package for large buffers (its automatic mode); numcodecs.lz4 releases it around LZ4 calls"}
 
 
 # --- context ----------------------------------------------------------------------------------------
@@ -347,7 +351,7 @@ def versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
-    for pkg in ("torch", "numpy", "zarr", "numcodecs", "lz4", "google-crc32c"):
+    for pkg in ("torch", "numpy", "zarr", "numcodecs", "lz4", "google-crc32c", "crc32c"):
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:

@@ -19,3 +19,16 @@ def rng_seed():
     seed = int.from_bytes(os.urandom(4), "little")
     torch.manual_seed(seed)
     return seed
+
+
+@pytest.fixture(params=["c", "python"])
+def reader(request, monkeypatch):
+    """Run a disk test with each chunk-file reader: the C reader (tiers/_native.py, skipped where it
+    cannot be built) and the Python one (the reference)."""
+    from tierkv.tiers import _native
+
+    if request.param == "python":
+        monkeypatch.setenv("TIERKV_NATIVE_IO", "0")
+    elif _native.library() is None:
+        pytest.skip(f"the C reader cannot be built here: {_native.missing()}")
+    return request.param

@@ -51,7 +51,7 @@ def store(tmp_path, rng_seed):
     return root, want
 
 
-def test_flipped_byte_anywhere_is_caught(store, rng_seed):
+def test_flipped_byte_anywhere_is_caught(store, rng_seed, reader):
     root, want = store
     rng = random.Random(rng_seed)
     k = K(2)
@@ -76,7 +76,7 @@ def test_flipped_byte_anywhere_is_caught(store, rng_seed):
         assert t.verify() == [] and torch.equal(t.read(k), want[k])
 
 
-def test_truncated_or_overlong_file_is_caught(store):
+def test_truncated_or_overlong_file_is_caught(store, reader):
     root, want = store
     k = K(1)
     p = chunk_path(root, k, want[k].numel())
@@ -97,7 +97,7 @@ def test_truncated_or_overlong_file_is_caught(store):
             t.read(k)
 
 
-def test_header_lies_about_size(store):
+def test_header_lies_about_size(store, reader):
     """A file that passes its crc but whose size header disagrees with its array (a misplaced file)."""
     root, want = store
     with DiskTier(root) as t:

@@ -32,9 +32,13 @@ import struct
 import uuid
 from typing import Iterable, Sequence
 
-import google_crc32c
 import numcodecs.lz4
 import numpy as np
+
+try:  # computes without the GIL on large buffers, so reader threads check chunks side by side
+    from crc32c import crc32c as crc32c_value
+except ImportError:  # google_crc32c (zarr's own) gives the same value but holds the GIL
+    from google_crc32c import value as crc32c_value
 
 from ..errors import CapacityError, ConfigError, CorruptChunkError, TierKVError
 
@@ -119,7 +123,7 @@ def json_bytes(obj: dict) -> bytes:
 def encode(raw) -> tuple:
     """Raw chunk bytes (any buffer) -> (lz4 block with size header, crc32c as 4 LE bytes)."""
     comp = numcodecs.lz4.compress(raw, LZ4_ACCELERATION)
-    return comp, struct.pack("<I", google_crc32c.value(comp))
+    return comp, struct.pack("<I", crc32c_value(comp))
 
 
 def decode_into(buf: np.ndarray, nbytes: int, out: np.ndarray) -> None:
@@ -133,7 +137,7 @@ def decode_into(buf: np.ndarray, nbytes: int, out: np.ndarray) -> None:
         raise CorruptChunkError(f"file is {n} bytes; a valid chunk file has at least {HEADER + CRC}")
     body = buf[: n - CRC]
     stored = int.from_bytes(buf[n - CRC :].tobytes(), "little")
-    computed = google_crc32c.value(body)
+    computed = crc32c_value(body)
     if stored != computed:
         raise CorruptChunkError(
             f"crc32c mismatch (stored {stored:#010x}, computed {computed:#010x}); "
@@ -149,6 +153,30 @@ def decode_into(buf: np.ndarray, nbytes: int, out: np.ndarray) -> None:
 
 
 DIRECT_ALIGN = 4096  # buffer address and request length for O_DIRECT reads (any logical block size up to 4K)
+
+
+def direct_read_size(nbytes: int) -> int:
+    """Bytes to ask for when reading the file of a chunk of nbytes: one more than any valid file (to see
+    overlong ones), rounded up to whole DIRECT_ALIGN blocks."""
+    return -(-(max_file_size(nbytes) + 1) // DIRECT_ALIGN) * DIRECT_ALIGN
+
+
+def native_problem(code: int, info, nbytes: int) -> str:
+    """What a failed check of the C reader (tiers/_native.py) means, in decode_into's words."""
+    from . import _native as nat
+
+    if code == nat.TOO_LONG:
+        return f"file is longer than any valid chunk file of {nbytes} bytes"
+    if code == nat.TOO_SHORT:
+        return f"file is {info[0]} bytes; a valid chunk file has at least {HEADER + CRC}"
+    if code == nat.BAD_CRC:
+        return (f"crc32c mismatch (stored {info[1]:#010x}, computed {info[2]:#010x}); "
+                f"the file ({info[0]} bytes) is truncated or corrupt")
+    if code == nat.BAD_HEADER:
+        return f"header says {info[0]} raw bytes, expected {nbytes}"
+    if code == nat.BAD_BLOCK:
+        return "lz4 block does not decode"
+    return f"the C reader failed with status {code}"
 
 
 def direct_buffer(nbytes: int) -> np.ndarray:

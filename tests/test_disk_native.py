@@ -1,0 +1,254 @@
+"""The C chunk-file reader (csrc/tierkv_diskio.c through tiers/_native.py) against the Python reader and
+the libraries it stands in for: its crc32c against the crc32c package, its LZ4 block decoder against
+numcodecs' LZ4 on every kind of content and on damaged blocks (never a write outside the output), and
+DiskTier with each reader: the same bytes and the same errors."""
+
+import os
+import random
+import struct
+
+import numcodecs.lz4
+import numpy as np
+import pytest
+import torch
+
+from tierkv.errors import ConfigError, CorruptChunkError
+from tierkv.keys import ChunkKey
+from tierkv.tiers import _diskio, _native
+from tierkv.tiers.disk import DiskTier
+
+lib = _native.library()
+needs_c = pytest.mark.skipif(lib is None, reason=f"the C reader cannot be built here: {_native.missing()}")
+crc32c = pytest.importorskip("crc32c").crc32c
+
+
+def K(i, layer=0):
+    return ChunkKey("s", layer, i)
+
+
+def contents(rng: np.random.Generator, n: int):
+    """Chunks of n bytes that LZ4 treats differently: incompressible, constant, short and long periods,
+    bf16 noise, sparse."""
+    yield "random", rng.integers(0, 256, n, dtype=np.uint8)
+    yield "zeros", np.zeros(n, np.uint8)
+    for period in (1, 2, 3, 7, 16, 61):
+        yield f"period{period}", np.resize(rng.integers(0, 256, period, dtype=np.uint8), n)
+    yield "bf16", torch.randn(n // 2 + 1).to(torch.bfloat16).view(torch.uint8).numpy()[:n].copy()
+    sparse = np.zeros(n, np.uint8)
+    sparse[rng.integers(0, n, max(1, n // 50))] = rng.integers(1, 256, max(1, n // 50), dtype=np.uint8)
+    yield "sparse", sparse
+
+
+def c_decode(block: np.ndarray, n: int, pad: int = 64):
+    """Decode with the C decoder into a buffer with poisoned guard bytes on both sides; check the guards."""
+    buf = np.full(n + 2 * pad, 0xA5, np.uint8)
+    rc = lib.tkv_lz4_decode(block.ctypes.data, block.shape[0], buf[pad:].ctypes.data, n)
+    assert (buf[:pad] == 0xA5).all() and (buf[pad + n :] == 0xA5).all(), "wrote outside its output"
+    return rc, buf[pad : pad + n]
+
+
+@needs_c
+def test_crc_matches_the_crc32c_package(rng_seed):
+    rng = np.random.default_rng(rng_seed)
+    big = rng.integers(0, 256, 3 * 4096 * 5 + 123, dtype=np.uint8)
+    lengths = [0, 1, 7, 8, 9, 4095, 3 * 4096 - 1, 3 * 4096, 3 * 4096 + 1, 40000, 73728 + 300, big.shape[0] - 8]
+    for n in lengths:
+        for start in (0, 1, 3, 8):
+            view = big[start : start + n]
+            want = crc32c(view)
+            assert lib.tkv_crc32c(view.ctypes.data, view.shape[0], 0) == want, (n, start)
+            assert lib.tkv_crc32c(view.ctypes.data, view.shape[0], 1) == want, (n, start, "table")
+
+
+@needs_c
+@pytest.mark.parametrize("n", [1, 15, 100, 4096, 73728, 300001])
+def test_lz4_decode_matches_numcodecs(rng_seed, n):
+    rng = np.random.default_rng(rng_seed + n)
+    for name, raw in contents(rng, n):
+        block = np.frombuffer(numcodecs.lz4.compress(raw), np.uint8)[_diskio.HEADER :]
+        rc, out = c_decode(block, n)
+        assert rc == 0 and np.array_equal(out, raw), name
+        # a wrong output size is refused, never half-filled and accepted
+        assert c_decode(block, n + 1)[0] != 0, name
+        if n > 1:
+            assert c_decode(block, n - 1)[0] != 0, name
+
+
+@needs_c
+def test_damaged_blocks_never_write_outside_and_agree_with_numcodecs(rng_seed):
+    rng = np.random.default_rng(rng_seed)
+    pyrng = random.Random(rng_seed)
+    n = 2000
+    agree = 0
+    for name, raw in contents(rng, n):
+        block = np.frombuffer(numcodecs.lz4.compress(raw), np.uint8)[_diskio.HEADER :].copy()
+        for _ in range(60):
+            bad = block.copy()
+            how = pyrng.randrange(3)
+            if how == 0:  # flipped bits
+                for _ in range(pyrng.randint(1, 4)):
+                    bad[pyrng.randrange(bad.shape[0])] ^= 1 << pyrng.randrange(8)
+            elif how == 1:  # cut short
+                bad = bad[: pyrng.randrange(bad.shape[0])].copy()
+            else:  # trailing bytes
+                bad = np.concatenate([bad, rng.integers(0, 256, pyrng.randint(1, 9), dtype=np.uint8)])
+            rc, out = c_decode(bad, n)
+            ref = np.zeros(n, np.uint8)
+            try:
+                numcodecs.lz4.decompress(np.concatenate([np.frombuffer(struct.pack("<I", n), np.uint8), bad]), ref)
+                ok = True
+            except (RuntimeError, ValueError):
+                ok = False
+            if rc == 0 and ok:
+                assert np.array_equal(out, ref), name  # both accept: the same bytes
+            agree += (rc == 0) == ok
+    # LZ4's own decoder and ours may differ on blocks that break the format's end-of-block rules;
+    # damage that both see is the rule
+    total = 60 * len(list(contents(rng, 8)))
+    assert agree >= 0.95 * total
+
+
+def _store(root, n_chunks, rng_seed, sizes=(5000, 73728)):
+    want = {}
+    with DiskTier(root) as t:
+        for i in range(n_chunks):
+            k = K(i, layer=i % 2)
+            g = torch.Generator().manual_seed(rng_seed + i)
+            v = torch.randint(0, 256, (sizes[i % len(sizes)],), dtype=torch.uint8, generator=g)
+            v[: v.numel() // 3] = 7  # partly compressible
+            want[k] = v
+            t.put(k, v)
+    return want
+
+
+@needs_c
+def test_both_readers_give_the_same_bytes(tmp_path, rng_seed):
+    root = tmp_path / "st"
+    want = _store(root, 40, rng_seed)
+    keys = sorted(want)
+    got = {}
+    for native in (True, False):
+        with DiskTier(root, native_reads=native) as t:
+            assert (t._native is not None) == native
+            outs = [torch.full((want[k].numel() + 5,), 0xEE, dtype=torch.uint8) for k in keys]
+            res = t.read_many(keys, outs)
+            for k, r, o in zip(keys, res, outs):
+                assert torch.equal(r, want[k]) and (o[want[k].numel():] == 0xEE).all()
+            got[native] = [t.read(k).clone() for k in keys]
+            s = t.stats()
+            assert s.chunks_read == 2 * len(keys) and s.bytes_read_raw == 2 * sum(v.numel() for v in want.values())
+    assert all(torch.equal(a, b) for a, b in zip(got[True], got[False]))
+
+
+def _rewrite(path, body: bytes):
+    """A chunk file with this body and a matching crc: passes the checksum, whatever the body says."""
+    with open(path, "wb") as f:
+        f.write(body + struct.pack("<I", crc32c(body)))
+
+
+@needs_c
+def test_both_readers_raise_the_same_errors(tmp_path, rng_seed):
+    root = tmp_path / "st"
+    want = _store(root, 4, rng_seed, sizes=(5000,))
+    k0, k1, k, k3 = K(0), K(1, layer=1), K(2), K(3, layer=1)
+    with DiskTier(root) as t:
+        p = t._index[k].path
+    orig = open(p, "rb").read()
+    cases = {
+        "flipped": orig[:100] + bytes([orig[100] ^ 4]) + orig[101:],
+        "short": orig[:6],
+        "truncated": orig[: len(orig) // 2],
+        "overlong": orig + b"\0" * (_diskio.max_file_size(5000) + 1 - len(orig)),
+        "header": None,
+        "block": None,
+    }
+    for name, data in cases.items():
+        if name == "header":
+            _rewrite(p, struct.pack("<I", 4999) + orig[4:-4])
+        elif name == "block":
+            _rewrite(p, orig[:4] + bytes(len(orig) - 8))  # valid crc, header right, lz4 garbage
+        else:
+            open(p, "wb").write(data)
+        msgs = []
+        for native in (True, False):
+            with DiskTier(root, native_reads=native) as t:
+                with pytest.raises(CorruptChunkError) as ei:
+                    t.read(k)
+                with pytest.raises(CorruptChunkError):
+                    t.read_many([k0, k, k1])
+                assert t.stats().corrupt_chunks == 2
+                assert torch.equal(t.read(k3), want[k3])
+            # "chunk <key> (<path>): <what failed>"; lz4's own error code is the Python reader's extra
+            msgs.append(str(ei.value).split(": lz4 block does not decode")[0])
+        assert msgs[0] == msgs[1], (name, msgs)
+    open(p, "wb").write(orig)
+    os.chmod(p, 0)
+    try:
+        if os.geteuid() != 0:  # root reads it anyway
+            for native in (True, False):
+                with DiskTier(root, native_reads=native) as t:
+                    with pytest.raises(CorruptChunkError, match="Permission denied"):
+                        t.read(k)
+    finally:
+        os.chmod(p, 0o644)
+
+
+@needs_c
+def test_o_direct_refused_falls_back_to_buffered(tmp_path, rng_seed):
+    import mmap
+    import tempfile
+
+    shm = "/dev/shm"
+    if not os.path.isdir(shm) or not os.access(shm, os.W_OK):
+        pytest.skip("no writable /dev/shm (tmpfs) here")
+    with tempfile.NamedTemporaryFile(dir=shm) as f:
+        f.write(b"x" * 4096)
+        f.flush()
+        try:
+            fd = os.open(f.name, os.O_RDONLY | os.O_DIRECT)
+            os.readv(fd, [mmap.mmap(-1, 4096)])
+            os.close(fd)
+            pytest.skip("this kernel's tmpfs allows O_DIRECT (Linux 6.6 on): nothing refuses it here")
+        except OSError:
+            pass
+    with tempfile.TemporaryDirectory(dir=shm) as d:
+        want = _store(os.path.join(d, "st"), 6, rng_seed)
+        with DiskTier(os.path.join(d, "st"), native_reads=True) as t:
+            keys = sorted(want)
+            res = t.read_many(keys)
+            assert all(torch.equal(r, want[k]) for k, r in zip(keys, res))
+            assert t._direct is False  # tmpfs refuses O_DIRECT: buffered from then on
+
+
+def test_native_reads_true_without_the_library_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("TIERKV_NATIVE_IO", "0")
+    with pytest.raises(ConfigError, match="native_reads=True"):
+        DiskTier(tmp_path / "st", native_reads=True)
+    assert _native.missing() == "TIERKV_NATIVE_IO=0"
+
+
+def test_build_failure_falls_back(tmp_path, monkeypatch):
+    """A compiler that fails leaves the Python reader in place, and says why."""
+    monkeypatch.setattr(_native, "_state", None)
+    monkeypatch.setenv("TIERKV_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("CC", "false")  # a 'compiler' that always fails
+    monkeypatch.setattr(_native.shutil, "which", lambda c: "/bin/false" if c == "false" else None)
+    assert _native.library() is None
+    assert "failed" in _native.missing()
+    with DiskTier(tmp_path / "st") as t:
+        assert t._native is None
+        t.write(K(0), b"x" * 100)
+        assert bytes(t.read(K(0)).numpy()) == b"x" * 100
+    monkeypatch.setattr(_native, "_state", None)  # the next test builds (or finds) the real one again
+
+
+@needs_c
+def test_library_is_cached_by_source_hash(tmp_path, monkeypatch):
+    monkeypatch.setattr(_native, "_state", None)
+    monkeypatch.setenv("TIERKV_CACHE_DIR", str(tmp_path / "cache"))
+    assert _native.library() is not None
+    built = os.listdir(tmp_path / "cache")
+    assert len(built) == 1 and built[0].startswith("tierkv_diskio-") and built[0].endswith(".so")
+    monkeypatch.setattr(_native, "_state", None)
+    assert _native.library() is not None and os.listdir(tmp_path / "cache") == built  # found, not rebuilt
+    monkeypatch.setattr(_native, "_state", None)
