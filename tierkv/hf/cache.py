@@ -373,9 +373,10 @@ class TierKVLayer(CacheLayerMixin):
                          wait: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Point the selected chunks that live only on disk at staged copies of them.
 
-        A chunk the prefetch pipeline has staged is read from its staging slot. Any other is, with
-        `wait` (miss policy 'wait', and always for exact attention), waited for (queued now if nobody
-        asked) and the time counted as stall; without `wait` (policy 'skip') it is left out of this
+        A chunk the prefetch pipeline has staged is read from its staging slot (waited for while in
+        flight). With `wait` (miss policy 'wait', and always for exact attention) the others are read
+        now, all in one read_many into a pinned buffer of the step, and the time is counted as stall;
+        without `wait` (policy 'skip') it is left out of this
         step: its rows point at a zero chunk and the returned mask [B, H, k] marks it for attention to
         ignore, and it is queued for the next step. No chunk moves between tiers here (putting chunks
         into the cpu tier could evict one this very gather is about to read); the chosen chunks are only
@@ -398,14 +399,15 @@ class TierKVLayer(CacheLayerMixin):
         pf = cache.prefetcher()
         t0 = time.perf_counter()
         wanted = [(b, c, self._keys[b][c]) for b, c in uniq]
-        if wait:
-            # all of them asked for at once, so the workers read them side by side (asking one and
-            # waiting for it before asking the next reads them one after another)
-            pf.stats.sync_reads += pf.request([(key, nb) for _, _, key in wanted])
         found, direct = [], []
         for b, c, key in wanted:
-            loc = pf.fetch(key, nb, wait=wait) if not wait or pf.wanted(key) else None
-            if loc is None and wait:  # staging is full (or the request was dropped): read it here
+            if wait and not pf.wanted(key):
+                # nobody asked for it: read here with the rest of them, in one batch on the disk tier's
+                # reader threads (the C reader holds no GIL), not one by one through the staging queue
+                direct.append((b, c, key))
+                continue
+            loc = pf.fetch(key, nb, wait=wait)  # prefetched (waited for if still in flight), or queued
+            if loc is None and wait:  # its request was dropped or failed over: read it here
                 direct.append((b, c, key))
             else:
                 found.append((b, c, loc))
