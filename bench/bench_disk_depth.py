@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import mmap
 import os
 import random
@@ -139,13 +140,21 @@ def main(argv=None) -> int:
                   f"({pair['store']['ms_per_batch']:.2f} ms/batch)  store/raw {r['store_over_raw']:.2f}{py}", flush=True)
     if not args.keep:
         shutil.rmtree(args.dir, ignore_errors=True)
-    out = dict(bench="disk_depth", argv=sys.argv[1:], o_direct=direct, c_reader=_native.missing() or "in use", chunk_bytes=args.chunk_bytes, files=args.files,
+    out = dict(bench="disk_depth", git_commit=_git(), command=" ".join(sys.argv), date=time.strftime("%Y-%m-%d %H:%M:%S"), argv=sys.argv[1:], o_direct=direct, c_reader=_native.missing() or "in use", chunk_bytes=args.chunk_bytes, files=args.files,
                per_pass=args.per_pass, cpu_count=os.cpu_count(), torch=torch.__version__,
                device=torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", rows=rows)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
     return 0
+
+
+def _git():
+    try:
+        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                                       text=True, stderr=subprocess.DEVNULL).strip()
+    except Exception:
+        return None
 
 
 if __name__ == "__main__":
