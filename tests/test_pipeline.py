@@ -67,14 +67,14 @@ def test_worker_error_surfaces_in_decode_not_a_hang(tmp_path, monkeypatch):
     model = build("llama", seed=12)
     ids = torch.randint(1, 512, (1, 400))
     cfg = sparse_cfg(cpu_budget="8KiB", disk_path=str(tmp_path / "cold"))
-    original = DiskTier.read
+    original = DiskTier._read_files  # under read() and read_batch() both
 
-    def broken(self, key, out=None):
+    def broken(self, keys, locs, ts):
         if threading.current_thread().name.startswith("tierkv-prefetch"):
             raise OSError(5, "injected I/O error")
-        return original(self, key, out=out)
+        return original(self, keys, locs, ts)
 
-    monkeypatch.setattr(DiskTier, "read", broken)
+    monkeypatch.setattr(DiskTier, "_read_files", broken)
     t0 = time.perf_counter()
     with pytest.raises(TierKVError, match="injected I/O error"):
         with tierkv.offload(model, cfg) as cache:
@@ -87,13 +87,13 @@ def test_exit_with_work_in_flight_joins_and_leaks_nothing(tmp_path, monkeypatch)
     model = build("llama", seed=13)
     ids = torch.randint(1, 512, (1, 400))
     fds_before = set(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else set()
-    original = DiskTier.read
+    original = DiskTier._read_files
 
-    def slow(self, key, out=None):
+    def slow(self, keys, locs, ts):
         time.sleep(0.02)  # keeps the workers busy when the context exits
-        return original(self, key, out=out)
+        return original(self, keys, locs, ts)
 
-    monkeypatch.setattr(DiskTier, "read", slow)
+    monkeypatch.setattr(DiskTier, "_read_files", slow)
     cfg = sparse_cfg(cpu_budget="8KiB", disk_path=str(tmp_path / "cold"))
     with tierkv.offload(model, cfg) as cache:
         gen(model, ids, cache, n=4)
@@ -132,6 +132,65 @@ def test_prefetcher_unit(tmp_path):
         pf.close()
         disk.close()
     assert not prefetch_threads()
+
+
+def test_prefetcher_batched_reads_isolate_a_failure(tmp_path, monkeypatch):
+    """A worker that takes several queued chunks reads them in one call; when one of them fails, that
+    one is reported (and raised where it is fetched) and the others are still served, byte for byte."""
+    disk = DiskTier(str(tmp_path / "d"))
+    keys = [ChunkKey("s", 0, i) for i in range(10)]
+    for i, k in enumerate(keys):
+        disk.write(k, torch.full((1000,), i, dtype=torch.uint8))
+    disk.flush()
+    gate, batches = threading.Event(), []
+    original = DiskTier._read_files
+
+    def patched(self, ks, locs, ts):
+        batches.append(list(ks))
+        if ks[0] == keys[0]:
+            gate.wait(10)  # holds the only worker while the rest are queued
+        if keys[5] in ks:
+            raise OSError(5, "injected I/O error")
+        return original(self, ks, locs, ts)
+
+    monkeypatch.setattr(DiskTier, "_read_files", patched)
+    pf = Prefetcher(disk, slot_bytes=1000, depth=16, workers=1, pinned=False)
+    try:
+        pf.request([(keys[0], 1000)])
+        while not batches:
+            time.sleep(0.001)
+        pf.request([(k, 1000) for k in keys[1:]])
+        gate.set()
+        with pytest.raises(PrefetchError, match="s/L0/5"):
+            pf.fetch_many(keys, 1000, wait=True)
+        assert any(len(b) > 1 for b in batches), batches  # the queued nine went as a batch
+        for i, k in enumerate(keys):
+            if i == 5:
+                continue
+            seg, off = pf.fetch(k, 1000, wait=True)
+            assert torch.equal(pf.sources[seg][off : off + 1000], torch.full((1000,), i, dtype=torch.uint8))
+    finally:
+        pf.close()
+        disk.close()
+    assert not prefetch_threads()
+
+
+def test_disk_read_batch_matches_read(tmp_path):
+    disk = DiskTier(str(tmp_path / "d"))
+    try:
+        keys = [ChunkKey("s", 1, i) for i in range(5)]
+        data = [torch.randint(0, 256, (777 + 64 * i,), dtype=torch.uint8) for i in range(5)]
+        for k, d in zip(keys, data):
+            disk.write(k, d)
+        disk.flush()
+        outs = [torch.empty(d.numel(), dtype=torch.uint8) for d in data]
+        got = disk.read_batch(keys[::-1], outs[::-1])
+        for k, d, o, g in zip(keys[::-1], data[::-1], outs[::-1], got):
+            assert torch.equal(g, d) and torch.equal(o, d) and torch.equal(disk.read(k), d)
+        with pytest.raises(TierKVError, match="one per key"):
+            disk.read_batch(keys, outs[:2])
+    finally:
+        disk.close()
 
 
 def test_next_layer_prefetch_gated_by_its_hit_rate(tmp_path, monkeypatch):
@@ -226,9 +285,9 @@ def test_staging_full_reads_the_rest_directly(tmp_path, monkeypatch):
             read_directly.update(keys)
             return read_many(keys, outs)
 
-        def rec_add(items, tier="cpu"):
+        def rec_add(items, tier="cpu", **kw):
             offered.update(k for k, _ in items)
-            return add_copies(items, tier)
+            return add_copies(items, tier, **kw)
 
         cache.store.disk.read_many, cache.store.add_copies = rec_read, rec_add
         out = gen(model, ids, cache)

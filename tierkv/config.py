@@ -18,6 +18,7 @@ FORMATS = ("bf16", "fp16", "int8", "int4", "int2")
 MISS_POLICIES = ("wait", "skip")
 SCORINGS = ("mass", "bound")
 SELECTIONS = ("head", "shared")
+PREDICTIONS = ("lookahead", "query")
 DEFAULT_CHUNK_LENGTHS = (16, 32, 64, 128, 256)
 DEFAULT_PREFETCH_DEPTH = 2
 AUTO_FIELDS = ("chunk_lengths", "prefetch_depth")
@@ -95,6 +96,11 @@ class TierConfig:
                   'head' a step reads whole files for one head's share of them; 'shared' reads a file
                   for all heads at once (bench/bench_pipeline.py: disk bytes per token fall by up to the
                   number of KV heads), at some cost in the mass covered (bench/eval_quality.py).
+    prediction:   how the prefetch pipeline guesses the next layer's chunks while a layer computes.
+                  'lookahead': the next layer's own input norm, query projection and rotary embedding
+                  applied to the hidden state entering this layer (the residual stream changes little
+                  between layers; Llama-shaped models, others fall back to 'query'); 'query': this
+                  layer's query scored against the next layer's abstracts.
     write_queue:  depth of the bounded write-behind queue to disk.
     prefetch_depth: chunks per head prefetched ahead of need (None: auto, see below).
     profile:      path of a saved `tierkv profile` JSON whose measurements set defaults.
@@ -121,6 +127,7 @@ class TierConfig:
     miss_policy: str = "wait"
     scoring: str = "mass"
     selection: str = "head"
+    prediction: str = "lookahead"
     write_queue: int = 64
     prefetch_depth: Optional[int] = None
     profile: Optional[str] = None
@@ -175,6 +182,8 @@ class TierConfig:
             raise ConfigError(f"scoring: expected one of {', '.join(SCORINGS)}, got {self.scoring!r}")
         if self.selection not in SELECTIONS:
             raise ConfigError(f"selection: expected one of {', '.join(SELECTIONS)}, got {self.selection!r}")
+        if self.prediction not in PREDICTIONS:
+            raise ConfigError(f"prediction: expected one of {', '.join(PREDICTIONS)}, got {self.prediction!r}")
         _int_at_least("write_queue", self.write_queue, 1)
         _int_at_least("prefetch_depth", self.prefetch_depth, 0)
         if self.disk_path is not None:

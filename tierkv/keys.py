@@ -34,6 +34,15 @@ class ChunkKey:
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ConfigError(f"ChunkKey.{f}: expected a non-negative integer, got {v!r}")
+        # keys are hashed in every residency look-up, thousands per decode step: hash once
+        object.__setattr__(self, "_hash", hash((self.stream, self.layer, self.index)))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __reduce__(self):
+        # rebuilt (and re-hashed) on unpickling: string hashes differ between processes
+        return (ChunkKey, (self.stream, self.layer, self.index))
 
     def __str__(self) -> str:
         return f"{self.stream}/L{self.layer}/{self.index}"

@@ -96,6 +96,10 @@ def offload(model, config: Optional[TierConfig] = None, *, store: Optional[Chunk
     AttentionMaskInterface.register(name, make_mask_function(original_mask_fn))
     try:
         model.set_attn_implementation(name)
+        if config.prediction == "lookahead" and config.disk_path is not None:
+            from .hf.lookahead import Lookahead
+
+            cache.lookahead = Lookahead.attach(model)
         yield cache
     finally:
         try:
@@ -103,6 +107,8 @@ def offload(model, config: Optional[TierConfig] = None, *, store: Optional[Chunk
         finally:
             AttentionInterface._global_mapping.pop(name, None)
             AttentionMaskInterface._global_mapping.pop(name, None)
+            if cache.lookahead is not None:
+                cache.lookahead.close()
             cache.close()
             if own_store:
                 store.close()

@@ -16,6 +16,7 @@ waiting for a chunk is bounded and checks the workers, so a dead worker is an er
 from __future__ import annotations
 
 import queue
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from .keys import ChunkKey
 from .tiers.arena import Arena, Extent, round_up
 
 _STOP = object()
+READ_BATCH = 8  # most chunks a worker reads in one call
 
 
 class PrefetchError(TierKVError):
@@ -81,33 +83,65 @@ class Prefetcher:
     # --- worker side ---------------------------------------------------------------------------------
     def _run(self) -> None:
         while True:
-            slot = self._queue.get()
-            if slot is _STOP:
+            batch = [self._queue.get()]
+            # with more queued than the workers share, take several: one read call (and one pass of
+            # Python) for all of them holds the GIL, which the decode thread needs, far less per chunk
+            more = min(READ_BATCH, self._queue.qsize() // len(self._threads)) - 1
+            while more > 0:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+                more -= 1
+            stops = sum(1 for s in batch if s is _STOP)
+            todo = []
+            with self._lock:
+                for slot in batch:
+                    if slot is _STOP or slot.state != "queued":
+                        continue
+                    if slot.step < self._step - 1:  # asked for by a step that is over: stale
+                        slot.state = "cancelled"
+                        self._release(slot)
+                        self.stats.cancelled += 1
+                        slot.done.set()
+                        continue
+                    slot.state = "reading"
+                    todo.append((slot, self.arena.view(slot.ext, slot.nbytes)))
+            if todo:
+                self._read(todo)
+            if stops:
+                for _ in range(stops - 1):  # another worker's stop signal, taken with the batch
+                    self._queue.put(_STOP)
                 return
-            with self._lock:
-                if slot.state != "queued":
-                    continue
-                if slot.step < self._step - 1:  # asked for by a step that is over: stale
-                    slot.state = "cancelled"
-                    self._release(slot)
-                    self.stats.cancelled += 1
-                    slot.done.set()
-                    continue
-                slot.state = "reading"
-                view = self.arena.view(slot.ext, slot.nbytes)
-            try:
-                self.disk.read(slot.key, out=view)
-            except BaseException as e:  # kept for the decode thread; the worker goes on
-                with self._lock:
-                    slot.state, slot.error = "failed", e
-                    self._error = self._error or e
-                slot.done.set()
-                continue
-            with self._lock:
+
+    def _read(self, todo: List[Tuple[_Slot, torch.Tensor]]) -> None:
+        try:
+            if len(todo) == 1:
+                self.disk.read(todo[0][0].key, out=todo[0][1])
+            else:
+                self.disk.read_batch([s.key for s, _ in todo], [v for _, v in todo])
+        except BaseException:
+            if len(todo) == 1:
+                self._finish(todo[0][0], sys.exc_info()[1])
+                return
+            for slot, view in todo:  # which one failed: each on its own, so the others are served
+                self._read([(slot, view)])
+            return
+        for slot, _ in todo:
+            self._finish(slot, None)
+
+    def _finish(self, slot: _Slot, error: Optional[BaseException]) -> None:
+        with self._lock:
+            if error is not None:  # kept for the decode thread; the worker goes on
+                slot.state, slot.error = "failed", error
+                if self._error is None:
+                    self._error = PrefetchError(f"chunk {slot.key}: reading it from disk failed: {error}")
+                    self._error.__cause__ = error
+            else:
                 slot.state = "ready"
                 self.stats.completed += 1
                 self.stats.bytes_read += slot.nbytes
-            slot.done.set()
+        slot.done.set()
 
     def _release(self, slot: _Slot) -> None:
         if slot.ext is not None:
@@ -172,23 +206,55 @@ class Prefetcher:
         if not slot.done.is_set():
             if not wait:
                 return None
-            t0 = time.perf_counter()
+            self._wait(slot)
+        loc = self._served(slot)
+        if loc is not None:
             with self._lock:
-                self.stats.waited += 1
-            deadline = t0 + self.wait_timeout
-            while not slot.done.wait(0.05):
-                if not any(t.is_alive() for t in self._threads):
-                    raise PrefetchError(f"chunk {key}: every prefetch worker has stopped")
-                if time.perf_counter() > deadline:
-                    raise PrefetchError(f"chunk {key}: not read from disk within {self.wait_timeout} s")
-            with self._lock:
-                self.stats.wait_seconds += time.perf_counter() - t0
+                self.stats.used += 1
+        return loc
+
+    def fetch_many(self, keys: Sequence[ChunkKey], nbytes: int, wait: bool) -> List[Optional[Tuple[int, int]]]:
+        """fetch() of a step's chunks at once: (segment, offset) of each one staged (waited for while in
+        flight when `wait`), None for the rest. With `wait` the caller reads those itself (nobody asked
+        for them, or their request was dropped); without, they are queued for the next step."""
+        self.check()
+        with self._lock:
+            slots = [self._slots.get(k) for k in keys]
+        if not wait:
+            self.request([(k, nbytes) for k, s in zip(keys, slots) if s is None])
+        out: List[Optional[Tuple[int, int]]] = []
+        for slot in slots:
+            if slot is None or (not wait and not slot.done.is_set()):
+                out.append(None)
+                continue
+            if not slot.done.is_set():
+                self._wait(slot)
+            out.append(self._served(slot))
+        with self._lock:
+            self.stats.used += sum(1 for o in out if o is not None)
+        return out
+
+    def _wait(self, slot: _Slot) -> None:
+        t0 = time.perf_counter()
+        with self._lock:
+            self.stats.waited += 1
+        deadline = t0 + self.wait_timeout
+        while not slot.done.wait(0.05):
+            if not any(t.is_alive() for t in self._threads):
+                raise PrefetchError(f"chunk {slot.key}: every prefetch worker has stopped")
+            if time.perf_counter() > deadline:
+                raise PrefetchError(f"chunk {slot.key}: not read from disk within {self.wait_timeout} s")
+        with self._lock:
+            self.stats.wait_seconds += time.perf_counter() - t0
+
+    def _served(self, slot: _Slot) -> Optional[Tuple[int, int]]:
         if slot.state == "failed":
-            raise PrefetchError(f"chunk {key}: reading it from disk failed: {slot.error}") from slot.error
+            with self._lock:  # raised here: not again at the next call
+                if self._error is not None and self._error.__cause__ is slot.error:
+                    self._error = None
+            raise PrefetchError(f"chunk {slot.key}: reading it from disk failed: {slot.error}") from slot.error
         if slot.state != "ready":
             return None
-        with self._lock:
-            self.stats.used += 1
         return slot.ext.segment, slot.ext.offset
 
     def take_ready(self) -> List[Tuple[ChunkKey, torch.Tensor]]:

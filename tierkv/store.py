@@ -50,6 +50,8 @@ class _Meta:
     importance: float
     step: int
     order: int
+    uses: int = 0  # steps in which the chunk was touched (used)
+    last_touch: int = -1  # the clock of the last of them
 
 
 class ChunkStore:
@@ -342,7 +344,7 @@ class ChunkStore:
         with self._lock:
             self.cpu.arena.reserve_all()
 
-    def add_copies(self, items: Sequence[Tuple[ChunkKey, torch.Tensor]], tier: str = "cpu") -> int:
+    def add_copies(self, items: Sequence[Tuple[ChunkKey, torch.Tensor]], tier: str = "cpu", min_uses: int = 0) -> int:
         """Give chunks that live below `tier` a copy there from bytes read elsewhere (a step's prefetches),
         with value-based admission.
 
@@ -351,11 +353,14 @@ class ChunkStore:
         kept: residents outside that set are evicted, newcomers outside it are not copied in. One sort
         per batch, where copying one by one sorted once per 1/64 of the budget and, with a batch larger
         than the tier, evicted its own first newcomers. Returns how many got a copy; chunks gone from
-        the store or already in the tier are skipped.
+        the store or already in the tier are skipped, and so are chunks used in fewer than `min_uses`
+        steps (touch): with min_uses=2 a chunk gets a copy the second time it is used, so chunks used
+        once (a step's one-off choices, a prefetch that guessed wrong) cost no copy and evict nothing.
         """
         with self._lock:
             t = self._tier(tier)
-            todo = [(k, d) for k, d in items if k in self._meta and k not in t]
+            meta = self._meta
+            todo = [(k, d) for k, d in items if k in meta and k not in t and meta[k].uses >= min_uses]
             if not todo:
                 return 0
 
@@ -448,10 +453,14 @@ class ChunkStore:
     def touch(self, keys: Iterable[ChunkKey], importance: float = 1.0) -> None:
         """Record that chunks were used this step with the given importance (added to their decayed value)."""
         with self._lock:
+            clock = self._clock
             for key in keys:
                 m = self._require(key)
                 m.importance = self._value(m) + float(importance)
-                m.step = self._clock
+                m.step = clock
+                if m.last_touch != clock:
+                    m.uses += 1
+                    m.last_touch = clock
 
     def tick(self, steps: int = 1) -> int:
         """Advance the store's clock (one decode step): importance decays per tick."""

@@ -38,7 +38,11 @@ MIN_CHUNKS_IN_BUDGET = 4  # the planner gives no layer chunks longer than budget
 SELECTION_FLUSH_MAX = 32  # decode steps a layer's choices may wait before they are counted (see note_selection)
 PROMOTE_EVERY = 16  # decode steps between refreshes of the gpu tier's contents (each costs a host sync)
 GATE_EVERY = 8  # decode steps between looks at the next-layer prediction's hit rate
-NEXT_LAYER_MIN_HIT = 0.25  # below this share of right guesses, next-layer guesses are not prefetched
+NEXT_LAYER_MIN_HIT = 0.25
+# when choices do not persist from step to step (next-step hit rate below ADMIT_ALL_AT), a chunk read
+# from disk gets a cpu copy only once it was chosen in ADMIT_MIN_USES steps; when they do, at once
+ADMIT_MIN_USES = 2
+ADMIT_ALL_AT = 0.2  # below this share of right guesses, next-layer guesses are not prefetched
 
 
 def _pinned(values, dtype, device) -> torch.Tensor:
@@ -390,7 +394,7 @@ class TierKVLayer(CacheLayerMixin):
         # the choice, next to the sync this path makes anyway)
         chosen = chunk_idx.reshape(B, H * kk).tolist()
         keys = self._keys
-        cache.store.touch({keys[b][c] for b in range(B) for c in chosen[b]}, 1.0)
+        cache.store.touch([keys[b][c] for b in range(B) for c in set(chosen[b])], 1.0)
         if not bool(missing.any()):
             return a, None
         b_of = torch.arange(B, device=self.device).view(B, 1, 1).expand(B, H, kk)
@@ -398,50 +402,49 @@ class TierKVLayer(CacheLayerMixin):
         nb = self.layout.nbytes
         pf = cache.prefetcher()
         t0 = time.perf_counter()
-        wanted = [(b, c, self._keys[b][c]) for b, c in uniq]
-        found, direct = [], []
-        for b, c, key in wanted:
-            if wait and not pf.wanted(key):
-                # nobody asked for it: read here with the rest of them, in one batch on the disk tier's
-                # reader threads (the C reader holds no GIL), not one by one through the staging queue
-                direct.append((b, c, key))
-                continue
-            loc = pf.fetch(key, nb, wait=wait)  # prefetched (waited for if still in flight), or queued
-            if loc is None and wait:  # its request was dropped or failed over: read it here
-                direct.append((b, c, key))
-            else:
-                found.append((b, c, loc))
+        wanted = [keys[b][c] for b, c in uniq]
+        # staged (waited for if still in flight); with `wait` the others are read here with the rest of
+        # them, in one batch on the disk tier's reader threads (the C reader holds no GIL), not one by
+        # one through the staging queue; without, they are queued for the next step
+        locs = pf.fetch_many(wanted, nb, wait)
         base = len(sources)
         sources.extend(pf.sources)  # the staging arena (its segments exist once something was staged)
         zero_src = len(sources)
         sources.append(cache.zero_chunk(nb))
-        src_of = torch.full((B, self.n_chunks), -1, dtype=torch.int64)
-        off_of = torch.zeros((B, self.n_chunks), dtype=torch.int64)
+        rows, cols, srcs, offs = [], [], [], []
+        direct = []
+        for (b, c), loc in zip(uniq, locs):
+            if loc is not None:
+                rows.append(b), cols.append(c), srcs.append(base + loc[0]), offs.append(loc[1])
+            elif wait:
+                direct.append((b, c))
+            else:
+                rows.append(b), cols.append(c), srcs.append(zero_src), offs.append(0)
         if direct:
             # one pinned buffer for all of them, filled by the disk tier's reader threads
             stride = round_up(nb)
             buf = torch.empty(stride * len(direct), dtype=torch.uint8, pin_memory=self.device.type == "cuda")
-            cache.store.disk.read_many([key for _, _, key in direct],
-                                       [buf[i * stride : i * stride + nb] for i in range(len(direct))])
+            views = [buf[i * stride : i * stride + nb] for i in range(len(direct))]
+            dkeys = [keys[b][c] for b, c in direct]
+            cache.store.disk.read_many(dkeys, views)
             pf.stats.sync_reads += len(direct)
             pf.stats.bytes_read += nb * len(direct)  # counted with the staged reads: disk bytes per step
             cache.keep_alive(buf)
             sources.append(buf)
-            for i, (b, c, key) in enumerate(direct):
-                src_of[b, c], off_of[b, c] = len(sources) - 1, i * stride
-                cache._direct.append((key, buf[i * stride : i * stride + nb]))  # offered to the cpu tier
-        for b, c, loc in found:
-            if loc is None:
-                src_of[b, c] = zero_src
-            else:
-                src_of[b, c], off_of[b, c] = base + loc[0], loc[1]
+            for i, (b, c) in enumerate(direct):
+                rows.append(b), cols.append(c), srcs.append(len(sources) - 1), offs.append(i * stride)
+            cache._direct.extend(zip(dkeys, views))  # offered to the cpu tier
         if wait:
             cache.store.add_stall(time.perf_counter() - t0)
         cache.disk_entries += int(missing.sum())
-        src_of, off_of = src_of.to(self.device), off_of.to(self.device)
-        flat = chunk_idx.reshape(B, H * kk)
-        src = src_of.gather(1, flat).reshape(B, H, kk)
-        off = off_of.gather(1, flat).reshape(B, H, kk)
+        table = torch.zeros((2, B, self.n_chunks), dtype=torch.int64)
+        if rows:
+            table[0, rows, cols] = torch.tensor(srcs, dtype=torch.int64)
+            table[1, rows, cols] = torch.tensor(offs, dtype=torch.int64)
+        table = table.to(self.device, non_blocking=False)
+        flat = chunk_idx.reshape(1, B, H * kk).expand(2, B, H * kk)
+        so = table.gather(2, flat).reshape(2, B, H, kk)
+        src, off = so[0], so[1]
         out = torch.stack([torch.where(missing, src, a[..., 0]), torch.where(missing, off, a[..., 1])], dim=-1)
         skipped = (src == zero_src) & missing if not wait else None
         if skipped is not None:
@@ -577,7 +580,10 @@ class TierKVCache(Cache):
         # disk: reading chunks nobody will use only takes the disk from the ones that are asked for
         self.next_layer_prefetch = True
         self._gate_mark = (0, 0)  # next-layer (hits, guesses) at the last look
+        self._persist_mark = (0, 0)  # next-step (hits, guesses) at the last look
+        self.admit_min_uses = 0  # see ADMIT_MIN_USES; set from the next-step hit rate every GATE_EVERY steps
         self._prefetcher = None
+        self.lookahead = None  # hf.lookahead.Lookahead when the model has one (set by tierkv.offload)
         self._zero: Optional[torch.Tensor] = None
         self._pred = {"next_layer_hits": None, "next_layer_total": 0, "next_step_hits": None, "next_step_total": 0}
         store.add_listener(self._on_move)
@@ -659,8 +665,9 @@ class TierKVCache(Cache):
     def predict_next(self, layer: "TierKVLayer", q: torch.Tensor, idx: torch.Tensor) -> None:
         """After `layer` chose idx for query q: guess the next layer's choice, prefetch what of it is on disk.
 
-        The guess scores this layer's query against the next layer's abstracts (queries of neighbouring
-        layers look alike). Both predictions are scored for the statistics: the guess when the next layer
+        The guess scores a query against the next layer's abstracts: with a look-ahead (config
+        prediction 'lookahead', hf/lookahead.py) the next layer's query guessed from the hidden state
+        that entered this layer, else this layer's own query. Both predictions are scored for the statistics: the guess when the next layer
         chooses, and "the same as last step" (importance persists) against this layer's choice. While the
         guesses are not prefetched (the gate is shut, or prediction is off), one step in GATE_EVERY still
         makes them, for the hit rate the gate and the statistics read: a guess costs a scoring pass.
@@ -684,7 +691,8 @@ class TierKVCache(Cache):
             return
         if nxt.scaling is None:
             nxt.scaling = layer.scaling
-        pred = nxt.choose(nxt.score(q), k)
+        qn = self.lookahead.query(nxt.layer_idx, layer.layer_idx) if self.lookahead is not None else None
+        pred = nxt.choose(nxt.score(qn if qn is not None else q), k)
         nxt.predicted = pred
         nxt.refresh_addresses()
         if not nxt.disk_only or self.store.disk is None or not prefetching:
@@ -715,7 +723,9 @@ class TierKVCache(Cache):
             self._wait_for_kernels()  # kernels of this pass may still read the staging slots
             # chunks read outside staging compete for the cpu tier like staged ones: what this step
             # chose is likely chosen again (one ranking over all of them)
-            self.store.add_copies(list(dict(ready + direct).items()), "cpu")
+            # a copy once a chunk is used in a second step: one-off choices and wrong guesses would
+            # only evict chunks that are used again (and cost a host copy each)
+            self.store.add_copies(list(dict(ready + direct).items()), "cpu", min_uses=self.admit_min_uses)
             pf.release([k for k, _ in ready])
         pf.begin_step(self.steps)
         pf.drop_stale()
@@ -745,6 +755,8 @@ class TierKVCache(Cache):
     def end_forward(self) -> None:
         """After the last layer of a forward pass: age importance, now and then refresh the gpu tier."""
         self.store.tick()
+        if self.lookahead is not None:
+            self.lookahead.end_pass()
         waited = self._install_prefetched()
         if self._alive:
             if not waited:
@@ -755,6 +767,7 @@ class TierKVCache(Cache):
         self.steps += 1
         if self.steps % GATE_EVERY == 0:
             self._gate_next_layer()
+            self._gate_admission()
         if not self.selected_layers or self.steps % self.promote_every:
             return
         per_layer = self.config.prefetch_depth
@@ -802,6 +815,21 @@ class TierKVCache(Cache):
         self._gate_mark = (hits, total)
         if total - t0 >= 1:
             self.next_layer_prefetch = (hits - h0) / (total - t0) >= NEXT_LAYER_MIN_HIT
+
+    def _gate_admission(self) -> None:
+        """Every GATE_EVERY steps: while this layer's choices persist into the next step (the next-step
+        hit rate of the last window), chunks read from disk go into the cpu tier at once, where the next
+        steps find them; while they do not, only chunks chosen in a second step do (one-off choices
+        would cost a host copy each and evict chunks that are used again)."""
+        hits = self._pred["next_step_hits"]
+        total = self._pred["next_step_total"]
+        if hits is None:
+            return
+        hits = int(hits)
+        h0, t0 = self._persist_mark
+        self._persist_mark = (hits, total)
+        if total - t0 >= 1:
+            self.admit_min_uses = 0 if (hits - h0) / (total - t0) >= ADMIT_ALL_AT else ADMIT_MIN_USES
 
     def _worth_promoting(self, gpu_hits: float) -> bool:
         """Adapt how often the gpu tier is refreshed to how often it serves the chosen chunks.

@@ -443,28 +443,47 @@ class DiskTier:
             locs = [None if k in self._pending else self._index.get(k) for k in keys]
 
         def share(first: int) -> None:
-            mine = []
-            for i in range(first, n, step):
-                if locs[i] is None:  # queued for writing (or gone): read() serves or explains it
-                    got[i] = self.read(keys[i], outs[i])
-                else:
-                    mine.append(i)
-            if not mine:
-                return
-            ts = [_out_tensor(outs[i], locs[i].nbytes, keys[i]) for i in mine]
-            sizes = []
-            try:
-                sizes = self._read_files([keys[i] for i in mine], [locs[i] for i in mine], ts)
-            finally:
-                for i, t in zip(mine, ts):
-                    got[i] = t
-                self._tally(len(sizes), sum(locs[i].nbytes for i in mine[: len(sizes)]), sum(sizes))
+            idx = range(first, n, step)
+            self._read_located([keys[i] for i in idx], [outs[i] for i in idx], [locs[i] for i in idx], got, list(idx))
 
         futures = [self._executor().submit(share, j) for j in range(step)]
         errors = [e for e in (f.exception() for f in futures) if e is not None]  # all done before we return
         if errors:
             raise errors[0]
         return got
+
+    def read_batch(self, keys: Sequence[ChunkKey], outs: Sequence) -> list:
+        """read() of several chunks in the calling thread, the files in one call of the C reader (no GIL
+        held while it reads): for callers that are reader threads themselves (the prefetch workers)."""
+        keys, outs = list(keys), list(outs)
+        if len(outs) != len(keys):
+            raise ConfigError(f"read_batch: {len(outs)} output tensors for {len(keys)} keys; expected one per key")
+        if self._errors:
+            self._raise_stored_error()
+        with self._lock:
+            locs = [None if k in self._pending else self._index.get(k) for k in keys]
+        got: list = [None] * len(keys)
+        self._read_located(keys, outs, locs, got, list(range(len(keys))))
+        return got
+
+    def _read_located(self, keys, outs, locs, got: list, slots: List[int]) -> None:
+        """Read keys[j] into outs[j] (got[slots[j]] = the tensor); locs[j] None: through read()."""
+        mine = []
+        for j, loc in enumerate(locs):
+            if loc is None:  # queued for writing (or gone): read() serves or explains it
+                got[slots[j]] = self.read(keys[j], outs[j])
+            else:
+                mine.append(j)
+        if not mine:
+            return
+        ts = [_out_tensor(outs[j], locs[j].nbytes, keys[j]) for j in mine]
+        sizes = []
+        try:
+            sizes = self._read_files([keys[j] for j in mine], [locs[j] for j in mine], ts)
+        finally:
+            for j, t in zip(mine, ts):
+                got[slots[j]] = t
+            self._tally(len(sizes), sum(locs[j].nbytes for j in mine[: len(sizes)]), sum(sizes))
 
     def verify(self, keys: Optional[Sequence[ChunkKey]] = None) -> List[ChunkKey]:
         """Read every durable chunk (or those given) and return the ones that fail their checks."""
