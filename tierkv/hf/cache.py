@@ -650,8 +650,14 @@ class TierKVCache(Cache):
             longest = cfg.chunk_length or max(cfg.chunk_lengths)
             shortest = cfg.chunk_length or min(cfg.chunk_lengths)
             slot = ChunkLayout(cfg.format, longest, layer.n_heads, layer.head_dim, cfg.group_size).nbytes
-            per_layer = (cfg.budget // shortest if cfg.budget else 32) * layer.n_heads * layer.batch_size
-            self._prefetcher = Prefetcher(self.store.disk, slot, depth=max(64, 2 * per_layer), workers=io_threads(),
+            # staged chunks keep their slots until the end of the pass (they are installed then), so
+            # staging holds a whole pass of guesses: every layer's distinct chunks (one set per layer
+            # with 'shared' selection, up to one per head with 'head'), within a quarter of the cpu budget
+            heads = 1 if cfg.selection == "shared" else layer.n_heads
+            per_layer = (cfg.budget // shortest if cfg.budget else 32) * heads * layer.batch_size
+            cap = max(64, cfg.cpu_budget // 4 // round_up(slot))
+            depth = max(64, min(cap, per_layer * len(self.layers) + per_layer))
+            self._prefetcher = Prefetcher(self.store.disk, slot, depth=depth, workers=io_threads(),
                                           pinned=layer.device.type == "cuda")
         return self._prefetcher
 
