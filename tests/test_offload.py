@@ -112,9 +112,11 @@ def test_chunks_on_disk_still_exact(tmp_path):
     cfg = EXACT.replace(cpu_budget="8KiB", gpu_budget="4KiB", disk_path=str(tmp_path / "cold"))
     with tierkv.offload(model, cfg) as cache:
         out = gen(model, ids, cache, max_new_tokens=24)
-        stats = cache.store.stats()
+        stats = cache.stats()
     assert torch.equal(out, ref)
-    assert stats.resident_chunks["disk"] > 0 and stats.bytes_moved.get("disk->cpu", 0) > 0
+    # every step reads the chunks it does not hold from disk (exact attention touches no chunk: reading
+    # all of them says nothing about which matter, so none is preferred for the cpu tier)
+    assert stats.resident_chunks["disk"] > 0 and stats.hits["disk"] > 0
 
 
 def test_sparse_decode_attends_within_budget():

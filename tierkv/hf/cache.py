@@ -374,7 +374,7 @@ class TierKVLayer(CacheLayerMixin):
         self.on_gpu[ii[:, 0], ii[:, 1]] = _pinned(gpu, torch.bool, self.device)
 
     def _stage_from_disk(self, chunk_idx: torch.Tensor, a: torch.Tensor, sources: List[torch.Tensor],
-                         wait: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+                         wait: bool, touch: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Point the selected chunks that live only on disk at staged copies of them.
 
         A chunk the prefetch pipeline has staged is read from its staging slot (waited for while in
@@ -384,7 +384,8 @@ class TierKVLayer(CacheLayerMixin):
         step: its rows point at a zero chunk and the returned mask [B, H, k] marks it for attention to
         ignore, and it is queued for the next step. No chunk moves between tiers here (putting chunks
         into the cpu tier could evict one this very gather is about to read); the chosen chunks are only
-        touched, so that the end-of-step install keeps them.
+        touched, so that the end-of-step install keeps them (not with `touch` False: a gather of every
+        chunk, for exact attention, says nothing about which ones matter).
         """
         missing = a[..., 0] < 0
         cache = self.cache
@@ -392,9 +393,10 @@ class TierKVLayer(CacheLayerMixin):
         # what is chosen now is likely chosen next step: its value in the store rises, so installing the
         # chunks fetched for this step evicts the cpu tier's unchosen chunks first (one host copy of
         # the choice, next to the sync this path makes anyway)
-        chosen = chunk_idx.reshape(B, H * kk).tolist()
         keys = self._keys
-        cache.store.touch([keys[b][c] for b in range(B) for c in set(chosen[b])], 1.0)
+        if touch:
+            chosen = chunk_idx.reshape(B, H * kk).tolist()
+            cache.store.touch([keys[b][c] for b in range(B) for c in set(chosen[b])], 1.0)
         if not bool(missing.any()):
             return a, None
         b_of = torch.arange(B, device=self.device).view(B, 1, 1).expand(B, H, kk)
@@ -466,7 +468,7 @@ class TierKVLayer(CacheLayerMixin):
         return self._static[1], self._static[2]
 
     def gather_into(self, chunk_idx: torch.Tensor, k_out: torch.Tensor, v_out: torch.Tensor, n0: int = 0,
-                    wait: bool = True) -> Optional[torch.Tensor]:
+                    wait: bool = True, touch: bool = True) -> Optional[torch.Tensor]:
         """Decode the chunks chunk_idx [B, H, k] (per KV head) into rows n0 + j*L of k_out / v_out [B, H, N, D].
 
         Returns None, or (wait=False) a [B, H, k] mask of chunks left out because they were on disk.
@@ -477,7 +479,7 @@ class TierKVLayer(CacheLayerMixin):
         sources = self.cache.sources()
         skipped = None
         if self.disk_only:
-            a, skipped = self._stage_from_disk(chunk_idx, a, sources, wait)
+            a, skipped = self._stage_from_disk(chunk_idx, a, sources, wait, touch)
         table, hoff = self._table_parts(kk, n0)
         # the table is rewritten in place: the previous launch that read it is earlier on the same stream
         torch.add(a.reshape(-1, 2), hoff, out=table[:, :2])
@@ -504,18 +506,18 @@ class TierKVLayer(CacheLayerMixin):
         g, shape = plan
         torch.ops.tierkv.gather(sources, table, ops.FMT_CODES[lay.format], self.head_dim, g, k_out, v_out, *shape)
 
-    def gather(self, chunk_idx: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def gather(self, chunk_idx: torch.Tensor, touch: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
         """Dense K, V [B, H, k*L, D] of the chunks chunk_idx [B, H, k]."""
         B, H, kk = chunk_idx.shape
         k_out = torch.empty(B, H, kk * self.chunk_len, self.head_dim, dtype=self.dtype, device=self.device)
         v_out = torch.empty_like(k_out)
-        self.gather_into(chunk_idx, k_out, v_out)
+        self.gather_into(chunk_idx, k_out, v_out, touch=touch)
         return k_out, v_out
 
     def gather_all(self) -> Tuple[torch.Tensor, torch.Tensor]:
         C = self.n_chunks
         idx = torch.arange(C, device=self.device).view(1, 1, C).expand(self.batch_size, self.n_heads, C)
-        return self.gather(idx)
+        return self.gather(idx, touch=False)
 
     def count_hits(self) -> None:
         """Fold the choices since the last count into the cache's gpu-hit counter (before on_gpu changes).
