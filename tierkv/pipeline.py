@@ -29,7 +29,8 @@ from .keys import ChunkKey
 from .tiers.arena import Arena, Extent, round_up
 
 _STOP = object()
-READ_BATCH = 8  # most chunks a worker reads in one call
+READ_BATCH = 8  # most queued groups a worker takes at once
+REQUEST_GROUPS = 4  # a request's chunks are queued in at most this many groups
 
 
 class PrefetchError(TierKVError):
@@ -94,10 +95,11 @@ class Prefetcher:
                     break
                 more -= 1
             stops = sum(1 for s in batch if s is _STOP)
+            batch = [s for g in batch if g is not _STOP for s in g]  # queue items are groups of slots
             todo = []
             with self._lock:
                 for slot in batch:
-                    if slot is _STOP or slot.state != "queued":
+                    if slot.state != "queued":
                         continue
                     if slot.step < self._step - 1:  # asked for by a step that is over: stale
                         slot.state = "cancelled"
@@ -164,9 +166,14 @@ class Prefetcher:
             self._step = step
 
     def request(self, keys: Sequence[Tuple[ChunkKey, int]]) -> int:
-        """Ask for chunks (key, nbytes) to be staged; returns how many were newly queued."""
+        """Ask for chunks (key, nbytes) to be staged; returns how many were newly queued.
+
+        A request of many chunks is queued in at most REQUEST_GROUPS groups, each read by one worker
+        in one call: the Python work per chunk, which competes with the decode thread for the GIL,
+        shrinks with the group, and a few groups still keep several reads in flight on the disk.
+        """
         self.check()
-        n = 0
+        new = []
         with self._lock:
             for key, nbytes in keys:
                 if key in self._slots:
@@ -178,9 +185,11 @@ class Prefetcher:
                     continue
                 slot = _Slot(key, nbytes, self._step, ext)
                 self._slots[key] = slot
-                self._queue.put(slot)
-                n += 1
-        return n
+                new.append(slot)
+        size = -(-len(new) // REQUEST_GROUPS) if new else 1
+        for i in range(0, len(new), size):
+            self._queue.put(new[i : i + size])
+        return len(new)
 
     def wanted(self, key: ChunkKey) -> bool:
         with self._lock:

@@ -15,6 +15,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable, Collection, Dict, Iterable, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 from .config import TierConfig
@@ -194,6 +195,10 @@ class ChunkStore:
             # stream that later reads it; _settle syncs that stream before the host reuses cpu slots
             view.copy_(data.reshape(-1), non_blocking=True)
             self._h2d_pending = True
+        elif view.device.type == "cpu" and data.device.type == "cpu":
+            # one memcpy in this thread: torch's copy_ splits even a few KiB over its intra-op threads,
+            # which wait for cores the disk readers hold (measured at 0.1-0.5 ms per 75 KiB chunk)
+            np.copyto(view.numpy(), data.reshape(-1).numpy())
         else:
             view.copy_(data.reshape(-1))
         self._notify(key, tier.name)
