@@ -223,6 +223,53 @@ def test_next_layer_prefetch_gated_by_its_hit_rate(tmp_path, monkeypatch):
         assert cache.stats().prefetch["next_layer_prefetch_on"] is True
 
 
+def test_prefetch_gate_keeps_the_faster_state_and_probes():
+    from tierkv.pipeline import PrefetchGate
+
+    g = PrefetchGate(min_hit=0.25, probe_every=4)
+    assert g.on is True
+    assert g.update(0.6, 1.0) is False  # the other state was never measured: measure it
+    assert g.update(0.6, 0.5) is False  # off was faster
+    assert g.update(0.6, 0.5) is False
+    assert g.update(0.6, 0.5) is True  # every 4th window: probe the other state again
+    assert g.update(0.6, 0.4) is True  # on got faster than off's last window: keep it
+    assert g.update(0.1, 0.4) is False  # too few right guesses: off whatever the times
+    assert g.update(None, None) is True  # no new figures: the faster state as last measured
+
+
+def test_next_layer_prefetch_turned_off_when_it_slows_steps(tmp_path, monkeypatch):
+    """Prefetch reads that make steps slower (here: every prefetch read takes 30 ms, and a step waits for
+    the guesses it uses) are turned off by the measured step times, though enough guesses hit."""
+    import tierkv.hf.cache as cache_mod
+    from tierkv.pipeline import PrefetchGate
+
+    monkeypatch.setattr(cache_mod, "GATE_EVERY", 2)
+    monkeypatch.setattr(cache_mod, "NEXT_LAYER_MIN_HIT", 0.0)
+    original = DiskTier._read_files
+
+    def slow(self, keys, locs, ts):
+        if threading.current_thread().name.startswith("tierkv-prefetch"):
+            time.sleep(0.03)
+        return original(self, keys, locs, ts)
+
+    monkeypatch.setattr(DiskTier, "_read_files", slow)
+    decisions = []
+    update = PrefetchGate.update
+
+    def rec(self, rate, seconds):
+        decisions.append(update(self, rate, seconds))
+        return decisions[-1]
+
+    monkeypatch.setattr(PrefetchGate, "update", rec)
+    model = build("llama", seed=4)
+    ids = torch.randint(1, 512, (1, 400))
+    with tierkv.offload(model, sparse_cfg(cpu_budget="12KiB", disk_path=str(tmp_path / "cold"))) as cache:
+        gen(model, ids, cache, n=24)
+        times = dict(cache._gate.step_seconds)
+    assert times[True] is not None and times[False] is not None and times[True] > times[False]
+    assert decisions.count(False) > decisions.count(True)
+
+
 def _record_selections(cache):
     """Wrap every layer's gather_into to keep the chunk ids [B, H, k] each sparse gather was asked for."""
     seen = []

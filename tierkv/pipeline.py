@@ -61,6 +61,42 @@ class PrefetchStats:
     wait_seconds: float = 0.0
 
 
+class PrefetchGate:
+    """Whether the next layer's guesses are read ahead from disk: only while enough of them are right,
+    and only while reading them ahead makes decode steps faster than not reading them.
+
+    Guesses that miss cost disk reads that compete with the reads a step waits for, so a hit rate
+    alone does not say whether prefetching pays (on the H200 machine, 54% right guesses still made steps
+    slower than reading on demand: bench/results/pipeline_h200_*). So the gate measures: it keeps the
+    mean step time of the last window spent in each state, runs the faster one, and every `probe_every`
+    windows spends one window in the other state to measure it again (conditions change: the context
+    grows, the page cache warms, another process takes the disk).
+    """
+
+    def __init__(self, min_hit: float = 0.25, probe_every: int = 8) -> None:
+        self.min_hit = min_hit
+        self.probe_every = probe_every
+        self.on = True
+        self.step_seconds = {True: None, False: None}  # mean step time of the last window in each state
+        self._windows = 0
+
+    def update(self, hit_rate: Optional[float], step_seconds: Optional[float]) -> bool:
+        """After a window of steps spent in state `on`: its guesses' hit rate (None: none scored) and
+        mean step time (None: not measured). Returns the state for the next window."""
+        if step_seconds is not None:
+            self.step_seconds[self.on] = step_seconds
+        if hit_rate is not None and hit_rate < self.min_hit:
+            self.on = False
+            return self.on
+        self._windows += 1
+        other = not self.on
+        if self.step_seconds[other] is None or self._windows % self.probe_every == 0:
+            self.on = other
+        else:
+            self.on = self.step_seconds[True] <= self.step_seconds[False]
+        return self.on
+
+
 class Prefetcher:
     def __init__(self, disk, slot_bytes: int, depth: int = 64, workers: int = 4, pinned: Optional[bool] = None,
                  wait_timeout: float = 60.0) -> None:

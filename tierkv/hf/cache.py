@@ -582,6 +582,11 @@ class TierKVCache(Cache):
         # disk: reading chunks nobody will use only takes the disk from the ones that are asked for
         self.next_layer_prefetch = True
         self._gate_mark = (0, 0)  # next-layer (hits, guesses) at the last look
+        from ..pipeline import PrefetchGate
+
+        self._gate = PrefetchGate(NEXT_LAYER_MIN_HIT)
+        self._last_end: Optional[float] = None  # perf_counter at the end of the last forward pass
+        self._window = [0.0, 0]  # decode seconds and steps since the gate's last look
         self._persist_mark = (0, 0)  # next-step (hits, guesses) at the last look
         self.admit_min_uses = 0  # see ADMIT_MIN_USES; set from the next-step hit rate every GATE_EVERY steps
         self._prefetcher = None
@@ -762,6 +767,11 @@ class TierKVCache(Cache):
 
     def end_forward(self) -> None:
         """After the last layer of a forward pass: age importance, now and then refresh the gpu tier."""
+        now = time.perf_counter()
+        if self.selected_layers and self._last_end is not None:  # a sparse decode step: timed for the gate
+            self._window[0] += now - self._last_end
+            self._window[1] += 1
+        self._last_end = now
         self.store.tick()
         if self.lookahead is not None:
             self.lookahead.end_pass()
@@ -809,20 +819,27 @@ class TierKVCache(Cache):
         self._promoted = True
 
     def _gate_next_layer(self) -> None:
-        """Every GATE_EVERY steps: prefetch next-layer guesses from disk only while enough of them hit.
+        """Every GATE_EVERY steps: prefetch next-layer guesses from disk only while enough of them hit
+        and while steps with prefetching are faster than without (pipeline.PrefetchGate).
 
-        Reads the device-side hit counter (one host sync per GATE_EVERY steps); the guesses of the
-        last window decide the next one.
+        Reads the device-side hit counter (one host sync per GATE_EVERY steps); the guesses and the step
+        times of the last window decide the next one.
         """
+        seconds, n = self._window
+        self._window = [0.0, 0]
         hits = self._pred["next_layer_hits"]
         total = self._pred["next_layer_total"]
-        if hits is None:
+        rate = None
+        if hits is not None:
+            hits = int(hits)
+            h0, t0 = self._gate_mark
+            self._gate_mark = (hits, total)
+            if total - t0 >= 1:
+                rate = (hits - h0) / (total - t0)
+        if rate is None and not n:
             return
-        hits = int(hits)
-        h0, t0 = self._gate_mark
-        self._gate_mark = (hits, total)
-        if total - t0 >= 1:
-            self.next_layer_prefetch = (hits - h0) / (total - t0) >= NEXT_LAYER_MIN_HIT
+        self._gate.on = self.next_layer_prefetch  # set from outside as well (tests, benchmarks)
+        self.next_layer_prefetch = self._gate.update(rate, seconds / n if n else None)
 
     def _gate_admission(self) -> None:
         """Every GATE_EVERY steps: while this layer's choices persist into the next step (the next-step
