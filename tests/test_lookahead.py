@@ -80,15 +80,15 @@ def test_lookahead_off_and_unsupported(tmp_path):
 
 def test_admission_follows_the_next_step_hit_rate(tmp_path):
     """Chunks read from disk go into the cpu tier at once while choices persist from step to step, and
-    only on their second use while they do not (hf.cache ADMIT_ALL_AT)."""
+    only when chosen again within a few steps while they do not (hf.cache ADMIT_ALL_AT)."""
     from tierkv.hf import cache as hc
 
     model = build("llama", seed=2)
     with tierkv.offload(model, cfg(tmp_path)) as cache:
-        assert cache.admit_min_uses == 0  # nothing measured yet: as before
+        assert cache.admit_min_prior == 0.0  # nothing measured yet: as before
         cache._pred["next_step_hits"], cache._pred["next_step_total"] = torch.tensor(5), 100
         cache._gate_admission()
-        assert cache.admit_min_uses == hc.ADMIT_MIN_USES  # 5% persist
+        assert cache.admit_min_prior == hc.ADMIT_PRIOR  # 5% persist
         cache._pred["next_step_hits"], cache._pred["next_step_total"] = torch.tensor(5 + 60), 200
         cache._gate_admission()
-        assert cache.admit_min_uses == 0  # 60% of the last window persisted
+        assert cache.admit_min_prior == 0.0  # 60% of the last window persisted

@@ -204,22 +204,27 @@ def test_add_copies_makes_room_once_among_the_old_contents(tmp_path):
     assert st.add_copies([], "cpu") == 0
 
 
-def test_add_copies_min_uses_admits_on_the_second_use(tmp_path):
-    """With min_uses=2 a chunk read from disk gets a cpu copy only once it was used in two steps (touches
-    within one step count once): one-off chunks cost no copy and evict nothing."""
-    st = ChunkStore(TierConfig(gpu_budget=4 * 1024, cpu_budget=2 * 1024, disk_path=str(tmp_path)))
+def test_add_copies_min_prior_admits_chunks_used_again_soon(tmp_path):
+    """With min_prior a chunk read from disk gets a cpu copy only when its value before the step it was
+    last touched in reached min_prior: used again within a few steps. Touches within one step count
+    once; a chunk used long ago (its importance decayed away) counts as new."""
+    st = ChunkStore(TierConfig(gpu_budget=4 * 1024, cpu_budget=2 * 1024, importance_decay=0.5,
+                               disk_path=str(tmp_path)))
     for i in range(4):
         st.put(K(i), data(1024, i), tier="disk")
     assert st.add_copies([(K(0), data(1024, 0))], "cpu") == 1  # the default admits anything
     st.touch([K(0)], 1.0)
-    st.touch([K(1), K(2)], 1.0)
-    st.touch([K(1)], 1.0)  # the same step: still one use
+    st.touch([K(1), K(2), K(3)], 1.0)
+    st.touch([K(1)], 1.0)  # the same step: its prior is still 0
     items = [(K(i), data(1024, i)) for i in (1, 2, 3)]
-    assert st.add_copies(items, "cpu", min_uses=2) == 0
+    assert st.add_copies(items, "cpu", min_prior=0.4) == 0
     assert {i for i in range(4) if K(i) in st.cpu} == {0}  # nothing evicted for nobody
     st.tick()
-    st.touch([K(2)], 1.0)  # a second step
-    assert st.add_copies(items, "cpu", min_uses=2) == 1
+    st.touch([K(2)], 1.0)  # the next step: prior 0.5
+    for _ in range(4):
+        st.tick()
+    st.touch([K(3)], 1.0)  # five steps on: prior 1 * 0.5**5
+    assert st.add_copies(items, "cpu", min_prior=0.4) == 1
     assert {i for i in range(4) if K(i) in st.cpu} == {0, 2}
     for i in range(4):
         assert torch.equal(st.read(K(i)), data(1024, i))

@@ -51,8 +51,8 @@ class _Meta:
     importance: float
     step: int
     order: int
-    uses: int = 0  # steps in which the chunk was touched (used)
-    last_touch: int = -1  # the clock of the last of them
+    prior: float = 0.0  # its value just before the step it was last touched in (0: never touched before)
+    last_touch: int = -1  # the clock of that step
 
 
 class ChunkStore:
@@ -349,7 +349,8 @@ class ChunkStore:
         with self._lock:
             self.cpu.arena.reserve_all()
 
-    def add_copies(self, items: Sequence[Tuple[ChunkKey, torch.Tensor]], tier: str = "cpu", min_uses: int = 0) -> int:
+    def add_copies(self, items: Sequence[Tuple[ChunkKey, torch.Tensor]], tier: str = "cpu",
+                   min_prior: float = 0.0) -> int:
         """Give chunks that live below `tier` a copy there from bytes read elsewhere (a step's prefetches),
         with value-based admission.
 
@@ -358,14 +359,15 @@ class ChunkStore:
         kept: residents outside that set are evicted, newcomers outside it are not copied in. One sort
         per batch, where copying one by one sorted once per 1/64 of the budget and, with a batch larger
         than the tier, evicted its own first newcomers. Returns how many got a copy; chunks gone from
-        the store or already in the tier are skipped, and so are chunks used in fewer than `min_uses`
-        steps (touch): with min_uses=2 a chunk gets a copy the second time it is used, so chunks used
-        once (a step's one-off choices, a prefetch that guessed wrong) cost no copy and evict nothing.
+        the store or already in the tier are skipped, and so are chunks whose value before the step
+        they were last touched in was below `min_prior`: with min_prior=0.5 (and importance decay 0.9) a
+        chunk gets a copy when it is used again within about six steps, so chunks used once (a step's
+        one-off choices, a prefetch that guessed wrong) cost no copy and evict nothing.
         """
         with self._lock:
             t = self._tier(tier)
             meta = self._meta
-            todo = [(k, d) for k, d in items if k in meta and k not in t and meta[k].uses >= min_uses]
+            todo = [(k, d) for k, d in items if k in meta and k not in t and meta[k].prior >= min_prior]
             if not todo:
                 return 0
 
@@ -461,11 +463,11 @@ class ChunkStore:
             clock = self._clock
             for key in keys:
                 m = self._require(key)
-                m.importance = self._value(m) + float(importance)
-                m.step = clock
+                value = self._value(m)
                 if m.last_touch != clock:
-                    m.uses += 1
-                    m.last_touch = clock
+                    m.prior, m.last_touch = value, clock
+                m.importance = value + float(importance)
+                m.step = clock
 
     def tick(self, steps: int = 1) -> int:
         """Advance the store's clock (one decode step): importance decays per tick."""

@@ -40,8 +40,9 @@ PROMOTE_EVERY = 16  # decode steps between refreshes of the gpu tier's contents 
 GATE_EVERY = 8  # decode steps between looks at the next-layer prediction's hit rate
 NEXT_LAYER_MIN_HIT = 0.25
 # when choices do not persist from step to step (next-step hit rate below ADMIT_ALL_AT), a chunk read
-# from disk gets a cpu copy only once it was chosen in ADMIT_MIN_USES steps; when they do, at once
-ADMIT_MIN_USES = 2
+# from disk gets a cpu copy only when it was chosen again within a few steps (its decayed importance
+# before this step at least ADMIT_PRIOR); when they do, at once
+ADMIT_PRIOR = 0.5
 ADMIT_ALL_AT = 0.2  # below this share of right guesses, next-layer guesses are not prefetched
 
 
@@ -588,7 +589,7 @@ class TierKVCache(Cache):
         self._last_end: Optional[float] = None  # perf_counter at the end of the last forward pass
         self._window = [0.0, 0]  # decode seconds and steps since the gate's last look
         self._persist_mark = (0, 0)  # next-step (hits, guesses) at the last look
-        self.admit_min_uses = 0  # see ADMIT_MIN_USES; set from the next-step hit rate every GATE_EVERY steps
+        self.admit_min_prior = 0.0  # see ADMIT_PRIOR; set from the next-step hit rate every GATE_EVERY steps
         self._prefetcher = None
         self.lookahead = None  # hf.lookahead.Lookahead when the model has one (set by tierkv.offload)
         self._zero: Optional[torch.Tensor] = None
@@ -736,9 +737,9 @@ class TierKVCache(Cache):
             self._wait_for_kernels()  # kernels of this pass may still read the staging slots
             # chunks read outside staging compete for the cpu tier like staged ones: what this step
             # chose is likely chosen again (one ranking over all of them)
-            # a copy once a chunk is used in a second step: one-off choices and wrong guesses would
-            # only evict chunks that are used again (and cost a host copy each)
-            self.store.add_copies(list(dict(ready + direct).items()), "cpu", min_uses=self.admit_min_uses)
+            # while choices do not persist, a copy only for chunks used again within a few steps: one-off
+            # choices and wrong guesses would only evict chunks that are (and cost a host copy each)
+            self.store.add_copies(list(dict(ready + direct).items()), "cpu", min_prior=self.admit_min_prior)
             pf.release([k for k, _ in ready])
         pf.begin_step(self.steps)
         pf.drop_stale()
@@ -844,7 +845,7 @@ class TierKVCache(Cache):
     def _gate_admission(self) -> None:
         """Every GATE_EVERY steps: while this layer's choices persist into the next step (the next-step
         hit rate of the last window), chunks read from disk go into the cpu tier at once, where the next
-        steps find them; while they do not, only chunks chosen in a second step do (one-off choices
+        steps find them; while they do not, only chunks chosen again within a few steps do (one-off choices
         would cost a host copy each and evict chunks that are used again)."""
         hits = self._pred["next_step_hits"]
         total = self._pred["next_step_total"]
@@ -854,7 +855,7 @@ class TierKVCache(Cache):
         h0, t0 = self._persist_mark
         self._persist_mark = (hits, total)
         if total - t0 >= 1:
-            self.admit_min_uses = 0 if (hits - h0) / (total - t0) >= ADMIT_ALL_AT else ADMIT_MIN_USES
+            self.admit_min_prior = 0.0 if (hits - h0) / (total - t0) >= ADMIT_ALL_AT else ADMIT_PRIOR
 
     def _worth_promoting(self, gpu_hits: float) -> bool:
         """Adapt how often the gpu tier is refreshed to how often it serves the chosen chunks.
