@@ -29,7 +29,6 @@ from .keys import ChunkKey
 from .tiers.arena import Arena, Extent, round_up
 
 _STOP = object()
-READ_BATCH = 8  # most queued groups a worker takes at once
 REQUEST_GROUPS = 4  # a request's chunks are queued in at most this many groups
 
 
@@ -120,21 +119,12 @@ class Prefetcher:
     # --- worker side ---------------------------------------------------------------------------------
     def _run(self) -> None:
         while True:
-            batch = [self._queue.get()]
-            # with more queued than the workers share, take several: one read call (and one pass of
-            # Python) for all of them holds the GIL, which the decode thread needs, far less per chunk
-            more = min(READ_BATCH, self._queue.qsize() // len(self._threads)) - 1
-            while more > 0:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-                more -= 1
-            stops = sum(1 for s in batch if s is _STOP)
-            batch = [s for g in batch if g is not _STOP for s in g]  # queue items are groups of slots
+            group = self._queue.get()
+            if group is _STOP:
+                return
             todo = []
             with self._lock:
-                for slot in batch:
+                for slot in group:
                     if slot.state != "queued":
                         continue
                     if slot.step < self._step - 1:  # asked for by a step that is over: stale
@@ -147,10 +137,6 @@ class Prefetcher:
                     todo.append((slot, self.arena.view(slot.ext, slot.nbytes)))
             if todo:
                 self._read(todo)
-            if stops:
-                for _ in range(stops - 1):  # another worker's stop signal, taken with the batch
-                    self._queue.put(_STOP)
-                return
 
     def _read(self, todo: List[Tuple[_Slot, torch.Tensor]]) -> None:
         try:

@@ -38,12 +38,12 @@ MIN_CHUNKS_IN_BUDGET = 4  # the planner gives no layer chunks longer than budget
 SELECTION_FLUSH_MAX = 32  # decode steps a layer's choices may wait before they are counted (see note_selection)
 PROMOTE_EVERY = 16  # decode steps between refreshes of the gpu tier's contents (each costs a host sync)
 GATE_EVERY = 8  # decode steps between looks at the next-layer prediction's hit rate
-NEXT_LAYER_MIN_HIT = 0.25
+NEXT_LAYER_MIN_HIT = 0.25  # below this share of right guesses, next-layer guesses are not prefetched
 # when choices do not persist from step to step (next-step hit rate below ADMIT_ALL_AT), a chunk read
 # from disk gets a cpu copy only when it was chosen again within a few steps (its decayed importance
 # before this step at least ADMIT_PRIOR); when they do, at once
 ADMIT_PRIOR = 0.5
-ADMIT_ALL_AT = 0.2  # below this share of right guesses, next-layer guesses are not prefetched
+ADMIT_ALL_AT = 0.2
 
 
 def _pinned(values, dtype, device) -> torch.Tensor:
@@ -582,13 +582,12 @@ class TierKVCache(Cache):
         # the next-layer guesses are still made and scored when they miss too often, but not read from
         # disk: reading chunks nobody will use only takes the disk from the ones that are asked for
         self.next_layer_prefetch = True
-        self._gate_mark = (0, 0)  # next-layer (hits, guesses) at the last look
+        self._marks: dict = {}  # per prediction, (hits, guesses) at the gates' last look
         from ..pipeline import PrefetchGate
 
         self._gate = PrefetchGate(NEXT_LAYER_MIN_HIT)
         self._last_end: Optional[float] = None  # perf_counter at the end of the last forward pass
         self._window = [0.0, 0]  # decode seconds and steps since the gate's last look
-        self._persist_mark = (0, 0)  # next-step (hits, guesses) at the last look
         self.admit_min_prior = 0.0  # see ADMIT_PRIOR; set from the next-step hit rate every GATE_EVERY steps
         self._prefetcher = None
         self.lookahead = None  # hf.lookahead.Lookahead when the model has one (set by tierkv.offload)
@@ -681,8 +680,8 @@ class TierKVCache(Cache):
 
         The guess scores a query against the next layer's abstracts: with a look-ahead (config
         prediction 'lookahead', hf/lookahead.py) the next layer's query guessed from the hidden state
-        that entered this layer, else this layer's own query. Both predictions are scored for the statistics: the guess when the next layer
-        chooses, and "the same as last step" (importance persists) against this layer's choice. While the
+        that entered this layer, else this layer's own query. Both predictions are scored for the
+        statistics: the guess when the next layer chooses, and "the same as last step" (importance persists) against this layer's choice. While the
         guesses are not prefetched (the gate is shut, or prediction is off), one step in GATE_EVERY still
         makes them, for the hit rate the gate and the statistics read: a guess costs a scoring pass.
         """
@@ -735,10 +734,10 @@ class TierKVCache(Cache):
         direct, self._direct = self._direct, []
         if ready or direct:
             self._wait_for_kernels()  # kernels of this pass may still read the staging slots
-            # chunks read outside staging compete for the cpu tier like staged ones: what this step
-            # chose is likely chosen again (one ranking over all of them)
-            # while choices do not persist, a copy only for chunks used again within a few steps: one-off
-            # choices and wrong guesses would only evict chunks that are (and cost a host copy each)
+            # chunks read outside staging compete for the cpu tier like staged ones (one ranking over all
+            # of them); while choices do not persist, only chunks used again within a few steps get a
+            # copy: one-off choices and wrong guesses would cost a host copy each and evict chunks that
+            # are used again
             self.store.add_copies(list(dict(ready + direct).items()), "cpu", min_prior=self.admit_min_prior)
             pf.release([k for k, _ in ready])
         pf.begin_step(self.steps)
@@ -819,24 +818,24 @@ class TierKVCache(Cache):
                     break
         self._promoted = True
 
+    def _window_rate(self, name: str) -> Optional[float]:
+        """Hit rate of the `name` prediction ('next_layer', 'next_step') since the last call for it
+        (None: no guesses scored since). Reads the device-side counter: one host sync."""
+        hits, total = self._pred[name + "_hits"], self._pred[name + "_total"]
+        if hits is None:
+            return None
+        hits = int(hits)
+        h0, t0 = self._marks.get(name, (0, 0))
+        self._marks[name] = (hits, total)
+        return (hits - h0) / (total - t0) if total > t0 else None
+
     def _gate_next_layer(self) -> None:
         """Every GATE_EVERY steps: prefetch next-layer guesses from disk only while enough of them hit
-        and while steps with prefetching are faster than without (pipeline.PrefetchGate).
-
-        Reads the device-side hit counter (one host sync per GATE_EVERY steps); the guesses and the step
-        times of the last window decide the next one.
-        """
+        and while steps with prefetching are faster than without (pipeline.PrefetchGate); the guesses
+        and the step times of the last window decide the next one."""
         seconds, n = self._window
         self._window = [0.0, 0]
-        hits = self._pred["next_layer_hits"]
-        total = self._pred["next_layer_total"]
-        rate = None
-        if hits is not None:
-            hits = int(hits)
-            h0, t0 = self._gate_mark
-            self._gate_mark = (hits, total)
-            if total - t0 >= 1:
-                rate = (hits - h0) / (total - t0)
+        rate = self._window_rate("next_layer")
         if rate is None and not n:
             return
         self._gate.on = self.next_layer_prefetch  # set from outside as well (tests, benchmarks)
@@ -845,17 +844,11 @@ class TierKVCache(Cache):
     def _gate_admission(self) -> None:
         """Every GATE_EVERY steps: while this layer's choices persist into the next step (the next-step
         hit rate of the last window), chunks read from disk go into the cpu tier at once, where the next
-        steps find them; while they do not, only chunks chosen again within a few steps do (one-off choices
-        would cost a host copy each and evict chunks that are used again)."""
-        hits = self._pred["next_step_hits"]
-        total = self._pred["next_step_total"]
-        if hits is None:
-            return
-        hits = int(hits)
-        h0, t0 = self._persist_mark
-        self._persist_mark = (hits, total)
-        if total - t0 >= 1:
-            self.admit_min_prior = 0.0 if (hits - h0) / (total - t0) >= ADMIT_ALL_AT else ADMIT_PRIOR
+        steps find them; while they do not, only chunks chosen again within a few steps do (one-off
+        choices would cost a host copy each and evict chunks that are used again)."""
+        rate = self._window_rate("next_step")
+        if rate is not None:
+            self.admit_min_prior = 0.0 if rate >= ADMIT_ALL_AT else ADMIT_PRIOR
 
     def _worth_promoting(self, gpu_hits: float) -> bool:
         """Adapt how often the gpu tier is refreshed to how often it serves the chosen chunks.
