@@ -364,3 +364,23 @@ def test_bench_pipeline_runs_both_selections(tmp_path):
     assert set(res["ratios"]) == {"head", "shared"} and all(v > 0 for r in res["ratios"].values() for v in r.values())
     assert rows["head", "all-cpu"]["disk_bytes_per_token"] == 0
     assert 0 < rows["shared", "sync"]["disk_bytes_per_token"] < rows["head", "sync"]["disk_bytes_per_token"]
+    assert rows["head", "sync"]["prefetch"]["skipped_entries"] == 0  # 'wait': nothing left out
+
+
+def test_bench_pipeline_skip_mode(tmp_path):
+    """--modes ... skip: the pipeline under the 'skip' miss policy, with its ratio; it leaves chunks out
+    (which 'wait' never does) and never waits for the disk."""
+    import json
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+    import bench_pipeline
+
+    out = tmp_path / "pipe.json"
+    bench_pipeline.main(["--model", "retrieval", "--context", "768", "--budget", "64", "--chunk-length", "16",
+                         "--window", "32", "--piece", "768", "--steps", "3", "--warmup", "1", "--modes", "all-cpu",
+                         "skip", "--disk-dir", str(tmp_path / "disk"), "--selection", "head", "--json", str(out)])
+    res = json.loads(out.read_text())
+    skip = next(r for r in res["rows"] if r["mode"] == "skip")
+    assert skip["prefetch"]["skipped_entries"] > 0 and skip["stall_s_per_step"] == 0
+    assert res["ratios"]["head"]["skip_over_all_cpu"] > 0

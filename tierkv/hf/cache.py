@@ -637,7 +637,9 @@ class TierKVCache(Cache):
         for tier, hit, miss in (("gpu", gpu, cpu + disk), ("cpu", cpu, disk), ("disk", disk, 0)):
             s.hits[tier] = s.hits.get(tier, 0) + hit
             s.misses[tier] = s.misses.get(tier, 0) + miss
-        p = {"skipped_entries": self.skipped_entries, "next_layer_prefetch_on": self.next_layer_prefetch}
+        p = {"skipped_entries": self.skipped_entries, "next_layer_prefetch_on": self.next_layer_prefetch,
+             # the gate's last measured mean step time with and without next-layer prefetching
+             "gate_step_s_on": self._gate.step_seconds[True], "gate_step_s_off": self._gate.step_seconds[False]}
         for name in ("next_layer", "next_step"):
             hits, total = self._pred[name + "_hits"], self._pred[name + "_total"]
             p[f"predict_{name}_hit_rate"] = (int(hits) / total) if total else None
