@@ -100,6 +100,8 @@ class _Entry:
 Data = Union[bytes, bytearray, memoryview, np.ndarray, "torch.Tensor"]  # noqa: F821
 
 
+MIN_PER_THREAD = 4  # read_many gives each reader thread at least this many chunks
+
 
 def io_threads() -> int:
     """Threads for chunk reads: 2 to 16 by core count, or TIERKV_IO_THREADS. Reads mostly wait on the
@@ -434,9 +436,11 @@ class DiskTier:
         if n <= 1:
             return [self.read(k, o) for k, o in zip(keys, outs)]
         # one task per thread over an interleaved share of the keys: a future per chunk costs more
-        # than the thread hand-off saves at these sizes
+        # than the thread hand-off saves at these sizes; and at least MIN_PER_THREAD chunks a thread:
+        # a decode step's batch of ~30 chunks read fastest on 8 threads on the H200 machine's disk, not
+        # on 16 (bench/results/disk_depth_h200_a3261bf.json), and each thread's share costs Python time
         got: list = [None] * n
-        step = min(self._read_threads, n)
+        step = min(self._read_threads, -(-n // MIN_PER_THREAD))
         if self._errors:
             self._raise_stored_error()
         with self._lock:  # one look-up for all: a chunk still queued for writing goes through read()
