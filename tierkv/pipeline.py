@@ -213,10 +213,6 @@ class Prefetcher:
             self._queue.put(new[i : i + size])
         return len(new)
 
-    def wanted(self, key: ChunkKey) -> bool:
-        with self._lock:
-            return key in self._slots
-
     def fetch(self, key: ChunkKey, nbytes: int, wait: bool) -> Optional[Tuple[int, int]]:
         """(segment, offset) of the staged chunk, for the gather; None if not staged and `wait` is False.
 

@@ -439,16 +439,17 @@ class DiskTier:
         # than the thread hand-off saves at these sizes; and at least MIN_PER_THREAD chunks a thread:
         # a decode step's batch of ~30 chunks read fastest on 8 threads on the H200 machine's disk, not
         # on 16 (bench/results/disk_depth_h200_a3261bf.json), and each thread's share costs Python time
-        got: list = [None] * n
         step = min(self._read_threads, -(-n // MIN_PER_THREAD))
-        if self._errors:
-            self._raise_stored_error()
-        with self._lock:  # one look-up for all: a chunk still queued for writing goes through read()
-            locs = [None if k in self._pending else self._index.get(k) for k in keys]
+        locs = self._locate(keys)
+        if step == 1:  # one share: no hand-off to the pool
+            return self._read_located(keys, outs, locs)
+        got: list = [None] * n
 
         def share(first: int) -> None:
             idx = range(first, n, step)
-            self._read_located([keys[i] for i in idx], [outs[i] for i in idx], [locs[i] for i in idx], got, list(idx))
+            for i, t in zip(idx, self._read_located([keys[i] for i in idx], [outs[i] for i in idx],
+                                                   [locs[i] for i in idx])):
+                got[i] = t
 
         futures = [self._executor().submit(share, j) for j in range(step)]
         errors = [e for e in (f.exception() for f in futures) if e is not None]  # all done before we return
@@ -462,32 +463,35 @@ class DiskTier:
         keys, outs = list(keys), list(outs)
         if len(outs) != len(keys):
             raise ConfigError(f"read_batch: {len(outs)} output tensors for {len(keys)} keys; expected one per key")
+        return self._read_located(keys, outs, self._locate(keys))
+
+    def _locate(self, keys: Sequence[ChunkKey]) -> list:
+        """Each key's file (None: queued for writing, or gone), all under one look-up of the lock."""
         if self._errors:
             self._raise_stored_error()
         with self._lock:
-            locs = [None if k in self._pending else self._index.get(k) for k in keys]
-        got: list = [None] * len(keys)
-        self._read_located(keys, outs, locs, got, list(range(len(keys))))
-        return got
+            return [None if k in self._pending else self._index.get(k) for k in keys]
 
-    def _read_located(self, keys, outs, locs, got: list, slots: List[int]) -> None:
-        """Read keys[j] into outs[j] (got[slots[j]] = the tensor); locs[j] None: through read()."""
+    def _read_located(self, keys, outs, locs) -> list:
+        """The chunks keys[j] read into outs[j] (None: a new tensor); locs[j] None: through read()."""
+        got: list = [None] * len(keys)
         mine = []
         for j, loc in enumerate(locs):
             if loc is None:  # queued for writing (or gone): read() serves or explains it
-                got[slots[j]] = self.read(keys[j], outs[j])
+                got[j] = self.read(keys[j], outs[j])
             else:
                 mine.append(j)
         if not mine:
-            return
+            return got
         ts = [_out_tensor(outs[j], locs[j].nbytes, keys[j]) for j in mine]
         sizes = []
         try:
             sizes = self._read_files([keys[j] for j in mine], [locs[j] for j in mine], ts)
         finally:
-            for j, t in zip(mine, ts):
-                got[slots[j]] = t
             self._tally(len(sizes), sum(locs[j].nbytes for j in mine[: len(sizes)]), sum(sizes))
+        for j, t in zip(mine, ts):
+            got[j] = t
+        return got
 
     def verify(self, keys: Optional[Sequence[ChunkKey]] = None) -> List[ChunkKey]:
         """Read every durable chunk (or those given) and return the ones that fail their checks."""
