@@ -47,8 +47,8 @@ ADMIT_ALL_AT = 0.2
 
 
 def _pinned(values, dtype, device) -> torch.Tensor:
-    """A small host list as a device tensor without the stream sync a pageable copy implies."""
-    t = torch.tensor(values, dtype=dtype)
+    """A small host list (or CPU tensor) as a device tensor without the stream sync a pageable copy implies."""
+    t = values.to(dtype) if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
     if device.type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t
@@ -375,54 +375,63 @@ class TierKVLayer(CacheLayerMixin):
         self.on_gpu[ii[:, 0], ii[:, 1]] = _pinned(gpu, torch.bool, self.device)
 
     def _stage_from_disk(self, chunk_idx: torch.Tensor, a: torch.Tensor, sources: List[torch.Tensor],
-                         wait: bool, touch: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+                         wait: bool, every: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Point the selected chunks that live only on disk at staged copies of them.
 
         A chunk the prefetch pipeline has staged is read from its staging slot (waited for while in
         flight). With `wait` (miss policy 'wait', and always for exact attention) the others are read
         now, all in one read_many into a pinned buffer of the step, and the time is counted as stall;
-        without `wait` (policy 'skip') it is left out of this
-        step: its rows point at a zero chunk and the returned mask [B, H, k] marks it for attention to
-        ignore, and it is queued for the next step. No chunk moves between tiers here (putting chunks
-        into the cpu tier could evict one this very gather is about to read); the chosen chunks are only
-        touched, so that the end-of-step install keeps them (not with `touch` False: a gather of every
-        chunk, for exact attention, says nothing about which ones matter).
+        without `wait` (policy 'skip') it is left out of this step: its rows point at a zero chunk and
+        the returned mask [B, H, k] marks it for attention to ignore, and it is queued for the next step.
+        No chunk moves between tiers here (putting chunks into the cpu tier could evict one this very
+        gather is about to read); the chosen chunks are only touched, so that the end-of-step install
+        keeps them. `every`: chunk_idx is every chunk for every head (exact attention), which says
+        nothing about which chunks matter: nothing is touched, and the choice need not be read back.
+
+        Which chosen chunks are on disk only is known on the host (disk_only, kept by
+        refresh_addresses), so the one host sync here is the copy of a sparse choice.
         """
-        missing = a[..., 0] < 0
         cache = self.cache
         B, H, kk = chunk_idx.shape
-        # what is chosen now is likely chosen next step: its value in the store rises, so installing the
-        # chunks fetched for this step evicts the cpu tier's unchosen chunks first (one host copy of
-        # the choice, next to the sync this path makes anyway)
         keys = self._keys
-        if touch:
+        if every:
+            want = sorted(self.disk_only)
+            counts = dict.fromkeys(want, H)  # gather entries per (b, c): one per head
+        else:
+            # what is chosen now is likely chosen next step: its value in the store rises, so installing
+            # the chunks fetched for this step evicts the cpu tier's unchosen chunks first
             chosen = chunk_idx.reshape(B, H * kk).tolist()
             cache.store.touch([keys[b][c] for b in range(B) for c in set(chosen[b])], 1.0)
-        if not bool(missing.any()):
+            disk_only = self.disk_only
+            counts = {}
+            for b in range(B):
+                for c in chosen[b]:
+                    if (b, c) in disk_only:
+                        counts[(b, c)] = counts.get((b, c), 0) + 1
+            want = sorted(counts)
+        if not want:
             return a, None
-        b_of = torch.arange(B, device=self.device).view(B, 1, 1).expand(B, H, kk)
-        uniq = torch.unique(torch.stack([b_of[missing], chunk_idx[missing]], dim=1), dim=0).tolist()
         nb = self.layout.nbytes
         pf = cache.prefetcher()
         t0 = time.perf_counter()
-        wanted = [keys[b][c] for b, c in uniq]
         # staged (waited for if still in flight); with `wait` the others are read here with the rest of
         # them, in one batch on the disk tier's reader threads (the C reader holds no GIL), not one by
         # one through the staging queue; without, they are queued for the next step
-        locs = pf.fetch_many(wanted, nb, wait)
+        locs = pf.fetch_many([keys[b][c] for b, c in want], nb, wait)
         base = len(sources)
         sources.extend(pf.sources)  # the staging arena (its segments exist once something was staged)
         zero_src = len(sources)
         sources.append(cache.zero_chunk(nb))
         rows, cols, srcs, offs = [], [], [], []
-        direct = []
-        for (b, c), loc in zip(uniq, locs):
+        direct, skipped_n = [], 0
+        for (b, c), loc in zip(want, locs):
             if loc is not None:
                 rows.append(b), cols.append(c), srcs.append(base + loc[0]), offs.append(loc[1])
             elif wait:
                 direct.append((b, c))
             else:
                 rows.append(b), cols.append(c), srcs.append(zero_src), offs.append(0)
+                skipped_n += counts[(b, c)]
         if direct:
             # one pinned buffer for all of them, filled by the disk tier's reader threads
             stride = round_up(nb)
@@ -439,19 +448,18 @@ class TierKVLayer(CacheLayerMixin):
             cache._direct.extend(zip(dkeys, views))  # offered to the cpu tier
         if wait:
             cache.store.add_stall(time.perf_counter() - t0)
-        cache.disk_entries += int(missing.sum())
+        cache.disk_entries += sum(counts.values())
+        cache.skipped_entries += skipped_n
+        # (source, offset) per chunk of the layer, read per entry on the device: the entries outnumber
+        # the chunks on disk by the heads (and for exact attention are every chunk of every head)
         table = torch.zeros((2, B, self.n_chunks), dtype=torch.int64)
-        if rows:
-            table[0, rows, cols] = torch.tensor(srcs, dtype=torch.int64)
-            table[1, rows, cols] = torch.tensor(offs, dtype=torch.int64)
-        table = table.to(self.device, non_blocking=False)
-        flat = chunk_idx.reshape(1, B, H * kk).expand(2, B, H * kk)
-        so = table.gather(2, flat).reshape(2, B, H, kk)
-        src, off = so[0], so[1]
-        out = torch.stack([torch.where(missing, src, a[..., 0]), torch.where(missing, off, a[..., 1])], dim=-1)
-        skipped = (src == zero_src) & missing if not wait else None
-        if skipped is not None:
-            cache.skipped_entries += int(skipped.sum())
+        table[0, rows, cols] = torch.tensor(srcs, dtype=torch.int64)
+        table[1, rows, cols] = torch.tensor(offs, dtype=torch.int64)
+        table = _pinned(table, torch.int64, self.device)
+        so = table.gather(2, chunk_idx.reshape(1, B, H * kk).expand(2, B, H * kk)).reshape(2, B, H, kk)
+        missing = a[..., 0] < 0
+        out = torch.where(missing.unsqueeze(-1), so.permute(1, 2, 3, 0), a)
+        skipped = (so[0] == zero_src) & missing if not wait else None
         return out, skipped
 
     def _table_parts(self, kk: int, n0: int):
@@ -469,7 +477,7 @@ class TierKVLayer(CacheLayerMixin):
         return self._static[1], self._static[2]
 
     def gather_into(self, chunk_idx: torch.Tensor, k_out: torch.Tensor, v_out: torch.Tensor, n0: int = 0,
-                    wait: bool = True, touch: bool = True) -> Optional[torch.Tensor]:
+                    wait: bool = True, every: bool = False) -> Optional[torch.Tensor]:
         """Decode the chunks chunk_idx [B, H, k] (per KV head) into rows n0 + j*L of k_out / v_out [B, H, N, D].
 
         Returns None, or (wait=False) a [B, H, k] mask of chunks left out because they were on disk.
@@ -480,7 +488,7 @@ class TierKVLayer(CacheLayerMixin):
         sources = self.cache.sources()
         skipped = None
         if self.disk_only:
-            a, skipped = self._stage_from_disk(chunk_idx, a, sources, wait, touch)
+            a, skipped = self._stage_from_disk(chunk_idx, a, sources, wait, every)
         table, hoff = self._table_parts(kk, n0)
         # the table is rewritten in place: the previous launch that read it is earlier on the same stream
         torch.add(a.reshape(-1, 2), hoff, out=table[:, :2])
@@ -507,18 +515,18 @@ class TierKVLayer(CacheLayerMixin):
         g, shape = plan
         torch.ops.tierkv.gather(sources, table, ops.FMT_CODES[lay.format], self.head_dim, g, k_out, v_out, *shape)
 
-    def gather(self, chunk_idx: torch.Tensor, touch: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+    def gather(self, chunk_idx: torch.Tensor, every: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
         """Dense K, V [B, H, k*L, D] of the chunks chunk_idx [B, H, k]."""
         B, H, kk = chunk_idx.shape
         k_out = torch.empty(B, H, kk * self.chunk_len, self.head_dim, dtype=self.dtype, device=self.device)
         v_out = torch.empty_like(k_out)
-        self.gather_into(chunk_idx, k_out, v_out, touch=touch)
+        self.gather_into(chunk_idx, k_out, v_out, every=every)
         return k_out, v_out
 
     def gather_all(self) -> Tuple[torch.Tensor, torch.Tensor]:
         C = self.n_chunks
         idx = torch.arange(C, device=self.device).view(1, 1, C).expand(self.batch_size, self.n_heads, C)
-        return self.gather(idx, touch=False)
+        return self.gather(idx, every=True)
 
     def count_hits(self) -> None:
         """Fold the choices since the last count into the cache's gpu-hit counter (before on_gpu changes).
