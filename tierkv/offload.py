@@ -107,8 +107,6 @@ def offload(model, config: Optional[TierConfig] = None, *, store: Optional[Chunk
         finally:
             AttentionInterface._global_mapping.pop(name, None)
             AttentionMaskInterface._global_mapping.pop(name, None)
-            if cache.lookahead is not None:
-                cache.lookahead.close()
             cache.close()
             if own_store:
                 store.close()

@@ -29,6 +29,7 @@ from ..errors import CapacityError, TierKVError
 from ..abstracts import key_codes, mass_shares
 from ..formats import ChunkLayout
 from ..keys import ChunkKey
+from ..pipeline import PrefetchGate
 from ..planner import desert_rate, plan_length
 from ..store import ChunkStore
 from ..tiers.arena import round_up
@@ -587,21 +588,28 @@ class TierKVCache(Cache):
         self.fast_ext = ops.backend() == "ext" and store.gpu.device.type == "cuda"
         self.skipped_entries = 0
         self.predict = True  # prefetch what the next layer is predicted to need (off: only what is asked)
-        # the next-layer guesses are still made and scored when they miss too often, but not read from
-        # disk: reading chunks nobody will use only takes the disk from the ones that are asked for
-        self.next_layer_prefetch = True
-        self._marks: dict = {}  # per prediction, (hits, guesses) at the gates' last look
-        from ..pipeline import PrefetchGate
-
+        # whether next-layer guesses are read from disk (next_layer_prefetch, the gate's state): while
+        # shut they are still made and scored now and then, but not read: reading chunks nobody will use
+        # only takes the disk from the ones that are asked for
         self._gate = PrefetchGate(NEXT_LAYER_MIN_HIT)
+        self._marks: dict = {}  # per prediction, (hits, guesses) at the gates' last look
         self._last_end: Optional[float] = None  # perf_counter at the end of the last forward pass
         self._window = [0.0, 0]  # decode seconds and steps since the gate's last look
         self.admit_min_prior = 0.0  # see ADMIT_PRIOR; set from the next-step hit rate every GATE_EVERY steps
         self._prefetcher = None
-        self.lookahead = None  # hf.lookahead.Lookahead when the model has one (set by tierkv.offload)
+        self.lookahead = None  # hf.lookahead.Lookahead when the model has one (set by tierkv.offload, closed here)
         self._zero: Optional[torch.Tensor] = None
         self._pred = {"next_layer_hits": None, "next_layer_total": 0, "next_step_hits": None, "next_step_total": 0}
         store.add_listener(self._on_move)
+
+    @property
+    def next_layer_prefetch(self) -> bool:
+        """Whether next-layer guesses are read ahead from disk now (pipeline.PrefetchGate decides)."""
+        return self._gate.on
+
+    @next_layer_prefetch.setter
+    def next_layer_prefetch(self, on: bool) -> None:
+        self._gate.on = bool(on)
 
     # --- keys and addresses ---------------------------------------------------------------------------
     def key(self, b: int, layer: int, c: int) -> ChunkKey:
@@ -848,8 +856,7 @@ class TierKVCache(Cache):
         rate = self._window_rate("next_layer")
         if rate is None and not n:
             return
-        self._gate.on = self.next_layer_prefetch  # set from outside as well (tests, benchmarks)
-        self.next_layer_prefetch = self._gate.update(rate, seconds / n if n else None)
+        self._gate.update(rate, seconds / n if n else None)
 
     def _gate_admission(self) -> None:
         """Every GATE_EVERY steps: while this layer's choices persist into the next step (the next-step
@@ -890,6 +897,9 @@ class TierKVCache(Cache):
         return {"hot_set": hot, "abstracts": abstracts, "key_codes": codes, "gpu_tier": self.store.gpu.used_bytes}
 
     def close(self) -> None:
+        if self.lookahead is not None:
+            self.lookahead.close()
+            self.lookahead = None
         self.store.remove_listener(self._on_move)
         self._work = None
         self._direct = []
