@@ -67,14 +67,17 @@ def test_worker_error_surfaces_in_decode_not_a_hang(tmp_path, monkeypatch):
     model = build("llama", seed=12)
     ids = torch.randint(1, 512, (1, 400))
     cfg = sparse_cfg(cpu_budget="8KiB", disk_path=str(tmp_path / "cold"))
-    original = DiskTier._read_files  # under read() and read_batch() both
+    # the prefetch workers call read() and read_batch(); read_batch may hand its chunks to the disk
+    # tier's reader threads, so the error is injected where the worker calls, not in the file reader
+    for name in ("read", "read_batch"):
+        original = getattr(DiskTier, name)
 
-    def broken(self, keys, locs, ts):
-        if threading.current_thread().name.startswith("tierkv-prefetch"):
-            raise OSError(5, "injected I/O error")
-        return original(self, keys, locs, ts)
+        def broken(self, *a, _original=original, **kw):
+            if threading.current_thread().name.startswith("tierkv-prefetch"):
+                raise OSError(5, "injected I/O error")
+            return _original(self, *a, **kw)
 
-    monkeypatch.setattr(DiskTier, "_read_files", broken)
+        monkeypatch.setattr(DiskTier, name, broken)
     t0 = time.perf_counter()
     with pytest.raises(TierKVError, match="injected I/O error"):
         with tierkv.offload(model, cfg) as cache:
