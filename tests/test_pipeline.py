@@ -387,3 +387,37 @@ def test_bench_pipeline_skip_mode(tmp_path):
     skip = next(r for r in res["rows"] if r["mode"] == "skip")
     assert skip["prefetch"]["skipped_entries"] > 0 and skip["stall_s_per_step"] == 0
     assert res["ratios"]["head"]["skip_over_all_cpu"] > 0
+
+
+def test_next_layer_guesses_are_queued_after_the_layers_own_disk_reads(tmp_path, monkeypatch):
+    """A layer's demand reads go first; the next layer's guesses are queued after them (to be read while
+    this layer computes), never just before them, where they would compete for the disk."""
+    events = []
+    read_many, request = DiskTier.read_many, Prefetcher.request
+
+    def demand(self, keys, outs=None):
+        if threading.current_thread() is threading.main_thread() and keys:
+            events.append(("demand", keys[0].layer))
+        return read_many(self, keys, outs)
+
+    def asked(self, keys):
+        if keys:
+            events.append(("request", keys[0][0].layer))
+        return request(self, keys)
+
+    monkeypatch.setattr(DiskTier, "read_many", demand)
+    monkeypatch.setattr(Prefetcher, "request", asked)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from test_offload import COMMON
+
+    torch.manual_seed(14)
+    model = LlamaForCausalLM(LlamaConfig(**{**COMMON, "num_hidden_layers": 4})).to(torch.bfloat16).eval()
+    ids = torch.randint(1, 512, (1, 400))
+    with tierkv.offload(model, sparse_cfg(cpu_budget="8KiB", disk_path=str(tmp_path / "cold"))) as cache:
+        cache.next_layer_prefetch = True
+        gen(model, ids, cache, n=8)
+    pairs = list(zip(events, events[1:]))
+    # layer m's guesses right after layer m-1's reads; never right before them (m >= 2: within a step)
+    assert [1 for a, b in pairs if b[0] == "request" and a == ("demand", b[1] - 1)]
+    assert not [(a, b) for a, b in pairs if a[0] == "request" and a[1] >= 2 and b == ("demand", a[1] - 1)]

@@ -107,6 +107,8 @@ def sparse_attend(layer, q, padding, scaling):
         if cache.store.disk is not None:
             cache.predict_next(layer, q, idx)
         skipped = layer.gather_into(idx, kw, vw, n0=0, wait=cfg.miss_policy == "wait")
+        if cache.store.disk is not None:
+            cache.issue_prefetch()  # the next layer's guesses: read while this layer computes
         layer.note_selection(idx)
         cache.selected_layers.add(layer.layer_idx)
     attn_mask = None

@@ -592,6 +592,7 @@ class TierKVCache(Cache):
         # shut they are still made and scored now and then, but not read: reading chunks nobody will use
         # only takes the disk from the ones that are asked for
         self._gate = PrefetchGate(NEXT_LAYER_MIN_HIT)
+        self._guess = None  # (next layer, its guessed chunks on disk, event): set by predict_next
         self._marks: dict = {}  # per prediction, (hits, guesses) at the gates' last look
         self._last_end: Optional[float] = None  # perf_counter at the end of the last forward pass
         self._window = [0.0, 0]  # decode seconds and steps since the gate's last look
@@ -694,14 +695,16 @@ class TierKVCache(Cache):
         return self._zero
 
     def predict_next(self, layer: "TierKVLayer", q: torch.Tensor, idx: torch.Tensor) -> None:
-        """After `layer` chose idx for query q: guess the next layer's choice, prefetch what of it is on disk.
+        """After `layer` chose idx for query q: guess the next layer's choice; what of it is on disk is
+        queued for reading by issue_prefetch(), which the caller calls after this layer's own reads.
 
         The guess scores a query against the next layer's abstracts: with a look-ahead (config
         prediction 'lookahead', hf/lookahead.py) the next layer's query guessed from the hidden state
         that entered this layer, else this layer's own query. Both predictions are scored for the
-        statistics: the guess when the next layer chooses, and "the same as last step" (importance persists) against this layer's choice. While the
-        guesses are not prefetched (the gate is shut, or prediction is off), one step in GATE_EVERY still
-        makes them, for the hit rate the gate and the statistics read: a guess costs a scoring pass.
+        statistics: the guess when the next layer chooses, and "the same as last step" (importance
+        persists) against this layer's choice. While the guesses are not prefetched (the gate is shut,
+        or prediction is off), one step in GATE_EVERY still makes them, for the hit rate the gate and
+        the statistics read: a guess costs a scoring pass.
         """
         B, H, kk = idx.shape
         prev = layer.prev_idx
@@ -728,13 +731,32 @@ class TierKVCache(Cache):
         nxt.refresh_addresses()
         if not nxt.disk_only or self.store.disk is None or not prefetching:
             return
-        on_disk = nxt.addr[..., 0].gather(1, pred.reshape(B, -1)) < 0  # [B, H*k]
-        pairs = torch.stack([torch.arange(B, device=pred.device).view(B, 1).expand_as(on_disk)[on_disk],
-                             pred.reshape(B, -1)[on_disk]], dim=1)
-        if pairs.numel():
+        # the guessed chunks that are on disk (the rest -1) go to the host without a sync: they are read
+        # there by issue_prefetch(), after this layer's own disk reads, so that the guesses' reads do not
+        # compete with the reads this layer waits for, and run while it computes
+        flat = pred.reshape(B, -1)
+        guess = torch.where(nxt.addr[..., 0].gather(1, flat) < 0, flat, -1)  # [B, H*k]
+        if guess.device.type == "cuda":
+            host = torch.empty(guess.shape, dtype=guess.dtype, pin_memory=True)
+            host.copy_(guess, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+        else:
+            host, done = guess, None
+        self._guess = (nxt, host, done)
+
+    def issue_prefetch(self) -> None:
+        """Queue the disk reads of the guess predict_next() made for the next layer (if any)."""
+        pending, self._guess = self._guess, None
+        if pending is None:
+            return
+        nxt, host, done = pending
+        if done is not None:
+            done.synchronize()  # waits for the guess only (the layer's later kernels are behind it)
+        want = sorted({(b, c) for b, row in enumerate(host.tolist()) for c in row if c >= 0})
+        if want:
             nb = nxt.layout.nbytes
-            want = {(b, c) for b, c in pairs.tolist()}
-            self.prefetcher().request([(nxt._keys[b][c], nb) for b, c in sorted(want)])
+            self.prefetcher().request([(nxt._keys[b][c], nb) for b, c in want])
 
     def _count(self, name: str, hits: torch.Tensor, total: int) -> None:
         acc = self._pred[name + "_hits"]
