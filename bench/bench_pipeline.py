@@ -79,12 +79,17 @@ def run_mode(model, cfg, ids, mode, args, device, selection="head"):
     disk_bytes = (after.prefetch.get("bytes_read", 0) or 0) - (before.prefetch.get("bytes_read", 0) or 0)
     row = dict(mode=mode, selection=selection, tokens_per_s=tps, prefill_s=pre, cpu_budget=cpu, kv_bytes=kv,
                stall_s_per_step=(after.stall_seconds - before.stall_seconds) / steps,
+               # host time per step in the disk path's parts (stage_from_disk includes the stall)
+               host_ms_per_step={k: (v - before.prefetch["host_seconds"][k]) / steps * 1e3
+                                 for k, v in after.prefetch["host_seconds"].items()},
                disk_bytes_per_token=disk_bytes / (steps * ids.shape[0]),
                resident=after.resident_chunks, prefetch=after.prefetch, decode_wall_s=time.perf_counter() - t0)
     print(f"  {mode:9s} {selection:6s} tok/s={tps:.2f} stall/step={row['stall_s_per_step'] * 1e3:.1f} ms "
           f"disk/token={row['disk_bytes_per_token'] / 2**20:.1f} MiB resident={after.resident_chunks} "
           f"next-layer hit={after.prefetch.get('predict_next_layer_hit_rate')} "
           f"next-step hit={after.prefetch.get('predict_next_step_hit_rate')}", flush=True)
+    if mode != "all-cpu":
+        print("            host ms/step: " + " ".join(f"{k}={v:.1f}" for k, v in row["host_ms_per_step"].items()), flush=True)
     return row
 
 

@@ -489,7 +489,9 @@ class TierKVLayer(CacheLayerMixin):
         sources = self.cache.sources()
         skipped = None
         if self.disk_only:
+            t0 = time.perf_counter()
             a, skipped = self._stage_from_disk(chunk_idx, a, sources, wait, every)
+            self.cache.host_seconds["stage_from_disk"] += time.perf_counter() - t0
         table, hoff = self._table_parts(kk, n0)
         # the table is rewritten in place: the previous launch that read it is earlier on the same stream
         torch.add(a.reshape(-1, 2), hoff, out=table[:, :2])
@@ -593,6 +595,9 @@ class TierKVCache(Cache):
         # only takes the disk from the ones that are asked for
         self._gate = PrefetchGate(NEXT_LAYER_MIN_HIT)
         self._guess = None  # (next layer, its guessed chunks on disk, event): set by predict_next
+        # host seconds spent in the disk path's parts of decode steps (the stall is counted apart, in the
+        # store): where a step's time goes, without a profiler's overhead (bench_pipeline reports them)
+        self.host_seconds = dict.fromkeys(("predict", "issue_prefetch", "stage_from_disk", "install", "promote"), 0.0)
         self._marks: dict = {}  # per prediction, (hits, guesses) at the gates' last look
         self._last_end: Optional[float] = None  # perf_counter at the end of the last forward pass
         self._window = [0.0, 0]  # decode seconds and steps since the gate's last look
@@ -656,7 +661,8 @@ class TierKVCache(Cache):
             s.misses[tier] = s.misses.get(tier, 0) + miss
         p = {"skipped_entries": self.skipped_entries, "next_layer_prefetch_on": self.next_layer_prefetch,
              # the gate's last measured mean step time with and without next-layer prefetching
-             "gate_step_s_on": self._gate.step_seconds[True], "gate_step_s_off": self._gate.step_seconds[False]}
+             "gate_step_s_on": self._gate.step_seconds[True], "gate_step_s_off": self._gate.step_seconds[False],
+             "host_seconds": dict(self.host_seconds)}
         for name in ("next_layer", "next_step"):
             hits, total = self._pred[name + "_hits"], self._pred[name + "_total"]
             p[f"predict_{name}_hit_rate"] = (int(hits) / total) if total else None
@@ -815,7 +821,9 @@ class TierKVCache(Cache):
         self.store.tick()
         if self.lookahead is not None:
             self.lookahead.end_pass()
+        t0 = time.perf_counter()
         waited = self._install_prefetched()
+        self.host_seconds["install"] += time.perf_counter() - t0
         if self._alive:
             if not waited:
                 self._wait_for_kernels()
@@ -828,6 +836,12 @@ class TierKVCache(Cache):
             self._gate_admission()
         if not self.selected_layers or self.steps % self.promote_every:
             return
+        t0 = time.perf_counter()
+        self._promote_chosen()
+        self.host_seconds["promote"] += time.perf_counter() - t0
+
+    def _promote_chosen(self) -> None:
+        """Every promote_every steps: copy the chunks the sparse layers chose most into the gpu tier."""
         per_layer = self.config.prefetch_depth
         cands = []
         for i in sorted(self.selected_layers):
