@@ -83,6 +83,10 @@ def parse_args(argv=None):
     p.add_argument("--kv-dense", type=int, default=0,
                    help="if set, kv rows hold a random number of pairs between the evaluation's (one per 64 "
                         "tokens) and one per this many tokens: practice at telling many keys apart")
+    p.add_argument("--kv-hard", type=float, default=0.0,
+                   help="fraction of kv rows whose values use only 2-3 digits: the digits already answered then "
+                        "do not tell the next one, only the place after the key does (the circuit that holds at "
+                        "every length); 0 (off) replays earlier runs' data exactly")
     p.add_argument("--eval-lengths", default="256,512,1024,2048,4096,8192")
     p.add_argument("--eval-prompts", type=int, default=200)
     p.add_argument("--eval-seed", type=int, default=1234, help="held-out prompts; training rows come from another RNG stream")
@@ -108,6 +112,8 @@ def parse_args(argv=None):
         p.error(f"stop-after {a.stop_after} must be in 1..steps ({a.steps})")
     if not 0 < a.kv_share < 1:
         p.error(f"kv-share {a.kv_share} must be in (0, 1)")
+    if not 0 <= a.kv_hard <= 1:
+        p.error(f"kv-hard {a.kv_hard} must be in [0, 1]")
     if a.kv_dense and not 10 <= a.kv_dense <= 64:
         p.error(f"kv-dense {a.kv_dense} must be 0 (off) or 10..64 tokens per pair")
     if a.hold_until is not None and not (0 < a.hold_until <= 1 and a.hold <= a.hold_max < 1):
@@ -189,7 +195,12 @@ class StepData(torch.utils.data.Dataset):
                 room = (length - a.kv_queries * (3 + VALUE_DIGITS)) // (2 + VALUE_DIGITS + 1) - 1
                 hi = max(lo, min(MAX_KEYS, length // a.kv_dense, room))
                 n_pairs = int(np.random.default_rng([a.seed, 98, step, r]).integers(lo, hi + 1))
-            i, m = make_training_sequence(task, length, training_rng(a.seed, step, r), a.kv_queries, n_pairs)
+            pool = None
+            if is_kv and a.kv_hard:
+                hard = np.random.default_rng([a.seed, 97, step, r])
+                if hard.random() < a.kv_hard:
+                    pool = hard.choice(10, size=int(hard.integers(2, 4)), replace=False).tolist()
+            i, m = make_training_sequence(task, length, training_rng(a.seed, step, r), a.kv_queries, n_pairs, pool)
             ids.append(i)
             mask.append(m)
             kind.append(TASKS.index(task))

@@ -108,6 +108,24 @@ def test_training_sequence_pair_count():
         make_training_sequence("kv", 512, training_rng(0, 0, 0), n_pairs=0)
 
 
+def test_training_sequence_digit_pool():
+    """kv rows with a digit pool: every value digit (in the context and in the answers) is from the pool,
+    each answer is still the value after its key, and plain rows are unchanged by the option."""
+    plain = make_training_sequence("kv", 512, training_rng(0, 5, 2), n_queries=8)
+    assert make_training_sequence("kv", 512, training_rng(0, 5, 2), n_queries=8, pool=None) == plain
+    ids, mask = make_training_sequence("kv", 512, training_rng(0, 5, 2), n_queries=8, pool=[3, 7])
+    assert len(ids) == 512 and ids != plain[0]
+    digits = {t - VOCAB.DIGIT0 for t in ids if VOCAB.DIGIT0 <= t < VOCAB.DIGIT0 + 10}
+    assert digits == {3, 7}
+    where = {ids[i + 1]: ids[i + 2 : i + 2 + VALUE_DIGITS] for i, t in enumerate(ids) if t == VOCAB.KEY}
+    for i, m in enumerate(mask):
+        if m and not mask[i - 1]:
+            assert ids[i : i + VALUE_DIGITS] == where[ids[i - 1]]
+    for bad in ([], [3, 10]):
+        with pytest.raises(ConfigError, match="pool"):
+            make_training_sequence("kv", 512, training_rng(0, 5, 2), pool=bad)
+
+
 class _Oracle(torch.nn.Module):
     """A stand-in model that 'retrieves' by reading the prompt: checks evaluate's decoding and caching loop."""
 

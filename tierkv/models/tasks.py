@@ -187,12 +187,18 @@ def _passkey(rng: np.random.Generator, length: int) -> tuple[list[int], list[int
     return [VOCAB.BOS] + ctx + question, key, span
 
 
-def _kv_context(rng: np.random.Generator, n_ctx: int, n_pairs: int):
+def _kv_context(rng: np.random.Generator, n_ctx: int, n_pairs: int, pool: Sequence[int] | None = None):
+    """`pool`: the digits values are drawn from (all ten when None): with few, values repeat digits and
+    resemble each other, so the digit just written says little about the next one."""
     pair_len = 2 + VALUE_DIGITS + 1
     if n_pairs * pair_len > n_ctx - 1:
         raise ConfigError(f"n_pairs {n_pairs} do not fit in {n_ctx} context tokens; expected at most {(n_ctx - 1) // pair_len}")
     keys = (VOCAB.KEY0 + rng.choice(VOCAB.N_KEYS, size=n_pairs, replace=False)).tolist()
-    values = [_digits(rng, VALUE_DIGITS) for _ in range(n_pairs)]
+    if pool is None:
+        values = [_digits(rng, VALUE_DIGITS) for _ in range(n_pairs)]
+    else:
+        pool = np.asarray(pool, dtype=np.int64)
+        values = [(VOCAB.DIGIT0 + rng.choice(pool, size=VALUE_DIGITS)).tolist() for _ in range(n_pairs)]
     pieces = [[VOCAB.KEY, k] + v + [VOCAB.PERIOD] for k, v in zip(keys, values)]
     ctx, spans = _scatter(rng, _filler(rng, n_ctx - 1 - n_pairs * pair_len), pieces)
     spans = [(a + 1, b + 1) for a, b in spans]
@@ -225,13 +231,15 @@ def make_prompts(task: str, length: int, n: int, seed: int, **kw) -> list[Prompt
 
 
 def make_training_sequence(task: str, length: int, rng: np.random.Generator, n_queries: int = 8,
-                           n_pairs: int | None = None) -> tuple[list[int], list[int]]:
+                           n_pairs: int | None = None, pool: Sequence[int] | None = None) -> tuple[list[int], list[int]]:
     """A training sequence of exactly `length` tokens and a 0/1 mask marking answer tokens (the loss targets).
 
     kv sequences carry up to `n_queries` questions in a row (`QUERY k v .`), each about a different
     key, which multiplies the learning signal per sequence; the first question sits exactly where an
     evaluation prompt's does. A passkey sequence has one question (later ones could copy the first answer).
     `n_pairs` (kv only) overrides default_pairs(length): denser contexts train telling many keys apart.
+    `pool` (kv only): the digits its values are drawn from (see _kv_context); with two or three, the
+    digits already answered do not say what comes next, only the place after the key does.
     """
     _check(task, length)
     if task == "passkey":
@@ -243,7 +251,9 @@ def make_training_sequence(task: str, length: int, rng: np.random.Generator, n_q
     if not 1 <= n_pairs <= MAX_KEYS:
         raise ConfigError(f"n_pairs {n_pairs} is out of range; expected 1..{MAX_KEYS}")
     nq = max(1, min(n_queries, n_pairs))
-    ctx, keys, values, _ = _kv_context(rng, length - nq * block + 1, n_pairs)
+    if pool is not None and (len(pool) < 1 or not set(int(d) for d in pool) <= set(range(10))):
+        raise ConfigError(f"pool {list(pool)!r} must be a non-empty set of digits 0-9")
+    ctx, keys, values, _ = _kv_context(rng, length - nq * block + 1, n_pairs, pool)
     ids, mask = list(ctx), [0] * len(ctx)
     for j, q in enumerate(rng.choice(n_pairs, size=nq, replace=False).tolist()):
         ids += [VOCAB.QUERY, keys[q]] + values[q]
