@@ -61,21 +61,21 @@ def run_mode(model, cfg, ids, mode, args, device, selection="head"):
         pre, tok = prefill(model, ids, cache, args.piece)
         if cache.store.disk is not None:
             cache.store.flush()
-        before = cache.stats()
+        decode(model, cache, tok, 0, args.warmup)
+        before = cache.stats()  # the per-step figures are of the timed steps only
         prof = None
         if args.profile_dir and mode != "all-cpu":
             import cProfile
 
-            decode(model, cache, tok, 0, args.warmup)
             prof = cProfile.Profile()
             prof.enable()
         t0 = time.perf_counter()
-        tps = decode(model, cache, tok, 0 if prof else args.warmup, args.steps)
+        tps = decode(model, cache, tok, 0, args.steps)
         if prof is not None:
             prof.disable()
             _write_profile(prof, os.path.join(args.profile_dir, f"{mode}-{selection}.txt"), args.steps)
         after = cache.stats()
-    steps = args.warmup + args.steps
+    steps = args.steps
     disk_bytes = (after.prefetch.get("bytes_read", 0) or 0) - (before.prefetch.get("bytes_read", 0) or 0)
     row = dict(mode=mode, selection=selection, tokens_per_s=tps, prefill_s=pre, cpu_budget=cpu, kv_bytes=kv,
                stall_s_per_step=(after.stall_seconds - before.stall_seconds) / steps,
