@@ -421,3 +421,29 @@ def test_next_layer_guesses_are_queued_after_the_layers_own_disk_reads(tmp_path,
     # layer m's guesses right after layer m-1's reads; never right before them (m >= 2: within a step)
     assert [1 for a, b in pairs if b[0] == "request" and a == ("demand", b[1] - 1)]
     assert not [(a, b) for a, b in pairs if a[0] == "request" and a[1] >= 2 and b == ("demand", a[1] - 1)]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_promotions_into_the_gpu_tier_change_nothing_decoded(tmp_path, monkeypatch, device):
+    """The gpu tier is a cache: with chunks promoted into it every other step (on CUDA, copied on a stream
+    of their own), into a tier too small to keep them (slots evicted and reused at once) or one that
+    keeps them, 'wait' decodes exactly what the same run without a gpu tier decodes."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from test_offload import COMMON
+    from tierkv.hf.cache import TierKVCache
+
+    monkeypatch.setattr(TierKVCache, "_worth_promoting", lambda self, hits: True)  # refresh at every chance
+    torch.manual_seed(21)
+    model = LlamaForCausalLM(LlamaConfig(**{**COMMON, "num_hidden_layers": 3})).to(torch.bfloat16).to(device).eval()
+    ids = torch.randint(1, 512, (2, 640), device=device)
+    outs, promoted = [], []
+    for gpu_budget in ("1KiB", "4KiB", "96KiB"):
+        cfg = sparse_cfg(gpu_budget=gpu_budget, cpu_budget="16KiB", disk_path=str(tmp_path / gpu_budget))
+        with tierkv.offload(model, cfg) as cache:
+            cache.promote_every = 2
+            outs.append(gen(model, ids, cache, n=24))
+            stats = cache.stats()
+        promoted.append(stats.bytes_moved.get("cpu->gpu", 0) + stats.bytes_moved.get("disk->gpu", 0))
+    assert promoted[0] == 0 and promoted[1] > 4 * 1024 and promoted[2] > 0  # the small tier churns
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])

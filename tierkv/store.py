@@ -83,9 +83,13 @@ class ChunkStore:
         self._evictions = defaultdict(int)
         self._stall = 0.0
         self._listeners: List[Callable[[ChunkKey, str], None]] = []
-        self._inflight: List[tuple] = []  # (CUDA event, tensor kept alive until the copy is done)
-        self._h2d_pending = False  # asynchronous promotions read cpu slots on the current stream
+        # asynchronous copies not known to be done: (CUDA event, tensor kept alive until then). Ingest's
+        # device-to-host copies into cpu slots (on _copy_stream) and promotions' host-to-device copies
+        # from cpu slots into gpu slots (on _promote_stream): host code waits for them before it reads
+        # or reuses cpu slots (_settle), device readers order their stream after them (wait_inflight)
+        self._inflight: List[tuple] = []
         self._copy_stream = None
+        self._promote_stream = None
         self._sources: List[torch.Tensor] = []
         self._source_index: Dict[Tuple[str, int], int] = {}
         if self.disk is not None:  # a reopened disk tier brings its chunks with it
@@ -163,16 +167,14 @@ class ChunkStore:
             fn(key, tier)
 
     def _settle(self) -> None:
-        """Wait for asynchronous copies into the cpu tier before the host reads or frees those bytes."""
+        """Wait for the asynchronous copies (into cpu slots, or out of them into gpu slots) before the
+        host reads or frees those bytes."""
         while self._inflight:
             ev, _ = self._inflight.pop()
             ev.synchronize()
-        if self._h2d_pending:
-            torch.cuda.current_stream(self.gpu.device).synchronize()
-            self._h2d_pending = False
 
     def wait_inflight(self, stream) -> None:
-        """Order `stream` (a CUDA stream about to read the cpu tier) after the copies still in flight."""
+        """Order `stream` (a CUDA stream about to read the cpu or gpu tier) after the copies in flight."""
         if not self._inflight:
             return
         with self._lock:
@@ -208,10 +210,10 @@ class ChunkStore:
     def _put_memory(self, tier, key: ChunkKey, data: torch.Tensor) -> None:
         view = self._reserve_memory(tier, key, data.numel())
         if view.device.type == "cuda" and tier is self.gpu and self.cpu.arena.pinned and data.device.type == "cpu":
-            # host-to-device from a pinned slot: asynchronous on the current stream, which is also the
-            # stream that later reads it; _settle syncs that stream before the host reuses cpu slots
-            view.copy_(data.reshape(-1), non_blocking=True)
-            self._h2d_pending = True
+            self._promote_copy(view, data)
+        elif view.device.type == "cuda":
+            self.wait_inflight(torch.cuda.current_stream(view.device))  # a promotion may still write the slot
+            view.copy_(data.reshape(-1))
         elif view.device.type == "cpu" and data.device.type == "cpu":
             # one memcpy in this thread: torch's copy_ splits even a few KiB over its intra-op threads,
             # which wait for cores the disk readers hold (measured at 0.1-0.5 ms per 75 KiB chunk)
@@ -219,6 +221,22 @@ class ChunkStore:
         else:
             view.copy_(data.reshape(-1))
         self._notify(key, tier.name)
+
+    def _promote_copy(self, view: torch.Tensor, data: torch.Tensor) -> None:
+        """Host-to-device from a pinned cpu slot into a gpu slot, on a stream of its own, so that it
+        overlaps the compute stream's work instead of queueing in it. The copy starts after what the
+        compute stream has queued so far (a kernel may still read the slot's previous chunk); gathers
+        wait for it (wait_inflight), and the host for it before the cpu slot is reused (_settle)."""
+        dev = view.device
+        if self._promote_stream is None:
+            self._promote_stream = torch.cuda.Stream(device=dev)
+        stream = self._promote_stream
+        stream.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(stream):
+            view.copy_(data.reshape(-1), non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record(stream)
+        self._inflight.append((ev, data))
 
     def _put_disk(self, key: ChunkKey, data: torch.Tensor) -> None:
         self._tier("disk").put(key, data.cpu() if data.device.type != "cpu" else data)
@@ -234,7 +252,7 @@ class ChunkStore:
     def _evict_from(self, key: ChunkKey, tier: str) -> int:
         """Drop a chunk's copy from `tier`, moving it down first when that copy is the last one above disk."""
         if tier == "cpu":
-            self._settle()
+            self._settle()  # a copy in flight may read or write the slot (ingest, promotion)
         holders = self._holders(key)
         below = [t for t in holders if TIER_NAMES.index(t) > TIER_NAMES.index(tier)]
         if tier == "disk":
@@ -247,6 +265,7 @@ class ChunkStore:
                     f"the cpu tier (budget {self.cpu.budget} bytes) is full and there is no disk tier to "
                     f"demote chunk {key} to; raise cpu_budget or set disk_path"
                 )
+            self._settle()  # a promotion may still be writing the gpu slot read here
             data = t.read(key)
             if lower == "cpu":
                 self._put_memory(self.cpu, key, data)
@@ -345,8 +364,7 @@ class ChunkStore:
         """
         with self._lock:
             m = self._require(key)
-            if tier in (None, "cpu"):
-                self._settle()
+            self._settle()  # the view handed out must hold its chunk's bytes, on the host and the device
             holders = self._holders(key)
             order = [tier] if tier is not None else list(TIER_NAMES)
             for name in order:

@@ -501,12 +501,13 @@ class TierKVLayer(CacheLayerMixin):
 
     def _launch(self, sources, table, k_out, v_out) -> None:
         lay = self.layout
+        if self.device.type == "cuda":  # after the copies into cpu slots (ingest) and gpu slots (promotions)
+            self.cache.store.wait_inflight(torch.cuda.current_stream(self.device))
         if self.device.type != "cuda" or not self.cache.fast_ext:
             ops.gather(sources, table, lay.format, self.head_dim, lay.group_size, k_out, v_out)
             return
         # the extension op straight: the arguments are ours and known good, and the per-call checks
         # (is every source pinned?) cost more host time than the launch itself
-        self.cache.store.wait_inflight(torch.cuda.current_stream(self.device))
         E, N = table.shape[0], k_out.shape[2]
         key = (E, N)
         plan = self._launch_plans.get(key)
