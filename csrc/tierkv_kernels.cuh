@@ -547,6 +547,16 @@ __device__ __forceinline__ uint4 dequant8(u32 lo, u32 hi, const float s[8], cons
   return make_uint4(pack2<OUT>(y[0], y[1]), pack2<OUT>(y[2], y[3]), pack2<OUT>(y[4], y[5]), pack2<OUT>(y[6], y[7]));
 }
 
+// dequant8 with one scale and zero for all 8 channels (a value group of at least 8 channels): the same
+// arithmetic, value for value.
+template <int BITS, int OUT>
+__device__ __forceinline__ uint4 dequant8s(u32 lo, u32 hi, float s, float z) {
+  float y[8];
+#pragma unroll
+  for (int j = 0; j < 8; ++j) y[j] = __fadd_rn(__fmul_rn(code_at<BITS>(lo, hi, j), s), z);
+  return make_uint4(pack2<OUT>(y[0], y[1]), pack2<OUT>(y[2], y[3]), pack2<OUT>(y[4], y[5]), pack2<OUT>(y[6], y[7]));
+}
+
 // Segments of tile `tile` (TT tokens from token tile * TT) of a head block.
 __device__ __forceinline__ Segments tile_segments(const Segments& proto, const IntLayout& L, int n, int TT, int R, int ng,
                                                   int tile) {
@@ -626,6 +636,46 @@ __device__ __forceinline__ void int_item(const GatherArgs& a, const Entry& en, c
     const int tn = n - ta < TT ? n - ta : TT;
     u16* kdst = en.k + (i64)ta * a.sk_n;
     u16* vdst = en.v + (i64)ta * a.sv_n;
+    if (!FLAT && one_group) {
+      // Row mapping (head_dim <= 256): the lane's column is fixed, so K rows and V rows run in loops of
+      // their own, with the column's value group found once: no K-or-V branch, no integer division
+      // and no scale copies per 16-byte store (the generic loop below spends most of its instructions
+      // there). The lane takes the same rows of V as of K.
+      if (m.ro < m.rows) {
+        const int c = m.col;
+        const int cstep = m.rows * R;  // code bytes from one of this lane's rows to the next
+        {
+          // the column's K scales and zeros, read from shared memory once per tile (the stores' memory
+          // clobber would make the compiler read them again for every row)
+          const float4 s0 = reinterpret_cast<const float4*>(kf + c * 8)[0];
+          const float4 s1 = reinterpret_cast<const float4*>(kf + c * 8)[1];
+          const float4 z0 = reinterpret_cast<const float4*>(kf + d + c * 8)[0];
+          const float4 z1 = reinterpret_cast<const float4*>(kf + d + c * 8)[1];
+          const float sk[8] = {s0.x, s0.y, s0.z, s0.w, s1.x, s1.y, s1.z, s1.w};
+          const float zk[8] = {z0.x, z0.y, z0.z, z0.w, z1.x, z1.y, z1.z, z1.w};
+          const u8* src = kc + m.ro * R + c * BITS;
+          u16* dst = kdst + (i64)m.ro * a.sk_n + c * 8;
+          const i64 dstep = (i64)m.rows * a.sk_n;
+          for (int t = m.ro; t < tn; t += m.rows, src += cstep, dst += dstep) {
+            u32 lo, hi;
+            smem_codes<BITS>(src, lo, hi);
+            st16(dst, dequant8<BITS, OUT>(lo, hi, sk, zk), vec);
+          }
+        }
+        const u8* src = vc + m.ro * R + c * BITS;
+        u16* dst = vdst + (i64)m.ro * a.sv_n + c * 8;
+        const i64 dstep = (i64)m.rows * a.sv_n;
+        int gi = m.ro * ng + (c * 8) / g;  // the value group of this lane's 8 channels in its row
+        const int gstep = m.rows * ng;
+        for (int t = m.ro; t < tn; t += m.rows, src += cstep, dst += dstep, gi += gstep) {
+          u32 lo, hi;
+          smem_codes<BITS>(src, lo, hi);
+          st16(dst, dequant8s<BITS, OUT>(lo, hi, f16_to_f32(vs[gi]), f16_to_f32(vz[gi])), vec);
+        }
+      }
+      syncwarp();  // decoded: the buffer may be overwritten (next tile, or the next item)
+      continue;
+    }
     const int count = lane_units<FLAT>(m, lane, 2 * tn);
     for (int k = 0; k < count; ++k) {
       int r, c;
