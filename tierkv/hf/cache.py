@@ -713,6 +713,7 @@ class TierKVCache(Cache):
         or prediction is off), one step in GATE_EVERY still makes them, for the hit rate the gate and
         the statistics read: a guess costs a scoring pass.
         """
+        self._guess = None  # a guess is for the layer right after this one, never a later one
         B, H, kk = idx.shape
         prev = layer.prev_idx
         if prev is not None and prev.shape == idx.shape:
