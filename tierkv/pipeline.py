@@ -216,29 +216,18 @@ class Prefetcher:
     def fetch(self, key: ChunkKey, nbytes: int, wait: bool) -> Optional[Tuple[int, int]]:
         """(segment, offset) of the staged chunk, for the gather; None if not staged and `wait` is False.
 
-        With `wait`, a chunk nobody asked for is queued now and waited for like one in flight.
+        With `wait`, a chunk nobody asked for is queued now and waited for like one in flight (None if
+        staging is full: the caller reads it itself).
         """
-        self.check()
-        with self._lock:
-            slot = self._slots.get(key)
-        if slot is None:
-            self.request([(key, nbytes)])
-            if not wait:  # queued for the next step
-                return None
+        if wait:
+            self.check()
             with self._lock:
-                slot = self._slots.get(key)
-                self.stats.sync_reads += 1
-            if slot is None:  # staging is full: the caller reads it itself
-                return None
-        if not slot.done.is_set():
-            if not wait:
-                return None
-            self._wait(slot)
-        loc = self._served(slot)
-        if loc is not None:
-            with self._lock:
-                self.stats.used += 1
-        return loc
+                unknown = key not in self._slots
+            if unknown:
+                self.request([(key, nbytes)])
+                with self._lock:
+                    self.stats.sync_reads += 1
+        return self.fetch_many([key], nbytes, wait)[0]
 
     def fetch_many(self, keys: Sequence[ChunkKey], nbytes: int, wait: bool) -> List[Optional[Tuple[int, int]]]:
         """fetch() of a step's chunks at once: (segment, offset) of each one staged (waited for while in
