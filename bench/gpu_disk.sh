@@ -4,8 +4,6 @@
 #   2. bench_disk_depth.py: raw O_DIRECT vs the store (C and Python readers) by batch size and threads
 #      (SKIP_DEPTH=1 leaves it out)
 #   3. bench_pipeline.py at 128K, cpu tier at 10% of the KV (PIPE_ARGS, default --selection shared)
-#   4. with KERNELS="fmt ...": bench_kernels.py for those formats (KERNEL_LENGTHS, default 64), which
-#      shares this call's extension build (its copy, fill and traffic-ceiling figures included)
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=/tmp/site:$PWD || exit 1
@@ -23,8 +21,3 @@ rm -rf $DISK/depth
 timeout ${T_PIPE:-330} python3 bench/bench_pipeline.py --disk-dir $DISK/pipeline --json $OUT/pipeline_gpu.json ${PIPE_ARGS:---selection shared} 2>&1 \
   | grep -v Warning | tee $OUT/pipeline_log.txt | tail -25
 rm -rf $DISK/pipeline
-if [ -n "${KERNELS:-}" ]; then
-  # shellcheck disable=SC2086
-  timeout ${T_KERN:-120} python3 bench/bench_kernels.py --formats $KERNELS --lengths ${KERNEL_LENGTHS:-64} \
-    --out $OUT/kernels.json 2>&1 | tee $OUT/kernels_log.txt | tail -15
-fi
