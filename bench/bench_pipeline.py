@@ -1,7 +1,7 @@
 """The three-tier pipeline with most of the KV on disk, side by side in one run (GPU).
 
 A Llama-3-8B-shaped model with random weights, one long context (128K by default), tierkv sparse
-decode with the cpu tier at 10% of the KV so that about 90% of the chunks live on disk, in three modes:
+decode with the cpu tier at 10% of the KV so that about 90% of the chunks live on disk, in these modes:
   pipeline   prefetch workers stage chunks ahead of need (next-layer prediction), 'wait' miss policy
   sync       the same, but nothing is predicted: every missing chunk is read when a step asks for it
   skip       the pipeline with the 'skip' miss policy: a chunk not staged in time is left out of that

@@ -24,16 +24,18 @@ COMMON = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_
               num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048)
 
 
-def build(family, seed=0):
+def build(family, seed=0, layers=None):
+    """A small random model of `family` (COMMON's shape; `layers` decoder layers if given)."""
     torch.manual_seed(seed)
+    common = COMMON if layers is None else {**COMMON, "num_hidden_layers": layers}
     if family == "llama":
-        m = LlamaForCausalLM(LlamaConfig(**COMMON))
+        m = LlamaForCausalLM(LlamaConfig(**common))
     elif family == "mistral":
-        m = MistralForCausalLM(MistralConfig(**COMMON, sliding_window=None))
+        m = MistralForCausalLM(MistralConfig(**common, sliding_window=None))
     elif family == "qwen2":
-        m = Qwen2ForCausalLM(Qwen2Config(**COMMON))
+        m = Qwen2ForCausalLM(Qwen2Config(**common))
     elif family == "qwen3":
-        m = Qwen3ForCausalLM(Qwen3Config(**COMMON))
+        m = Qwen3ForCausalLM(Qwen3Config(**common))
     else:
         raise ValueError(family)
     return m.to(torch.bfloat16).eval()

@@ -67,8 +67,8 @@ def test_worker_error_surfaces_in_decode_not_a_hang(tmp_path, monkeypatch):
     model = build("llama", seed=12)
     ids = torch.randint(1, 512, (1, 400))
     cfg = sparse_cfg(cpu_budget="8KiB", disk_path=str(tmp_path / "cold"))
-    # the prefetch workers call read() and read_batch(); read_batch may hand its chunks to the disk
-    # tier's reader threads, so the error is injected where the worker calls, not in the file reader
+    # injected where the prefetch workers call the disk tier (read, read_batch), not in the file reader:
+    # a chunk still queued for writing is served from memory and never reaches the file reader
     for name in ("read", "read_batch"):
         original = getattr(DiskTier, name)
 
@@ -407,12 +407,7 @@ def test_next_layer_guesses_are_queued_after_the_layers_own_disk_reads(tmp_path,
 
     monkeypatch.setattr(DiskTier, "read_many", demand)
     monkeypatch.setattr(Prefetcher, "request", asked)
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from test_offload import COMMON
-
-    torch.manual_seed(14)
-    model = LlamaForCausalLM(LlamaConfig(**{**COMMON, "num_hidden_layers": 4})).to(torch.bfloat16).eval()
+    model = build("llama", seed=14, layers=4)
     ids = torch.randint(1, 512, (1, 400))
     with tierkv.offload(model, sparse_cfg(cpu_budget="8KiB", disk_path=str(tmp_path / "cold"))) as cache:
         cache.next_layer_prefetch = True
@@ -428,14 +423,10 @@ def test_promotions_into_the_gpu_tier_change_nothing_decoded(tmp_path, monkeypat
     """The gpu tier is a cache: with chunks promoted into it every other step (on CUDA, copied on a stream
     of their own), into a tier too small to keep them (slots evicted and reused at once) or one that
     keeps them, 'wait' decodes exactly what the same run without a gpu tier decodes."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from test_offload import COMMON
     from tierkv.hf.cache import TierKVCache
 
     monkeypatch.setattr(TierKVCache, "_worth_promoting", lambda self, hits: True)  # refresh at every chance
-    torch.manual_seed(21)
-    model = LlamaForCausalLM(LlamaConfig(**{**COMMON, "num_hidden_layers": 3})).to(torch.bfloat16).to(device).eval()
+    model = build("llama", seed=21, layers=3).to(device)
     ids = torch.randint(1, 512, (2, 640), device=device)
     outs, promoted = [], []
     for gpu_budget in ("1KiB", "4KiB", "96KiB"):

@@ -18,11 +18,7 @@ from __future__ import annotations
 from typing import List, Optional
 
 import torch
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    h = x.shape[-1] // 2
-    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+from transformers.models.llama.modeling_llama import rotate_half
 
 
 def decoder_layers(model) -> Optional[List[torch.nn.Module]]:
@@ -88,7 +84,7 @@ class Lookahead:
             q = q.transpose(1, 2)
             cos, sin = self.rope
             cos, sin = cos.unsqueeze(1).to(q.dtype), sin.unsqueeze(1).to(q.dtype)
-            return q * cos + _rotate_half(q) * sin
+            return q * cos + rotate_half(q) * sin
 
     def end_pass(self) -> None:
         for i in range(len(self.hidden)):
