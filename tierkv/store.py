@@ -90,6 +90,10 @@ class ChunkStore:
         self._inflight: List[tuple] = []
         self._copy_stream = None
         self._promote_stream = None
+        # the last kernel queued that may read cpu slots through unified addressing (note_readers): a
+        # freed cpu slot is rewritten by the host at once (a disk read, a promotion's staging), so the
+        # host waits for that kernel before it frees one
+        self._readers = None
         self._sources: List[torch.Tensor] = []
         self._source_index: Dict[Tuple[str, int], int] = {}
         if self.disk is not None:  # a reopened disk tier brings its chunks with it
@@ -173,6 +177,17 @@ class ChunkStore:
             ev, _ = self._inflight.pop()
             ev.synchronize()
 
+    def note_readers(self, stream) -> None:
+        """Record that kernels queued on `stream` so far may read cpu slots (a gather through unified
+        addressing): no cpu slot is freed, and so rewritten by the host, before they are done."""
+        if self._readers is None:
+            self._readers = torch.cuda.Event()
+        self._readers.record(stream)
+
+    def _fence_readers(self) -> None:
+        if self._readers is not None:
+            self._readers.synchronize()
+
     def wait_inflight(self, stream) -> None:
         """Order `stream` (a CUDA stream about to read the cpu or gpu tier) after the copies in flight."""
         if not self._inflight:
@@ -188,8 +203,9 @@ class ChunkStore:
             self._settle()
 
     def _evict_copy(self, tier, key: ChunkKey) -> int:
-        if tier is self.cpu:  # a copy still in flight may read or write this slot
+        if tier is self.cpu:  # a copy or a gather still in flight may read this slot
             self._settle()
+            self._fence_readers()
         n = tier.evict(key)
         self._evictions[tier.name] += 1
         self._notify(key, tier.name)
@@ -478,6 +494,8 @@ class ChunkStore:
 
     def _drop(self, key: ChunkKey) -> None:
         self._settle()
+        if key in self.cpu:
+            self._fence_readers()
         for name in ("gpu", "cpu"):
             t = self._tier(name)
             if key in t:

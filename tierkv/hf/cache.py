@@ -505,7 +505,13 @@ class TierKVLayer(CacheLayerMixin):
             self.cache.store.wait_inflight(torch.cuda.current_stream(self.device))
         if self.device.type != "cuda" or not self.cache.fast_ext:
             ops.gather(sources, table, lay.format, self.head_dim, lay.group_size, k_out, v_out)
-            return
+        else:
+            self._launch_ext(sources, table, k_out, v_out)
+        if self.device.type == "cuda":  # cpu slots it reads are not freed (and rewritten) before it is done
+            self.cache.store.note_readers(torch.cuda.current_stream(self.device))
+
+    def _launch_ext(self, sources, table, k_out, v_out) -> None:
+        lay = self.layout
         # the extension op straight: the arguments are ours and known good, and the per-call checks
         # (is every source pinned?) cost more host time than the launch itself
         E, N = table.shape[0], k_out.shape[2]
