@@ -248,3 +248,26 @@ def test_add_copies_admits_by_value_when_the_batch_does_not_fit(tmp_path):
     assert st.cpu.used_bytes <= 4 * 1024
     for i in range(8):
         assert torch.equal(st.read(K(i)), data(1024, i))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("share", [0.25, 1.5])
+def test_put_many_from_the_gpu_keeps_every_chunks_bytes(tmp_path, share):
+    """put_many of device data into pinned cpu slots (copies on a side stream): with a batch larger
+    than the cpu tier, its first chunks are moved down to disk to make room for its last ones, and each
+    must take its own bytes there; the slots start out holding other data, so stale bytes would show."""
+    n, count = 1000, 48
+    cfg = TierConfig(gpu_budget=4096, cpu_budget=int(count * 1024 * share), disk_path=str(tmp_path / "d"))
+    st = ChunkStore(cfg, device="cuda")
+    old = torch.full((count, n), 7, dtype=torch.uint8, device="cuda")
+    st.put_many([K(i, stream="old") for i in range(count)], old)  # fills (and churns) the cpu slots first
+    g = torch.Generator(device="cuda").manual_seed(int(share * 100))
+    new = torch.randint(0, 256, (count, n), dtype=torch.uint8, device="cuda", generator=g)
+    keys = [K(i) for i in range(count)]
+    st.put_many(keys, new)
+    assert st.stats().resident_chunks["disk"] > 0
+    for i, key in enumerate(keys):
+        assert torch.equal(st.read(key).cpu(), new[i].cpu()), (i, st.residency(key))
+    for i in range(count):
+        assert torch.equal(st.read(K(i, stream="old")).cpu(), old[i].cpu())
+    st.close()

@@ -90,6 +90,7 @@ class ChunkStore:
         self._inflight: List[tuple] = []
         self._copy_stream = None
         self._promote_stream = None
+        self._ingest_pending = None  # (data, [(row, cpu slot)]): a put_many's copies not yet queued
         # the last kernel queued that may read cpu slots through unified addressing (note_readers): a
         # freed cpu slot is rewritten by the host at once (a disk read, a promotion's staging), so the
         # host waits for that kernel before it frees one
@@ -170,9 +171,36 @@ class ChunkStore:
         for fn in self._listeners:
             fn(key, tier)
 
+    def _issue_ingest(self) -> None:
+        """Queue the device-to-host copies of a put_many reserved so far (on _copy_stream, which is
+        already ordered after the stream that produced the data), coalescing adjacent slots."""
+        pending = self._ingest_pending
+        if pending is None or not pending[1]:
+            return
+        data, items = pending
+        self._ingest_pending = (data, [])
+        n = data.shape[1]
+        with torch.cuda.stream(self._copy_stream):
+            i = 0
+            while i < len(items):
+                row0, base = items[i]
+                store = base.untyped_storage().data_ptr()
+                j = i + 1
+                while j < len(items) and items[j][0] == items[j - 1][0] + 1 \
+                        and items[j][1].data_ptr() == items[j - 1][1].data_ptr() + n \
+                        and items[j][1].untyped_storage().data_ptr() == store:
+                    j += 1
+                dst = torch.empty(0, dtype=torch.uint8).set_(base.untyped_storage(), base.storage_offset(), ((j - i) * n,))
+                dst.copy_(data[row0 : row0 + j - i].reshape(-1), non_blocking=True)
+                i = j
+            ev = torch.cuda.Event()
+            ev.record(self._copy_stream)
+        self._inflight.append((ev, data))
+
     def _settle(self) -> None:
         """Wait for the asynchronous copies (into cpu slots, or out of them into gpu slots) before the
-        host reads or frees those bytes."""
+        host reads or frees those bytes; copies of a put_many still being reserved are queued first."""
+        self._issue_ingest()
         while self._inflight:
             ev, _ = self._inflight.pop()
             ev.synchronize()
@@ -331,7 +359,10 @@ class ChunkStore:
         """Device-to-host copies straight into pinned cpu slots on a side stream; nothing waits here.
 
         Adjacent slots are filled by one copy. Until the copies finish, host readers settle first and
-        device readers order themselves after them (wait_inflight).
+        device readers order themselves after them (wait_inflight). A batch larger than the room in the
+        tier evicts its own first chunks to make room for its last ones: _settle issues the copies
+        reserved so far before anything is evicted, so a chunk moved down to disk takes its own bytes
+        there, never whatever its slot held before.
         """
         n = data.shape[1]
         with self._lock:
@@ -340,35 +371,23 @@ class ChunkStore:
                     raise ConfigError(f"key: expected a ChunkKey, got {type(key).__name__}")
                 if key in self._meta:
                     self._drop(key)
-            views = []
+            if self._copy_stream is None:
+                self._copy_stream = torch.cuda.Stream(device=data.device)
+            self._copy_stream.wait_stream(torch.cuda.current_stream(data.device))
+            self._ingest_pending = (data, [])
             try:
-                for key in keys:
+                for i, key in enumerate(keys):
                     self._meta[key] = self._new_meta(n, importance, self._clock)
-                    views.append(self._reserve_memory(self.cpu, key, n))
+                    view = self._reserve_memory(self.cpu, key, n)
+                    self._ingest_pending[1].append((i, view))
+                self._issue_ingest()
             except BaseException:
                 for key in keys:
                     if key in self._meta:
                         self._drop(key)
                 raise
-            if self._copy_stream is None:
-                self._copy_stream = torch.cuda.Stream(device=data.device)
-            stream = self._copy_stream
-            stream.wait_stream(torch.cuda.current_stream(data.device))
-            with torch.cuda.stream(stream):
-                i = 0
-                while i < len(views):
-                    j = i + 1
-                    while j < len(views) and views[j].data_ptr() == views[j - 1].data_ptr() + n \
-                            and views[j].untyped_storage().data_ptr() == views[i].untyped_storage().data_ptr():
-                        j += 1
-                    base = views[i]
-                    run = base.untyped_storage()
-                    dst = torch.empty(0, dtype=torch.uint8).set_(run, base.storage_offset(), ((j - i) * n,))
-                    dst.copy_(data[i:j].reshape(-1), non_blocking=True)
-                    i = j
-                ev = torch.cuda.Event()
-                ev.record(stream)
-            self._inflight.append((ev, data))
+            finally:
+                self._ingest_pending = None
             self._moved["ingest->cpu"] += n * len(keys)
             for key in keys:
                 self._notify(key, "cpu")
