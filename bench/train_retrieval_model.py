@@ -30,6 +30,7 @@ density, --lr 1e-3), which plateaued at 79% kv at 4096; the arguments above are 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -450,6 +451,8 @@ def main(argv=None):
         "args": vars(args),
         "params": n_params,
         "weights_bytes": os.path.getsize(out / "model.safetensors"),
+        # a rerun of a --deterministic command writes the same file: compare this against the shipped one
+        "weights_sha256": hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest(),
         "config": config.to_dict(),
         "profile_shapes": shapes,
         "eval_seconds": eval_seconds,
