@@ -52,6 +52,10 @@ def test_wait_mode_identical_to_all_in_cpu(tmp_path, seed, device):
     assert stats.hits["disk"] > 0 and stats.prefetch["completed"] > 0
     for name in ("predict_next_layer_hit_rate", "predict_next_step_hit_rate"):
         assert stats.prefetch[name] is None or 0.0 <= stats.prefetch[name] <= 1.0
+    # the parts of the disk path's host time, the device waits taken out of the parts they happen in
+    host = stats.prefetch["host_seconds"]
+    assert set(host) == {"predict", "issue_prefetch", "stage_from_disk", "install", "promote", "wait_gpu"}
+    assert all(v >= 0 for v in host.values()) and host["stage_from_disk"] > 0
 
 
 def test_skip_mode_leaves_missing_chunks_out(tmp_path):

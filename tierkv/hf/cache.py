@@ -401,7 +401,9 @@ class TierKVLayer(CacheLayerMixin):
         else:
             # what is chosen now is likely chosen next step: its value in the store rises, so installing
             # the chunks fetched for this step evicts the cpu tier's unchosen chunks first
-            chosen = chunk_idx.reshape(B, H * kk).tolist()
+            t_sync = time.perf_counter()
+            chosen = chunk_idx.reshape(B, H * kk).tolist()  # waits for the device to have chosen
+            cache.host_seconds["wait_gpu"] += time.perf_counter() - t_sync
             cache.store.touch([keys[b][c] for b in range(B) for c in set(chosen[b])], 1.0)
             disk_only = self.disk_only
             counts = {}
@@ -489,9 +491,10 @@ class TierKVLayer(CacheLayerMixin):
         sources = self.cache.sources()
         skipped = None
         if self.disk_only:
-            t0 = time.perf_counter()
+            hs = self.cache.host_seconds
+            t0, w0 = time.perf_counter(), hs["wait_gpu"]
             a, skipped = self._stage_from_disk(chunk_idx, a, sources, wait, every)
-            self.cache.host_seconds["stage_from_disk"] += time.perf_counter() - t0
+            hs["stage_from_disk"] += time.perf_counter() - t0 - (hs["wait_gpu"] - w0)
         table, hoff = self._table_parts(kk, n0)
         # the table is rewritten in place: the previous launch that read it is earlier on the same stream
         torch.add(a.reshape(-1, 2), hoff, out=table[:, :2])
@@ -603,8 +606,12 @@ class TierKVCache(Cache):
         self._gate = PrefetchGate(NEXT_LAYER_MIN_HIT)
         self._guess = None  # (next layer, its guessed chunks on disk, event): set by predict_next
         # host seconds spent in the disk path's parts of decode steps (the stall is counted apart, in the
-        # store): where a step's time goes, without a profiler's overhead (bench_pipeline reports them)
-        self.host_seconds = dict.fromkeys(("predict", "issue_prefetch", "stage_from_disk", "install", "promote"), 0.0)
+        # store): where a step's time goes, without a profiler's overhead (bench_pipeline reports them).
+        # wait_gpu: the host waiting for the device (a layer's choice read back in stage_from_disk, the
+        # end of a pass waiting for its kernels): the device's backlog, not host work, and not counted in
+        # the part where it happens
+        self.host_seconds = dict.fromkeys(("predict", "issue_prefetch", "stage_from_disk", "install", "promote",
+                                           "wait_gpu"), 0.0)
         self._marks: dict = {}  # per prediction, (hits, guesses) at the gates' last look
         self._last_end: Optional[float] = None  # perf_counter at the end of the last forward pass
         self._window = [0.0, 0]  # decode seconds and steps since the gate's last look
@@ -808,7 +815,9 @@ class TierKVCache(Cache):
         reads made by our kernels through unified addressing, so freeing one hands it out again at once."""
         dev = self.store.gpu.device
         if dev.type == "cuda":
+            t0 = time.perf_counter()
             torch.cuda.current_stream(dev).synchronize()
+            self.host_seconds["wait_gpu"] += time.perf_counter() - t0
 
     def work_buffer(self, layer: TierKVLayer, n: int) -> torch.Tensor:
         """[2, B, H, >= n, D] scratch shared by all layers (they run one after another)."""
@@ -829,9 +838,9 @@ class TierKVCache(Cache):
         self.store.tick()
         if self.lookahead is not None:
             self.lookahead.end_pass()
-        t0 = time.perf_counter()
+        t0, w0 = time.perf_counter(), self.host_seconds["wait_gpu"]
         waited = self._install_prefetched()
-        self.host_seconds["install"] += time.perf_counter() - t0
+        self.host_seconds["install"] += time.perf_counter() - t0 - (self.host_seconds["wait_gpu"] - w0)
         if self._alive:
             if not waited:
                 self._wait_for_kernels()
