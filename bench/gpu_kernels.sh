@@ -50,13 +50,14 @@ if has sanitizer; then
 fi
 
 if has ncu; then
-  echo "== ncu: one raw and one int4 gather from device memory"
+  echo "== ncu: gathers from device memory (NCU_CFGS, format:chunk_len:source)"
   NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
-  for cfg in bf16:64:device int4:64:device; do
+  for cfg in ${NCU_CFGS:-bf16:64:device int4:64:device}; do
     timeout 90 "$NCU" --clock-control none --kernel-name regex:"gather_(raw|int)" --launch-skip 4 --launch-count 1 \
       --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats \
-      --section LaunchStats $PY bench/bench_kernels.py --profile $cfg >>"$OUT/ncu.txt" 2>&1
+      --section LaunchStats --section SchedulerStats --section ComputeWorkloadAnalysis \
+      $PY bench/bench_kernels.py --profile $cfg >>"$OUT/ncu.txt" 2>&1
   done
-  grep -E "gather_|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Duration|Stall|L2 Hit|Mem Busy|Max Bandwidth|One or More|Warp Cycles Per Issued" "$OUT/ncu.txt" | head -60
+  grep -E "gather_|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Duration|Stall|L2 Hit|Mem Busy|Max Bandwidth|One or More|Warp Cycles Per Issued|Issue Slots Busy|No Eligible|Eligible Warps|Executed Ipc" "$OUT/ncu.txt" | head -90
 fi
 echo "total $(( $(date +%s) - start )) s"

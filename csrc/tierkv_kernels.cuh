@@ -195,12 +195,28 @@ __device__ __forceinline__ u64 to_global(const void* p) {
   return g;
 }
 
+// The output stores' cache qualifier. Empty (the default write-back store) unless a build asks for
+// another, e.g. -DTIERKV_ST_HINT='".cs"' (streaming) or '".L1::no_allocate"'; bench/bench_store_paths.py
+// compares them through NVRTC in one run. TIERKV_ST_L2_EVICT_FIRST instead marks the stores
+// evict-first in L2 through a cache policy.
+#ifndef TIERKV_ST_HINT
+#define TIERKV_ST_HINT ""
+#endif
+
 // 8 consecutive 16-bit outputs; `vec` says the address allows one 16-byte store.
 __device__ __forceinline__ void st16(u16* p, uint4 v, bool vec) {
   if (vec) {
-    asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(to_global(p)), "r"(v.x), "r"(v.y), "r"(v.z),
-                 "r"(v.w)
+#ifdef TIERKV_ST_L2_EVICT_FIRST
+    u64 pol;
+    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
+    asm volatile("st.global.L2::cache_hint.v4.u32 [%0], {%1, %2, %3, %4}, %5;" ::"l"(to_global(p)), "r"(v.x),
+                 "r"(v.y), "r"(v.z), "r"(v.w), "l"(pol)
                  : "memory");
+#else
+    asm volatile("st.global" TIERKV_ST_HINT ".v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(to_global(p)), "r"(v.x),
+                 "r"(v.y), "r"(v.z), "r"(v.w)
+                 : "memory");
+#endif
   } else {
     const u32 w[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
