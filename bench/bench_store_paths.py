@@ -1,4 +1,4 @@
-"""Where the device-source gathers' writes go: write-path ceilings and store variants, in one run.
+"""Device-source gathers: write-path ceilings, work-distribution and store variants, in one run.
 
 The quantized gathers write 2-6x what they read, so the copy peak (half reads, half writes) is their
 ceiling only if writes alone go no faster. bench_kernels.py measures writes with torch's fill_; this
@@ -10,8 +10,9 @@ instruction moves the gathers closer to it. Side by side, same process, same buf
             passes with the default store and with .cs, .L1::no_allocate and an L2 evict-first
             policy, and a Hopper bulk store (cp.async.bulk, shared -> global), each at a few grid sizes
             with the best kept and all reported
-  gathers   csrc/tierkv_kernels.cuh compiled by NVRTC once per store variant (TIERKV_ST_HINT /
-            TIERKV_ST_L2_EVICT_FIRST), each gather timed as CUDA-graph replays beside the ext
+  gathers   csrc/tierkv_kernels.cuh compiled by NVRTC once per variant (work distribution:
+            TIERKV_STATIC_ITEMS, TIERKV_MIN_BLOCKS, parts; stores: TIERKV_ST_HINT /
+            TIERKV_ST_L2_EVICT_FIRST), outputs checked equal across variants, each gather timed as CUDA-graph replays beside the ext
             extension's (the default store) on the same scene, at bench_kernels' scene (4096 selected
             tokens per row) and at 4x that, next to a D2D copy moving the same bytes (the copy peak at
             that size, launch ramp and tail included as in the gather)
@@ -85,8 +86,17 @@ extern "C" __global__ void w_bulk(char* p, i64 n, int chunk, unsigned v) {
 }
 """
 
-VARIANTS = {"default": (), "cs": ('-DTIERKV_ST_HINT=".cs"',), "no_allocate": ('-DTIERKV_ST_HINT=".L1::no_allocate"',),
-            "l2_evict_first": ("-DTIERKV_ST_L2_EVICT_FIRST",)}
+# name -> (NVRTC defines, blocks per multiprocessor forced (None: ops' plan), parts multiplier)
+VARIANTS = {
+    "round_robin": (("-DTIERKV_STATIC_ITEMS",), None, 1),  # items dealt to warps round robin (before bc21eac+1)
+    "queue": ((), None, 1),  # the default build: block shares, warps claiming from a counter
+    "queue_parts2x": ((), None, 2),
+    "queue_4blocks": (("-DTIERKV_MIN_BLOCKS=4",), 4, 1),
+    "queue_cs": (('-DTIERKV_ST_HINT=".cs"',), None, 1),
+    "queue_no_allocate": (('-DTIERKV_ST_HINT=".L1::no_allocate"',), None, 1),
+    "queue_l2_evict_first": (("-DTIERKV_ST_L2_EVICT_FIRST",), None, 1),
+    "round_robin_no_allocate": (("-DTIERKV_STATIC_ITEMS", '-DTIERKV_ST_HINT=".L1::no_allocate"'), None, 1),
+}
 
 
 def _stream():
@@ -164,7 +174,7 @@ def variant_module(defines):
 
 def gathers(args, peaks) -> list:
     mods = {}
-    for name, defs in VARIANTS.items():
+    for name, (defs, _, _) in VARIANTS.items():
         mods[name], dt = variant_module(defs)
         print(f"compiled variant {name} in {dt:.1f} s", flush=True)
     rows = []
@@ -199,9 +209,15 @@ def _gathers(args, peaks, mods, N) -> list:
                 ext = bk.graph_timed(ext_fn, args.iters) or bk.timed(ext_fn, args.iters, reps=10)
                 r["ext_GBps"] = (read + written) / ext / 1e9
                 ref = None
+                sms = torch.cuda.get_device_properties(0).multi_processor_count
+                auto_parts = ops.launch_plan(fmt, table.shape[0], D, G if fmt.startswith("int") else D, N, 0)[0]
                 for name, mod in mods.items():
+                    _, per_sm, pm = VARIANTS[name]
+                    blocks = per_sm * sms if per_sm else None
+                    parts = auto_parts * pm if pm != 1 else None
                     cb._module = lambda index, mod=mod: mod
-                    fn = lambda: ops.gather([src], table, fmt, D, G, k_out, v_out, backend="cupy")  # noqa: E731
+                    fn = lambda: ops.gather([src], table, fmt, D, G, k_out, v_out, backend="cupy",  # noqa: E731
+                                            parts=parts, blocks=blocks)
                     fn()
                     torch.cuda.synchronize()
                     got = torch.cat([k_out.flatten(), v_out.flatten()]).view(torch.int16)

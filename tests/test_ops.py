@@ -320,7 +320,8 @@ def test_gather_matches_reference(backend, fmt, places, seed):
 @pytest.mark.parametrize("backend", ["ext", "cupy"])
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_gather_odd_layouts(backend, fmt, seed):
-    """Misaligned sources (byte path), strided and misaligned outputs, forced launch shapes."""
+    """Misaligned sources (byte path), strided and misaligned outputs, forced launch shapes (parts, tiles,
+    blocks: how the kernels share items among blocks and warps)."""
     _need(backend)
     lengths = [random.choice([1, 5, 16, 23, 40]) for _ in range(5)]
     sc = Scene(fmt, 64, 16, n_kv_heads=2, batch=2, lengths=lengths, places=["cuda", "host"], device="cuda", align=1)
@@ -328,8 +329,9 @@ def test_gather_odd_layouts(backend, fmt, seed):
     sc = Scene(fmt, 128, 32, n_kv_heads=3, batch=2, lengths=lengths, places=["cuda"], device="cuda")
     _check_gather(sc, backend, torch.float16, strided=8)  # 16-byte aligned view with padded rows
     _check_gather(sc, backend, torch.float16, strided=3)  # misaligned: 2-byte stores
-    for parts, tile in ((1, 8), (5, 8), (64, 16), (3, 32)):
-        _check_gather(sc, backend, torch.bfloat16, parts=parts, tile_tokens=tile)
+    # blocks: one block claiming every item; a few; more blocks than items (empty shares)
+    for parts, tile, blocks in ((1, 8, None), (5, 8, 1), (64, 16, 7), (3, 32, 1000), (1, 16, 1)):
+        _check_gather(sc, backend, torch.bfloat16, parts=parts, tile_tokens=tile, blocks=blocks)
 
 
 @pytest.mark.gpu
