@@ -1,4 +1,4 @@
-"""Device-source gathers: write-path ceilings, work-distribution and store variants, in one run.
+"""Device-source gathers: write-path ceilings and store / loop / work-split variants, in one run.
 
 The quantized gathers write 2-6x what they read, so the copy peak (half reads, half writes) is their
 ceiling only if writes alone go no faster. bench_kernels.py measures writes with torch's fill_; this
@@ -10,9 +10,9 @@ instruction moves the gathers closer to it. Side by side, same process, same buf
             passes with the default store and with .cs, .L1::no_allocate and an L2 evict-first
             policy, and a Hopper bulk store (cp.async.bulk, shared -> global), each at a few grid sizes
             with the best kept and all reported
-  gathers   csrc/tierkv_kernels.cuh compiled by NVRTC once per variant (work distribution:
-            TIERKV_STATIC_ITEMS, TIERKV_MIN_BLOCKS, parts; stores: TIERKV_ST_HINT /
-            TIERKV_ST_L2_EVICT_FIRST), outputs checked equal across variants, each gather timed as CUDA-graph replays beside the ext
+  gathers   csrc/tierkv_kernels.cuh compiled by NVRTC once per variant (stores: TIERKV_ST_HINT /
+            TIERKV_ST_L2_EVICT_FIRST; decode loops: TIERKV_ROW_UNROLL; work split: parts), outputs
+            checked equal across variants, each gather timed as CUDA-graph replays beside the ext
             extension's (the default store) on the same scene, at bench_kernels' scene (4096 selected
             tokens per row) and at 4x that, next to a D2D copy moving the same bytes (the copy peak at
             that size, launch ramp and tail included as in the gather)
@@ -88,14 +88,13 @@ extern "C" __global__ void w_bulk(char* p, i64 n, int chunk, unsigned v) {
 
 # name -> (NVRTC defines, blocks per multiprocessor forced (None: ops' plan), parts multiplier)
 VARIANTS = {
-    "round_robin": (("-DTIERKV_STATIC_ITEMS",), None, 1),  # items dealt to warps round robin (before bc21eac+1)
-    "queue": ((), None, 1),  # the default build: block shares, warps claiming from a counter
-    "queue_parts2x": ((), None, 2),
-    "queue_4blocks": (("-DTIERKV_MIN_BLOCKS=4",), 4, 1),
-    "queue_cs": (('-DTIERKV_ST_HINT=".cs"',), None, 1),
-    "queue_no_allocate": (('-DTIERKV_ST_HINT=".L1::no_allocate"',), None, 1),
-    "queue_l2_evict_first": (("-DTIERKV_ST_L2_EVICT_FIRST",), None, 1),
-    "round_robin_no_allocate": (("-DTIERKV_STATIC_ITEMS", '-DTIERKV_ST_HINT=".L1::no_allocate"'), None, 1),
+    "plain": (('-DTIERKV_ST_HINT=""',), None, 1),  # the store before f814c47+1
+    "no_allocate": ((), None, 1),  # the default build
+    "no_allocate_parts2x": ((), None, 2),
+    "no_allocate_unroll2": (("-DTIERKV_ROW_UNROLL=2",), None, 1),
+    "no_allocate_unroll4": (("-DTIERKV_ROW_UNROLL=4",), None, 1),
+    "cs": (('-DTIERKV_ST_HINT=".cs"',), None, 1),
+    "l2_evict_first": (("-DTIERKV_ST_L2_EVICT_FIRST",), None, 1),
 }
 
 

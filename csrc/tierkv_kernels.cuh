@@ -14,11 +14,7 @@
 
 #define TIERKV_THREADS 256
 #define TIERKV_MAX_SOURCES 64
-#define TIERKV_MAX_HEAD_DIM 1024
-// Blocks per multiprocessor the gathers are compiled for (their launch bounds; ops.launch_plan assumes 3)
-#ifndef TIERKV_MIN_BLOCKS
-#define TIERKV_MIN_BLOCKS 3
-#endif  // one 8-channel unit per thread per row, and bounded shared memory
+#define TIERKV_MAX_HEAD_DIM 1024  // one 8-channel unit per thread per row, and bounded shared memory
 
 namespace tierkv {
 
@@ -199,12 +195,23 @@ __device__ __forceinline__ u64 to_global(const void* p) {
   return g;
 }
 
-// The output stores' cache qualifier. Empty (the default write-back store) unless a build asks for
-// another, e.g. -DTIERKV_ST_HINT='".cs"' (streaming) or '".L1::no_allocate"'; bench/bench_store_paths.py
-// compares them through NVRTC in one run. TIERKV_ST_L2_EVICT_FIRST instead marks the stores
-// evict-first in L2 through a cache policy.
+// The output stores' cache qualifier: .L1::no_allocate. On the H200 it made the quantized gathers of
+// bench_kernels' scene 5-16% faster than the plain store, in two runs, and left the raw ones within
+// 1% (bench/results/store_paths_h200_*.json). A build may ask for another, e.g.
+// -DTIERKV_ST_HINT='""' (plain) or '".cs"' (streaming); bench/bench_store_paths.py compares them
+// through NVRTC in one run. TIERKV_ST_L2_EVICT_FIRST instead marks the stores evict-first in L2
+// through a cache policy.
 #ifndef TIERKV_ST_HINT
-#define TIERKV_ST_HINT ""
+#define TIERKV_ST_HINT ".L1::no_allocate"
+#endif
+// Unrolling of the integer gathers' per-row decode loops (-DTIERKV_ROW_UNROLL=n; default: the
+// compiler's choice), for the same comparison.
+#ifdef TIERKV_ROW_UNROLL
+#define TIERKV_STR(x) #x
+#define TIERKV_UNROLL(n) _Pragma(TIERKV_STR(unroll n))
+#define TIERKV_ROW_LOOP TIERKV_UNROLL(TIERKV_ROW_UNROLL)
+#else
+#define TIERKV_ROW_LOOP
 #endif
 
 // 8 consecutive 16-bit outputs; `vec` says the address allows one 16-byte store.
@@ -298,52 +305,11 @@ __device__ __forceinline__ i64 fetch_row(const GatherArgs& a, i64 item, i64 tota
 }
 
 __device__ __forceinline__ i64 shfl_i64(i64 v, int src);
-__device__ __forceinline__ u32 shfl_u32(u32 v, int src);
 
 __device__ __forceinline__ Entry row_entry(const GatherArgs& a, i64 field, int fmt) {
   return make_entry(a, shfl_i64(field, 0), shfl_i64(field, 1), shfl_i64(field, 2), shfl_i64(field, 3),
                     shfl_i64(field, 4), fmt);
 }
-
-// Work distribution of the gathers. Each block owns an equal share of the items, a contiguous run
-// [lo, hi), and its warps claim them one at a time from a shared-memory counter: a warp that drew
-// short items takes more of them, so the warps of a block, and the blocks of a multiprocessor (equal
-// shares), finish together. (Dealing items to warps round robin left multiprocessors idle for 20-30%
-// of a launch on the H200 when items per warp were few and of unequal sizes; ncu, int2 chunks of 256
-// tokens.) No state outlives the block: launches on any streams, and CUDA graphs, stay independent.
-// -DTIERKV_STATIC_ITEMS restores round robin (for comparison in bench/bench_store_paths.py).
-struct ItemQueue {
-  int lo, hi;  // items < 2^31 (ops.launch_plan refuses more)
-  unsigned* claimed;  // shared memory, zeroed by the block before its first claim
-};
-
-__device__ __forceinline__ ItemQueue block_items(i64 total, unsigned* claimed) {
-  ItemQueue q;
-  q.lo = (int)(total * (i64)blockIdx.x / (i64)gridDim.x);
-  q.hi = (int)(total * (i64)(blockIdx.x + 1) / (i64)gridDim.x);
-  q.claimed = claimed;
-  if (threadIdx.x == 0) *claimed = 0;
-  __syncthreads();
-  return q;
-}
-
-// The warp's next item (>= q.hi when the block's share is used up); every lane gets the same value.
-__device__ __forceinline__ int claim_item(const ItemQueue& q, int lane) {
-  unsigned t = 0;
-  if (lane == 0) t = atomicAdd(q.claimed, 1u);
-  t = shfl_u32(t, 0);
-  return q.lo + (int)t;  // at most hi + warps per block: no overflow
-}
-
-// The item after `item` in the kernels' loops (the names item, stride, q and lane are theirs), and
-// the type of item numbers (< 2^31 items; round robin adds a stride of up to 2^31 to them).
-#ifdef TIERKV_STATIC_ITEMS
-#define TIERKV_NEXT_ITEM (item + stride)
-typedef i64 item_t;
-#else
-#define TIERKV_NEXT_ITEM claim_item(q, lane)
-typedef int item_t;
-#endif
 
 // Token range [t0, t1) of part `part` of an entry of n tokens, split in whole tiles.
 __device__ __forceinline__ void part_tiles(i64 n, i64 tile, i64 parts, i64 part, i64& tile0, i64& tile1) {
@@ -503,26 +469,17 @@ __device__ __forceinline__ void raw_item(const GatherArgs& a, const Entry& en, c
 }
 
 template <int SRC, int OUT>
-__global__ void __launch_bounds__(TIERKV_THREADS, TIERKV_MIN_BLOCKS) gather_raw(const __grid_constant__ GatherArgs a) {
+__global__ void __launch_bounds__(TIERKV_THREADS, 3) gather_raw(const __grid_constant__ GatherArgs a) {
   const int lane = threadIdx.x & 31;
   const LaneMap m = lane_map((int)a.head_dim, lane);
   const bool dense = a.sk_n == a.head_dim && a.sv_n == a.head_dim;
   const i64 total = a.n_entries * a.parts;
-#ifdef TIERKV_STATIC_ITEMS
   const i64 stride = (i64)gridDim.x * TIERKV_WARPS;
-  const i64 end = total;
   i64 item = (i64)blockIdx.x * TIERKV_WARPS + (threadIdx.x >> 5);
-#else
-  __shared__ unsigned claimed;
-  const ItemQueue q = block_items(total, &claimed);
-  const int end = q.hi;
-  int item = claim_item(q, lane);
-#endif
-  i64 field = fetch_row(a, item, end, lane);
-  for (item_t next; item < end; item = next) {
+  i64 field = fetch_row(a, item, total, lane);
+  for (; item < total; item += stride) {
     const Entry en = row_entry(a, field, SRC == DT_BF16 ? FMT_BF16 : FMT_FP16);
-    next = TIERKV_NEXT_ITEM;
-    field = fetch_row(a, next, end, lane);
+    field = fetch_row(a, item + stride, total, lane);
     if (!en.ok) continue;
     const i64 part = item - (item / a.parts) * a.parts;
     i64 tile0, tile1;
@@ -726,6 +683,7 @@ __device__ __forceinline__ void int_item(const GatherArgs& a, const Entry& en, c
           const u8* src = kc + m.ro * R + c * BITS;
           u16* dst = kdst + (i64)m.ro * a.sk_n + c * 8;
           const i64 dstep = (i64)m.rows * a.sk_n;
+          TIERKV_ROW_LOOP
           for (int t = m.ro; t < tn; t += m.rows, src += cstep, dst += dstep) {
             u32 lo, hi;
             smem_codes<BITS>(src, lo, hi);
@@ -737,6 +695,7 @@ __device__ __forceinline__ void int_item(const GatherArgs& a, const Entry& en, c
         const i64 dstep = (i64)m.rows * a.sv_n;
         int gi = m.ro * ng + (c * 8) / g;  // the value group of this lane's 8 channels in its row
         const int gstep = m.rows * ng;
+        TIERKV_ROW_LOOP
         for (int t = m.ro; t < tn; t += m.rows, src += cstep, dst += dstep, gi += gstep) {
           u32 lo, hi;
           smem_codes<BITS>(src, lo, hi);
@@ -782,7 +741,7 @@ __device__ __forceinline__ void int_item(const GatherArgs& a, const Entry& en, c
 }
 
 template <int BITS, int OUT>
-__global__ void __launch_bounds__(TIERKV_THREADS, TIERKV_MIN_BLOCKS) gather_int(const __grid_constant__ GatherArgs a) {
+__global__ void __launch_bounds__(TIERKV_THREADS, 3) gather_int(const __grid_constant__ GatherArgs a) {
   extern __shared__ uint4 smem4[];
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
@@ -790,21 +749,12 @@ __global__ void __launch_bounds__(TIERKV_THREADS, TIERKV_MIN_BLOCKS) gather_int(
   const LaneMap m = lane_map(d, lane);
   u8* wsm = reinterpret_cast<u8*>(smem4) + warp * gather_warp_smem_bytes(BITS, d, d / a.group, a.tile_tokens);
   const i64 total = a.n_entries * a.parts;
-#ifdef TIERKV_STATIC_ITEMS
   const i64 stride = (i64)gridDim.x * TIERKV_WARPS;
-  const i64 end = total;
   i64 item = (i64)blockIdx.x * TIERKV_WARPS + warp;
-#else
-  __shared__ unsigned claimed;
-  const ItemQueue q = block_items(total, &claimed);
-  const int end = q.hi;
-  int item = claim_item(q, lane);
-#endif
-  i64 field = fetch_row(a, item, end, lane);
-  for (item_t next; item < end; item = next) {
+  i64 field = fetch_row(a, item, total, lane);
+  for (; item < total; item += stride) {
     const Entry en = row_entry(a, field, BITS);
-    next = TIERKV_NEXT_ITEM;
-    field = fetch_row(a, next, end, lane);
+    field = fetch_row(a, item + stride, total, lane);
     if (!en.ok) continue;
     const i64 part = item - (item / a.parts) * a.parts;
     if ((reinterpret_cast<u64>(en.base) & 15) == 0) {

@@ -332,14 +332,13 @@ def launch_plan(fmt: str, n_entries: int, head_dim: int, group: int, n_out: int,
             tile_tokens = 16
     if tile_tokens < 8 or tile_tokens % 8:
         raise FormatError(f"tile_tokens: expected a positive multiple of 8, got {tile_tokens}")
-    # + 16: the kernels' static shared memory (the block's item counter)
-    smem = THREADS // 32 * warp_smem_bytes(fmt, head_dim, group, tile_tokens) + 16
+    smem = THREADS // 32 * warp_smem_bytes(fmt, head_dim, group, tile_tokens)
     if smem > smem_max:
         raise FormatError(
             f"{fmt} chunks of head_dim {head_dim} in value groups of {group} need {smem} bytes of shared memory "
             f"per block with {tile_tokens}-token tiles; this GPU allows {smem_max}"
         )
-    per_sm = 3 if smem <= 16 else max(1, min(3, smem_sm // (smem + 1024)))
+    per_sm = 3 if smem == 0 else max(1, min(3, smem_sm // (smem + 1024)))
     resident_warps = per_sm * sms * (THREADS // 32)
     if parts is None:
         parts = max(1, -(-2 * resident_warps // max(n_entries, 1)))
