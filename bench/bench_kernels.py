@@ -169,7 +169,8 @@ def run(args) -> dict:
                 r = {"format": fmt, "chunk_len": L, "source": where, "entries": E, "head_block_bytes": hb,
                      "chunk_bytes": lay.nbytes, "bytes_read": read, "bytes_written": written}
                 for name in kernel_backends:
-                    fn = lambda name=name: ops.gather([src], table, fmt, D, G, k_out, v_out, backend=name)  # noqa: E731
+                    fn = lambda name=name: ops.gather([src], table, fmt, D, G, k_out, v_out, backend=name,  # noqa: E731
+                                                      chunk_tokens=L)
                     t = timed(fn, args.iters, reps=10)
                     r[f"{name}_s"] = t
                     r[f"{name}_GBps"] = (read + written) / t / 1e9
@@ -254,7 +255,8 @@ def small_calls(args) -> list:
             src, table, lay = scene(fmt, 32, 1, 8, args.head_dim, 2048, args.group, where)
             k = torch.empty(1, 8, 2048, args.head_dim, dtype=torch.bfloat16, device="cuda")
             v = torch.empty_like(k)
-            call = lambda: ops.gather([src], table, fmt, args.head_dim, args.group, k, v, backend="ext")  # noqa: E731
+            call = lambda: ops.gather([src], table, fmt, args.head_dim, args.group, k, v, backend="ext",  # noqa: E731
+                                      chunk_tokens=32)
             for _ in range(5):
                 call()
             torch.cuda.synchronize()
@@ -333,7 +335,7 @@ def main(argv=None):
         k_out = torch.empty(B, H, N, D, dtype=torch.bfloat16, device="cuda")
         v_out = torch.empty_like(k_out)
         for _ in range(8):
-            ops.gather([src], table, fmt, D, G, k_out, v_out, backend="ext")
+            ops.gather([src], table, fmt, D, G, k_out, v_out, backend="ext", chunk_tokens=int(L))
         torch.cuda.synchronize()
         return
     res = run(args)

@@ -262,12 +262,14 @@ def gather(
     parts: Optional[int] = None,
     tile_tokens: Optional[int] = None,
     blocks: Optional[int] = None,
+    chunk_tokens: Optional[int] = None,
 ) -> None:
     """Decode the chunks named by `table` into k_out / v_out (see the module docstring).
 
     backend: force one for this call; check: validate every table row on the host first (syncs);
     parts / tile_tokens / blocks: override the launch shape (tests and benchmarks; results do not
-    depend on them).
+    depend on them); chunk_tokens: the longest chunk in the table, if the caller knows it (the launch
+    then splits chunks into no more parts than they have tiles; results do not depend on it).
     Without check, rows that would read or write out of bounds are skipped by the kernels.
     """
     name = _pick(k_out.device, backend)
@@ -280,7 +282,8 @@ def gather(
         gather_reference(sources, table, fmt, head_dim, group_size, k_out, v_out)
         return
     index = k_out.device.index if k_out.device.index is not None else torch.cuda.current_device()
-    plan = launch_plan(fmt, table.shape[0], head_dim, g, k_out.shape[2], index, parts, tile_tokens, blocks)
+    plan = launch_plan(fmt, table.shape[0], head_dim, g, k_out.shape[2], index, parts, tile_tokens, blocks,
+                       chunk_tokens)
     table = table.contiguous()
     if name == "ext":
         torch.ops.tierkv.gather(list(sources), table, FMT_CODES[fmt], head_dim, g, k_out, v_out, *plan)
@@ -306,10 +309,16 @@ def warp_smem_bytes(fmt: str, head_dim: int, group: int, tile: int) -> int:
     return int(_pad16(8 * head_dim + 2 * tile * (2 * head_dim * BITS[fmt] // 8 + 4 * (head_dim // group))))
 
 
+# Items (runs of whole tiles) per resident warp that launch_plan aims at. 4, not 2: on the H200, with
+# 4x bench_kernels' scene (16384 tokens per row), doubling the parts of 2 made the int gathers 6-10%
+# and bf16 3% faster (bench/results/store_paths_h200_ab570a5.json, "no_allocate_parts2x").
+ITEMS_PER_WARP = 4
+
+
 @functools.lru_cache(maxsize=1024)
 def launch_plan(fmt: str, n_entries: int, head_dim: int, group: int, n_out: int, index: int,
                 parts: Optional[int] = None, tile_tokens: Optional[int] = None,
-                blocks: Optional[int] = None) -> Tuple[int, int, int]:
+                blocks: Optional[int] = None, chunk_tokens: Optional[int] = None) -> Tuple[int, int, int]:
     """(parts, tile_tokens, blocks) of a gather launch.
 
     Work is divided into warp items, each a run of whole tiles of one entry. Integer formats stage
@@ -317,9 +326,11 @@ def launch_plan(fmt: str, n_entries: int, head_dim: int, group: int, n_out: int,
     64) whose codes and scales take at most 1.25 KiB; raw formats move 16-token tiles. Warps are
     persistent: as many blocks of 8 warps as are resident at once (3 per multiprocessor, the
     kernels' launch bounds, fewer if shared memory says so) walk all items, each fetching its next
-    item's table row while it moves the current one. When there are fewer entries than twice the
-    resident warps, entries are split into `parts` items (never more than the longest possible
-    chunk has tiles), so the work spreads and evens out.
+    item's table row while it moves the current one. When there are fewer entries than
+    ITEMS_PER_WARP times the resident warps, entries are split into `parts` items (never more than
+    the longest chunk has tiles: `chunk_tokens` when the caller knows it, else the output length),
+    so the work spreads and evens out: with few items per warp, the warps dealt one more than the
+    others set the length of the launch.
     """
     sms, smem_max, smem_sm = _device_limits(index)
     if tile_tokens is None:
@@ -341,8 +352,9 @@ def launch_plan(fmt: str, n_entries: int, head_dim: int, group: int, n_out: int,
     per_sm = 3 if smem == 0 else max(1, min(3, smem_sm // (smem + 1024)))
     resident_warps = per_sm * sms * (THREADS // 32)
     if parts is None:
-        parts = max(1, -(-2 * resident_warps // max(n_entries, 1)))
-        parts = min(parts, max(1, -(-n_out // tile_tokens)))
+        parts = max(1, -(-ITEMS_PER_WARP * resident_warps // max(n_entries, 1)))
+        longest = n_out if chunk_tokens is None else min(n_out, max(1, chunk_tokens))
+        parts = min(parts, max(1, -(-longest // tile_tokens)))
     if parts < 1:
         raise FormatError(f"parts: expected >= 1, got {parts}")
     items = n_entries * parts

@@ -340,7 +340,8 @@ def measure_gather(s: Settings, tick: Tick) -> dict:
                 src = device_src if source == "device" else host
 
                 def run(src=src, table=table, k_out=k_out, v_out=v_out, backend=backend):
-                    ops.gather([src], table, fmt, s.head_dim, s.group_size, k_out, v_out, backend=backend)
+                    ops.gather([src], table, fmt, s.head_dim, s.group_size, k_out, v_out, backend=backend,
+                               chunk_tokens=L)
 
                 try:
                     sec = _timed(run, sync, s.min_time_s, s.max_reps)

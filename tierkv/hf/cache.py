@@ -507,7 +507,8 @@ class TierKVLayer(CacheLayerMixin):
         if self.device.type == "cuda":  # after the copies into cpu slots (ingest) and gpu slots (promotions)
             self.cache.store.wait_inflight(torch.cuda.current_stream(self.device))
         if self.device.type != "cuda" or not self.cache.fast_ext:
-            ops.gather(sources, table, lay.format, self.head_dim, lay.group_size, k_out, v_out)
+            ops.gather(sources, table, lay.format, self.head_dim, lay.group_size, k_out, v_out,
+                       chunk_tokens=self.chunk_len)
         else:
             self._launch_ext(sources, table, k_out, v_out)
         if self.device.type == "cuda":  # cpu slots it reads are not freed (and rewritten) before it is done
@@ -523,7 +524,7 @@ class TierKVLayer(CacheLayerMixin):
         if plan is None:
             g = ops._group(lay.format, self.head_dim, lay.group_size)
             index = self.device.index if self.device.index is not None else torch.cuda.current_device()
-            plan = (g, tuple(ops.launch_plan(lay.format, E, self.head_dim, g, N, index)))
+            plan = (g, tuple(ops.launch_plan(lay.format, E, self.head_dim, g, N, index, chunk_tokens=self.chunk_len)))
             self._launch_plans[key] = plan
         g, shape = plan
         torch.ops.tierkv.gather(sources, table, ops.FMT_CODES[lay.format], self.head_dim, g, k_out, v_out, *shape)
