@@ -313,6 +313,11 @@ def warp_smem_bytes(fmt: str, head_dim: int, group: int, tile: int) -> int:
 # 4x bench_kernels' scene (16384 tokens per row), doubling the parts of 2 made the int gathers 6-10%
 # and bf16 3% faster (bench/results/store_paths_h200_ab570a5.json, "no_allocate_parts2x").
 ITEMS_PER_WARP = 4
+# ... but an item keeps at least this many tiles when its chunk has them: a warp stages an item's
+# first tile (and the K scales) with nothing to overlap, so one-tile items cost more than they even
+# out. At 4096 tokens per row, int4 gathers cut into 1-2 tile items ran 5-12% slower than in 2-3
+# tile items (bench/results/kernels_h200_540c0ed.json against kernels_h200_ab570a5.json).
+MIN_TILES_PER_ITEM = 2
 
 
 @functools.lru_cache(maxsize=1024)
@@ -327,8 +332,9 @@ def launch_plan(fmt: str, n_entries: int, head_dim: int, group: int, n_out: int,
     persistent: as many blocks of 8 warps as are resident at once (3 per multiprocessor, the
     kernels' launch bounds, fewer if shared memory says so) walk all items, each fetching its next
     item's table row while it moves the current one. When there are fewer entries than
-    ITEMS_PER_WARP times the resident warps, entries are split into `parts` items (never more than
-    the longest chunk has tiles: `chunk_tokens` when the caller knows it, else the output length),
+    ITEMS_PER_WARP times the resident warps, entries are split into `parts` items (of at least
+    MIN_TILES_PER_ITEM tiles of the longest chunk: `chunk_tokens` when the caller knows it, else the
+    output length),
     so the work spreads and evens out: with few items per warp, the warps dealt one more than the
     others set the length of the launch.
     """
@@ -354,7 +360,7 @@ def launch_plan(fmt: str, n_entries: int, head_dim: int, group: int, n_out: int,
     if parts is None:
         parts = max(1, -(-ITEMS_PER_WARP * resident_warps // max(n_entries, 1)))
         longest = n_out if chunk_tokens is None else min(n_out, max(1, chunk_tokens))
-        parts = min(parts, max(1, -(-longest // tile_tokens)))
+        parts = min(parts, max(1, -(-longest // tile_tokens) // MIN_TILES_PER_ITEM))
     if parts < 1:
         raise FormatError(f"parts: expected >= 1, got {parts}")
     items = n_entries * parts
