@@ -470,7 +470,8 @@ def test_mass_logits_kernel_matches_reference(backend, shape, dtype, seed):
 
 def test_launch_plan_splits_chunks_into_at_most_their_tiles(monkeypatch):
     """Parts aim at ITEMS_PER_WARP items per resident warp, but never cut a chunk into items of fewer
-    than MIN_TILES_PER_ITEM tiles; the output length is the bound when the caller gives none."""
+    than MIN_TILES_PER_ITEM tiles unless warps would idle; the output length bounds chunks when the
+    caller gives no chunk length."""
     monkeypatch.setattr(ops, "_device_limits", lambda index: (132, 227 * 1024, 228 * 1024))
     ops.launch_plan.cache_clear()  # plans are cached per argument tuple; these must see the H200 above
     warps = 3 * 132 * 8
@@ -479,8 +480,12 @@ def test_launch_plan_splits_chunks_into_at_most_their_tiles(monkeypatch):
     assert (parts, tile, blocks) == (16 // ops.MIN_TILES_PER_ITEM, 16, 396)
     parts, _, _ = ops.launch_plan("int2", 512, 128, 32, 4096, 0)
     assert parts == -(-ops.ITEMS_PER_WARP * warps // 512)
-    parts, _, _ = ops.launch_plan("int2", 512, 128, 32, 2048, 0, chunk_tokens=32)  # a decode step's gather
-    assert parts == max(1, 2 // ops.MIN_TILES_PER_ITEM)
+    # a decode step's gather: 512 entries of 2 tiles leave warps idle, so one-tile items are allowed
+    parts, _, _ = ops.launch_plan("int2", 512, 128, 32, 2048, 0, chunk_tokens=32)
+    assert parts == 2
+    # enough entries to fill the warps: items keep MIN_TILES_PER_ITEM tiles
+    parts, _, _ = ops.launch_plan("int4", 8192, 128, 32, 4096, 0, chunk_tokens=16)  # 2 tiles of 8
+    assert parts == 1
     parts, _, _ = ops.launch_plan("int2", 8192, 128, 32, 16384, 0, chunk_tokens=64)
     assert parts == -(-ops.ITEMS_PER_WARP * warps // 8192) == 2
     parts, _, _ = ops.launch_plan("bf16", 100000, 128, 128, 16384, 0, chunk_tokens=16)

@@ -313,10 +313,12 @@ def warp_smem_bytes(fmt: str, head_dim: int, group: int, tile: int) -> int:
 # 4x bench_kernels' scene (16384 tokens per row), doubling the parts of 2 made the int gathers 6-10%
 # and bf16 3% faster (bench/results/store_paths_h200_ab570a5.json, "no_allocate_parts2x").
 ITEMS_PER_WARP = 4
-# ... but an item keeps at least this many tiles when its chunk has them: a warp stages an item's
-# first tile (and the K scales) with nothing to overlap, so one-tile items cost more than they even
-# out. At 4096 tokens per row, int4 gathers cut into 1-2 tile items ran 5-12% slower than in 2-3
-# tile items (bench/results/kernels_h200_540c0ed.json against kernels_h200_ab570a5.json).
+# ... but an item keeps at least this many tiles when its chunk has them, unless resident warps would
+# be left idle: a warp stages an item's first tile (and the K scales) with nothing to overlap, so
+# one-tile items cost more than they even out. At 4096 tokens per row, int4 gathers cut into 1-2
+# tile items ran 5-12% slower than in 2-3 tile items (bench/results/kernels_h200_540c0ed.json
+# against kernels_h200_ab570a5.json); a decode step's gather (512 entries of 2 tiles) took 7.7 us as
+# 512 items and 5.7 us as 1024 (kernels_h200_2eb2687.json, kernels_h200_540c0ed.json, int2).
 MIN_TILES_PER_ITEM = 2
 
 
@@ -360,7 +362,11 @@ def launch_plan(fmt: str, n_entries: int, head_dim: int, group: int, n_out: int,
     if parts is None:
         parts = max(1, -(-ITEMS_PER_WARP * resident_warps // max(n_entries, 1)))
         longest = n_out if chunk_tokens is None else min(n_out, max(1, chunk_tokens))
-        parts = min(parts, max(1, -(-longest // tile_tokens) // MIN_TILES_PER_ITEM))
+        tiles = -(-longest // tile_tokens)
+        # one-tile items only where the launch would otherwise leave resident warps without an item
+        # (a decode step's gather: latency, not per-item cost, sets its time)
+        fill = min(tiles, -(-resident_warps // max(n_entries, 1)))
+        parts = min(parts, max(1, tiles // MIN_TILES_PER_ITEM, fill))
     if parts < 1:
         raise FormatError(f"parts: expected >= 1, got {parts}")
     items = n_entries * parts
