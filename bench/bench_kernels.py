@@ -24,7 +24,9 @@ sources at least 85% of the pinned H2D peak in source bytes over PCIe per second
 8 KiB and more; at least 5x the torch reference. Beside the D2D fraction, device rows give the
 fraction of their traffic's ceiling: a D2D copy of the bytes read plus a fill (write-only) of the rest
 of the bytes written, at the peaks' rates. A quantized gather writes 2-6x what it reads, and the copy
-peak (half reads, half writes) is only its ceiling if writes alone go no faster than that.
+peak (half reads, half writes) is only its ceiling if writes alone go no faster than that. (On the
+H200 they go faster: 4.35 TB/s filled as int64 against a 4.1 TB/s copy, so the ceiling of a
+quantized gather lies above the copy peak.)
 
     python bench/bench_kernels.py --out bench/results/kernels_h100.json
 """
@@ -94,8 +96,12 @@ def copy_peaks(nbytes: int, iters: int) -> dict:
     dst = torch.empty_like(src)
     t_d2d = timed(lambda: dst.copy_(src, non_blocking=True), iters, reps=5)
     # write-only: a fill of the same bytes (a gather of a quantized format writes 2-6x what it reads, so
-    # the copy peak, half reads and half writes, is not the ceiling of its traffic; see traffic_ceiling)
-    t_fill = timed(lambda: dst.fill_(7), iters, reps=5)
+    # the copy peak, half reads and half writes, is not the ceiling of its traffic; see traffic_ceiling).
+    # Filled as int64: torch's uint8 fill_ stores 4 bytes a thread and writes at ~3.2 TB/s on the H200,
+    # where 8- and 16-byte stores write at 3.9-4.4 TB/s (bench/results/store_paths_h200_*.json); results
+    # before 2eb2687+2 used the uint8 fill, so their traffic ceilings were too low.
+    wide = dst.view(torch.int64)
+    t_fill = timed(lambda: wide.fill_(7), iters, reps=5)
     host = torch.randint(0, 256, (nbytes,), dtype=torch.uint8).pin_memory()
     t_h2d = timed(lambda: dst.copy_(host, non_blocking=True), iters, reps=2)
     return {
