@@ -344,12 +344,17 @@ def main(argv=None):
             ops.gather([src], table, fmt, D, G, k_out, v_out, backend="ext", chunk_tokens=int(L))
         torch.cuda.synchronize()
         return
-    res = run(args)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(res, f, indent=1)
-        print(f"wrote {args.out}")
+    write_results(run(args), args.out)
+
+
+def write_results(res: dict, path) -> None:
+    """The results as JSON at `path` (nothing if None), folders made as needed."""
+    if not path:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(res, f, indent=1)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

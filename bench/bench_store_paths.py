@@ -23,7 +23,6 @@ instruction moves the gathers closer to it. Side by side, same process, same buf
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -267,11 +266,7 @@ def main(argv=None):
            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "peaks": peaks}
     res["ceilings"] = ceilings(256 << 20, args.iters)
     res["gathers"] = gathers(args, peaks)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(res, f, indent=1)
-        print(f"wrote {args.out}")
+    bk.write_results(res, args.out)
 
 
 if __name__ == "__main__":
