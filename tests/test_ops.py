@@ -488,6 +488,9 @@ def test_launch_plan_splits_chunks_into_at_most_their_tiles(monkeypatch):
     assert parts == 1
     parts, _, _ = ops.launch_plan("int2", 8192, 128, 32, 16384, 0, chunk_tokens=64)
     assert parts == -(-ops.ITEMS_PER_WARP * warps // 8192) == 2
+    # 2048 entries of 16 tiles aim at 7 parts; 8 divides the tiles, so items are equal (2 tiles each)
+    assert ops.launch_plan("int2", 2048, 128, 32, 16384, 0, chunk_tokens=256)[0] == 8
+    assert ops.launch_plan("int2", 2048, 128, 32, 16384, 0, chunk_tokens=208)[0] == 6  # 13 tiles: no divisor <= 6
     parts, _, _ = ops.launch_plan("bf16", 100000, 128, 128, 16384, 0, chunk_tokens=16)
     assert parts == 1
     assert ops.launch_plan("int4", 64, 128, 32, 4096, 0, parts=7, chunk_tokens=16)[0] == 7  # forced stays

@@ -338,7 +338,8 @@ def launch_plan(fmt: str, n_entries: int, head_dim: int, group: int, n_out: int,
     MIN_TILES_PER_ITEM tiles of the longest chunk: `chunk_tokens` when the caller knows it, else the
     output length),
     so the work spreads and evens out: with few items per warp, the warps dealt one more than the
-    others set the length of the launch.
+    others set the length of the launch. With the chunk length known, the part count is moved up to
+    one that divides the chunk's tiles where one lies within those bounds, so items are equal.
     """
     sms, smem_max, smem_sm = _device_limits(index)
     if tile_tokens is None:
@@ -366,7 +367,13 @@ def launch_plan(fmt: str, n_entries: int, head_dim: int, group: int, n_out: int,
         # one-tile items only where the launch would otherwise leave resident warps without an item
         # (a decode step's gather: latency, not per-item cost, sets its time)
         fill = min(tiles, -(-resident_warps // max(n_entries, 1)))
-        parts = min(parts, max(1, tiles // MIN_TILES_PER_ITEM, fill))
+        cap = max(1, tiles // MIN_TILES_PER_ITEM, fill)
+        parts = min(parts, cap)
+        if chunk_tokens is not None:
+            # items of equal size where the chunk allows: the nearest part count at or above this one
+            # (within the cap) that divides its tiles. 16 tiles in 7 parts leave items of 2 and 3
+            # tiles, and the warps given 3 set the launch's length.
+            parts = next((d for d in range(parts, cap + 1) if tiles % d == 0), parts)
     if parts < 1:
         raise FormatError(f"parts: expected >= 1, got {parts}")
     items = n_entries * parts
