@@ -2,6 +2,7 @@
 
 * every kernel instance of csrc/tierkv_kernels.cuh with nvcc for sm_90, and the gather kernels keep
   their registers (at most a register or so spilled, which would otherwise slow the hot path);
+* the gathers in the build-time variants the store-path bench compares;
 * the same header through NVRTC, as the cupy backend compiles it (where libnvrtc can be found);
 * the torch binding csrc/tierkv_ops.cu against the installed torch's headers (slow: ~1 min).
 Skipped only when nvcc (or libnvrtc) is absent.
@@ -66,6 +67,24 @@ def test_kernels_compile_for_sm90(tmp_path):
         if "gather" in fn or "mass" in fn:
             # the integer kernels spill one register, outside their inner loops; more is a regression
             assert int(stack) <= 16 and int(spill) <= 16, f"{fn}: {stack} bytes stack frame, {spill} spilled"
+
+
+@needs_nvcc
+def test_bench_variants_of_the_gathers_compile(tmp_path):
+    """The build-time variants bench/bench_store_paths.py compares (store qualifiers, unrolled decode
+    loops) still compile: a variant that rots would only show on the GPU machine."""
+    src = tmp_path / "gathers.cu"
+    lines = ['#include "tierkv_kernels.cuh"']
+    for name in cb.GATHER_KERNELS.values():
+        lines.append(f"template __global__ void {name}(const __grid_constant__ tierkv::GatherArgs);")
+    src.write_text("\n".join(lines) + "\n")
+    variants = (['-DTIERKV_ST_HINT=""', "-DTIERKV_ROW_UNROLL=4"], ['-DTIERKV_ST_HINT=".cs"'],
+                ["-DTIERKV_ST_L2_EVICT_FIRST"])
+    for defines in variants:
+        cmd = [NVCC, "-std=c++17", "-arch=sm_90", "-O3", "--fmad=false", *defines, "-I", CSRC, "-cubin",
+               "-o", str(tmp_path / "g.cubin"), str(src)]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        assert r.returncode == 0, f"{defines}: {r.stderr[-3000:]}"
 
 
 def _libnvrtc():
