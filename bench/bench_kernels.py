@@ -98,8 +98,8 @@ def copy_peaks(nbytes: int, iters: int) -> dict:
     # write-only: a fill of the same bytes (a gather of a quantized format writes 2-6x what it reads, so
     # the copy peak, half reads and half writes, is not the ceiling of its traffic; see traffic_ceiling).
     # Filled as int64: torch's uint8 fill_ stores 4 bytes a thread and writes at ~3.2 TB/s on the H200,
-    # where 8- and 16-byte stores write at 3.9-4.4 TB/s (bench/results/store_paths_h200_*.json); results
-    # before 2eb2687+2 used the uint8 fill, so their traffic ceilings were too low.
+    # where 8- and 16-byte stores write at 3.9-4.4 TB/s (bench/results/store_paths_h200_*.json). The
+    # results up to kernels_h200_2eb2687*.json used the uint8 fill, so their traffic ceilings were too low.
     wide = dst.view(torch.int64)
     t_fill = timed(lambda: wide.fill_(7), iters, reps=5)
     host = torch.randint(0, 256, (nbytes,), dtype=torch.uint8).pin_memory()

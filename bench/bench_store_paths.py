@@ -87,7 +87,7 @@ extern "C" __global__ void w_bulk(char* p, i64 n, int chunk, unsigned v) {
 
 # name -> (NVRTC defines, blocks per multiprocessor forced (None: ops' plan), parts multiplier)
 VARIANTS = {
-    "plain": (('-DTIERKV_ST_HINT=""',), None, 1),  # the store before f814c47+1
+    "plain": (('-DTIERKV_ST_HINT=""',), None, 1),  # the store before ab570a5
     "no_allocate": ((), None, 1),  # the default build
     "no_allocate_parts2x": ((), None, 2),
     "no_allocate_unroll2": (("-DTIERKV_ROW_UNROLL=2",), None, 1),

@@ -269,7 +269,7 @@ def gather(
     backend: force one for this call; check: validate every table row on the host first (syncs);
     parts / tile_tokens / blocks: override the launch shape (tests and benchmarks; results do not
     depend on them); chunk_tokens: the longest chunk in the table, if the caller knows it (the launch
-    then splits chunks into no more parts than they have tiles; results do not depend on it).
+    then cuts chunks into items of whole tiles that fit them; results do not depend on it).
     Without check, rows that would read or write out of bounds are skipped by the kernels.
     """
     name = _pick(k_out.device, backend)
@@ -310,8 +310,8 @@ def warp_smem_bytes(fmt: str, head_dim: int, group: int, tile: int) -> int:
 
 
 # Items (runs of whole tiles) per resident warp that launch_plan aims at. 4, not 2: on the H200, with
-# 4x bench_kernels' scene (16384 tokens per row), doubling the parts of 2 made the int gathers 6-10%
-# and bf16 3% faster (bench/results/store_paths_h200_ab570a5.json, "no_allocate_parts2x").
+# 4x bench_kernels' scene (16384 tokens per row), twice the parts that 2 gave made the int gathers
+# 6-10% and bf16 3% faster (bench/results/store_paths_h200_ab570a5.json, "no_allocate_parts2x").
 ITEMS_PER_WARP = 4
 # ... but an item keeps at least this many tiles when its chunk has them, unless resident warps would
 # be left idle: a warp stages an item's first tile (and the K scales) with nothing to overlap, so
@@ -335,10 +335,9 @@ def launch_plan(fmt: str, n_entries: int, head_dim: int, group: int, n_out: int,
     kernels' launch bounds, fewer if shared memory says so) walk all items, each fetching its next
     item's table row while it moves the current one. When there are fewer entries than
     ITEMS_PER_WARP times the resident warps, entries are split into `parts` items (of at least
-    MIN_TILES_PER_ITEM tiles of the longest chunk: `chunk_tokens` when the caller knows it, else the
-    output length),
-    so the work spreads and evens out: with few items per warp, the warps dealt one more than the
-    others set the length of the launch. With the chunk length known, the part count is moved up to
+    MIN_TILES_PER_ITEM tiles of the longest chunk, `chunk_tokens` when the caller knows it, else the
+    output length, unless resident warps would idle), so the work spreads and evens out: with few
+    items per warp, the warps dealt one more than the others set the length of the launch. With the chunk length known, the part count is moved up to
     one that divides the chunk's tiles where one lies within those bounds, so items are equal.
     """
     sms, smem_max, smem_sm = _device_limits(index)
