@@ -337,8 +337,9 @@ def launch_plan(fmt: str, n_entries: int, head_dim: int, group: int, n_out: int,
     ITEMS_PER_WARP times the resident warps, entries are split into `parts` items (of at least
     MIN_TILES_PER_ITEM tiles of the longest chunk, `chunk_tokens` when the caller knows it, else the
     output length, unless resident warps would idle), so the work spreads and evens out: with few
-    items per warp, the warps dealt one more than the others set the length of the launch. With the chunk length known, the part count is moved up to
-    one that divides the chunk's tiles where one lies within those bounds, so items are equal.
+    items per warp, the warps dealt one more than the others set the length of the launch. With the
+    chunk length known, the part count is moved up to one that divides the chunk's tiles where one
+    lies within those bounds, so items are equal.
     """
     sms, smem_max, smem_sm = _device_limits(index)
     if tile_tokens is None:
