@@ -85,15 +85,15 @@ extern "C" __global__ void w_bulk(char* p, i64 n, int chunk, unsigned v) {
 }
 """
 
-# name -> (NVRTC defines, blocks per multiprocessor forced (None: ops' plan), parts multiplier)
+# name -> (NVRTC defines, parts multiplier over ops' plan)
 VARIANTS = {
-    "plain": (('-DTIERKV_ST_HINT=""',), None, 1),  # the store before ab570a5
-    "no_allocate": ((), None, 1),  # the default build
-    "no_allocate_parts2x": ((), None, 2),
-    "no_allocate_unroll2": (("-DTIERKV_ROW_UNROLL=2",), None, 1),
-    "no_allocate_unroll4": (("-DTIERKV_ROW_UNROLL=4",), None, 1),
-    "cs": (('-DTIERKV_ST_HINT=".cs"',), None, 1),
-    "l2_evict_first": (("-DTIERKV_ST_L2_EVICT_FIRST",), None, 1),
+    "plain": (('-DTIERKV_ST_HINT=""',), 1),  # the store before ab570a5
+    "no_allocate": ((), 1),  # the default build
+    "no_allocate_parts2x": ((), 2),
+    "no_allocate_unroll2": (("-DTIERKV_ROW_UNROLL=2",), 1),
+    "no_allocate_unroll4": (("-DTIERKV_ROW_UNROLL=4",), 1),
+    "cs": (('-DTIERKV_ST_HINT=".cs"',), 1),
+    "l2_evict_first": (("-DTIERKV_ST_L2_EVICT_FIRST",), 1),
 }
 
 
@@ -172,7 +172,7 @@ def variant_module(defines):
 
 def gathers(args, peaks) -> list:
     mods = {}
-    for name, (defs, _, _) in VARIANTS.items():
+    for name, (defs, _) in VARIANTS.items():
         mods[name], dt = variant_module(defs)
         print(f"compiled variant {name} in {dt:.1f} s", flush=True)
     rows = []
@@ -207,15 +207,13 @@ def _gathers(args, peaks, mods, N) -> list:
                 ext = bk.graph_timed(ext_fn, args.iters) or bk.timed(ext_fn, args.iters, reps=10)
                 r["ext_GBps"] = (read + written) / ext / 1e9
                 ref = None
-                sms = torch.cuda.get_device_properties(0).multi_processor_count
                 auto_parts = ops.launch_plan(fmt, table.shape[0], D, G if fmt.startswith("int") else D, N, 0)[0]
                 for name, mod in mods.items():
-                    _, per_sm, pm = VARIANTS[name]
-                    blocks = per_sm * sms if per_sm else None
+                    pm = VARIANTS[name][1]
                     parts = auto_parts * pm if pm != 1 else None
                     cb._module = lambda index, mod=mod: mod
                     fn = lambda: ops.gather([src], table, fmt, D, G, k_out, v_out, backend="cupy",  # noqa: E731
-                                            parts=parts, blocks=blocks)
+                                            parts=parts)
                     fn()
                     torch.cuda.synchronize()
                     got = torch.cat([k_out.flatten(), v_out.flatten()]).view(torch.int16)

@@ -15,6 +15,7 @@ between copies of the sink and the tail, which is what attention then reads.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 import uuid
@@ -491,10 +492,8 @@ class TierKVLayer(CacheLayerMixin):
         sources = self.cache.sources()
         skipped = None
         if self.disk_only:
-            hs = self.cache.host_seconds
-            t0, w0 = time.perf_counter(), hs["wait_gpu"]
-            a, skipped = self._stage_from_disk(chunk_idx, a, sources, wait, every)
-            hs["stage_from_disk"] += time.perf_counter() - t0 - (hs["wait_gpu"] - w0)
+            with self.cache.host_part("stage_from_disk"):
+                a, skipped = self._stage_from_disk(chunk_idx, a, sources, wait, every)
         table, hoff = self._table_parts(kk, n0)
         # the table is rewritten in place: the previous launch that read it is earlier on the same stream
         torch.add(a.reshape(-1, 2), hoff, out=table[:, :2])
@@ -810,6 +809,17 @@ class TierKVCache(Cache):
         """Hold a host buffer a kernel may still be reading until the end of the forward pass."""
         self._alive.append(t)
 
+    @contextlib.contextmanager
+    def host_part(self, name: str):
+        """Adds the block's host seconds to host_seconds[name], less the waits for the device counted
+        into host_seconds["wait_gpu"] inside it."""
+        hs = self.host_seconds
+        t0, w0 = time.perf_counter(), hs["wait_gpu"]
+        try:
+            yield
+        finally:
+            hs[name] += time.perf_counter() - t0 - (hs["wait_gpu"] - w0)
+
     def _wait_for_kernels(self) -> None:
         """Block until this pass's kernels are done (no-op on the CPU): after it, host buffers they read
         may be reused. Pinned buffers come from torch's caching host allocator, which knows nothing of
@@ -839,9 +849,8 @@ class TierKVCache(Cache):
         self.store.tick()
         if self.lookahead is not None:
             self.lookahead.end_pass()
-        t0, w0 = time.perf_counter(), self.host_seconds["wait_gpu"]
-        waited = self._install_prefetched()
-        self.host_seconds["install"] += time.perf_counter() - t0 - (self.host_seconds["wait_gpu"] - w0)
+        with self.host_part("install"):
+            waited = self._install_prefetched()
         if self._alive:
             if not waited:
                 self._wait_for_kernels()
