@@ -8,7 +8,6 @@ anything else (no cache, another cache) it is the model's own attention, unchang
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -107,15 +106,12 @@ def sparse_attend(layer, q, padding, scaling):
         cache = layer.cache
         disk = cache.store.disk is not None
         if disk:
-            t0 = time.perf_counter()
-            cache.predict_next(layer, q, idx)
-            t1 = time.perf_counter()
+            with cache.host_part("predict"):
+                cache.predict_next(layer, q, idx)
         skipped = layer.gather_into(idx, kw, vw, n0=0, wait=cfg.miss_policy == "wait")
         if disk:
-            t2 = time.perf_counter()
-            cache.issue_prefetch()  # the next layer's guesses: read while this layer computes
-            cache.host_seconds["predict"] += t1 - t0
-            cache.host_seconds["issue_prefetch"] += time.perf_counter() - t2
+            with cache.host_part("issue_prefetch"):
+                cache.issue_prefetch()  # the next layer's guesses: read while this layer computes
         layer.note_selection(idx)
         cache.selected_layers.add(layer.layer_idx)
     attn_mask = None

@@ -607,9 +607,9 @@ class TierKVCache(Cache):
         self._guess = None  # (next layer, its guessed chunks on disk, event): set by predict_next
         # host seconds spent in the disk path's parts of decode steps (the stall is counted apart, in the
         # store): where a step's time goes, without a profiler's overhead (bench_pipeline reports them).
-        # wait_gpu: the host waiting for the device (a layer's choice read back in stage_from_disk, the
-        # end of a pass waiting for its kernels): the device's backlog, not host work, and not counted in
-        # the part where it happens
+        # wait_gpu: the host waiting for the device (a layer's choice read back in stage_from_disk, a guess
+        # read back in issue_prefetch, the end of a pass waiting for its kernels): the device's backlog,
+        # not host work, and not counted in the part where it happens
         self.host_seconds = dict.fromkeys(("predict", "issue_prefetch", "stage_from_disk", "install", "promote",
                                            "wait_gpu"), 0.0)
         self._marks: dict = {}  # per prediction, (hits, guesses) at the gates' last look
@@ -773,7 +773,9 @@ class TierKVCache(Cache):
             return
         nxt, host, done = pending
         if done is not None:
+            t0 = time.perf_counter()
             done.synchronize()  # waits for the guess only (the layer's later kernels are behind it)
+            self.host_seconds["wait_gpu"] += time.perf_counter() - t0
         want = sorted({(b, c) for b, row in enumerate(host.tolist()) for c in row if c >= 0})
         if want:
             nb = nxt.layout.nbytes
