@@ -7,7 +7,7 @@ decode with the cpu tier at 10% of the KV so that about 90% of the chunks live o
   skip       the pipeline with the 'skip' miss policy: a chunk not staged in time is left out of that
              step (not exact; its tokens/s bound what waiting costs), on request (--modes ... skip)
   all-cpu    a cpu tier that holds all of the KV (the ceiling the pipeline is held against)
-Reported: tokens/s, stall seconds per step, prefetch hit rates (next-layer and next-step
+Reported: tokens/s (the median of --repeats timed windows), stall seconds per step, prefetch hit rates (next-layer and next-step
 predictions), disk bytes read per token; and the store's disk read throughput against a raw O_DIRECT
 read of the same files (cold page cache), in the same run.
 
@@ -24,6 +24,7 @@ import json
 import mmap
 import os
 import shutil
+import statistics
 import sys
 import time
 
@@ -70,21 +71,25 @@ def run_mode(model, cfg, ids, mode, args, device, selection="head"):
             prof = cProfile.Profile()
             prof.enable()
         t0 = time.perf_counter()
-        tps = decode(model, cache, tok, 0, args.steps)
+        # several timed windows: a host-bound decode's step time wanders (a promotion, the gate's look, the
+        # machine), and the median window is steadier than one; every window is kept in the row
+        windows = [decode(model, cache, tok, 0, args.steps) for _ in range(args.repeats)]
+        tps = statistics.median(windows)
         if prof is not None:
             prof.disable()
             _write_profile(prof, os.path.join(args.profile_dir, f"{mode}-{selection}.txt"), args.steps)
         after = cache.stats()
-    steps = args.steps
+    steps = args.steps * args.repeats  # the per-step figures are over all timed windows
     disk_bytes = (after.prefetch.get("bytes_read", 0) or 0) - (before.prefetch.get("bytes_read", 0) or 0)
-    row = dict(mode=mode, selection=selection, tokens_per_s=tps, prefill_s=pre, cpu_budget=cpu, kv_bytes=kv,
+    row = dict(mode=mode, selection=selection, tokens_per_s=tps, tokens_per_s_windows=windows, prefill_s=pre, cpu_budget=cpu, kv_bytes=kv,
                stall_s_per_step=(after.stall_seconds - before.stall_seconds) / steps,
                # host time per step in the disk path's parts (stage_from_disk includes the stall)
                host_ms_per_step={k: (v - before.prefetch["host_seconds"][k]) / steps * 1e3
                                  for k, v in after.prefetch["host_seconds"].items()},
                disk_bytes_per_token=disk_bytes / (steps * ids.shape[0]),
                resident=after.resident_chunks, prefetch=after.prefetch, decode_wall_s=time.perf_counter() - t0)
-    print(f"  {mode:9s} {selection:6s} tok/s={tps:.2f} stall/step={row['stall_s_per_step'] * 1e3:.1f} ms "
+    spread = f" (windows {min(windows):.2f}-{max(windows):.2f})" if len(windows) > 1 else ""
+    print(f"  {mode:9s} {selection:6s} tok/s={tps:.2f}{spread} stall/step={row['stall_s_per_step'] * 1e3:.1f} ms "
           f"disk/token={row['disk_bytes_per_token'] / 2**20:.1f} MiB resident={after.resident_chunks} "
           f"next-layer hit={after.prefetch.get('predict_next_layer_hit_rate')} "
           f"next-step hit={after.prefetch.get('predict_next_step_hit_rate')}", flush=True)
@@ -187,6 +192,8 @@ def main(argv=None):
     p.add_argument("--cpu-share", type=float, default=0.10, help="cpu tier budget as a share of the KV in --format")
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--warmup", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed windows of --steps steps per mode; tokens/s is the median window's")
     p.add_argument("--piece", type=int, default=16384)
     p.add_argument("--modes", nargs="+", default=["all-cpu", "sync", "pipeline"],
                    choices=["all-cpu", "sync", "pipeline", "skip"])
@@ -202,6 +209,9 @@ def main(argv=None):
                    help="profile the timed steps of the disk modes with cProfile; text reports written here")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    for name in ("steps", "repeats", "context", "batch"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.quick:
         args.context, args.steps, args.warmup, args.piece, args.budget = 4096, 4, 1, 2048, 256
     device = "cuda" if torch.cuda.is_available() else "cpu"

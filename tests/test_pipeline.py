@@ -375,6 +375,12 @@ def test_bench_pipeline_runs_both_selections(tmp_path):
     assert rows["head", "all-cpu"]["disk_bytes_per_token"] == 0
     assert 0 < rows["shared", "sync"]["disk_bytes_per_token"] < rows["head", "sync"]["disk_bytes_per_token"]
     assert rows["head", "sync"]["prefetch"]["skipped_entries"] == 0  # 'wait': nothing left out
+    for r in rows.values():  # three timed windows by default; tokens/s is the median one's
+        assert len(r["tokens_per_s_windows"]) == 3
+        assert r["tokens_per_s"] == sorted(r["tokens_per_s_windows"])[1]
+    with pytest.raises(SystemExit):  # argparse's error exit, before any model is built
+        bench_pipeline.main(["--repeats", "0", "--disk-dir", str(tmp_path / "never")])
+    assert not (tmp_path / "never").exists()
 
 
 def test_bench_pipeline_skip_mode(tmp_path):
