@@ -7,9 +7,9 @@ decode with the cpu tier at 10% of the KV so that about 90% of the chunks live o
   skip       the pipeline with the 'skip' miss policy: a chunk not staged in time is left out of that
              step (not exact; its tokens/s bound what waiting costs), on request (--modes ... skip)
   all-cpu    a cpu tier that holds all of the KV (the ceiling the pipeline is held against)
-Reported: tokens/s (the median of --repeats timed windows), stall seconds per step, prefetch hit rates (next-layer and next-step
-predictions), disk bytes read per token; and the store's disk read throughput against a raw O_DIRECT
-read of the same files (cold page cache), in the same run.
+Reported: tokens/s (the median of --repeats timed windows), stall seconds per step, prefetch hit rates
+(next-layer and next-step predictions), disk bytes read per token; and the store's disk read throughput
+against a raw O_DIRECT read of the same files (cold page cache), in the same run.
 
     python bench/bench_pipeline.py --disk-dir /tmp/tierkv-cold --json bench/results/pipeline_h100.json
     python bench/bench_pipeline.py --quick        # small model and context, CPU smoke test
