@@ -218,7 +218,6 @@ def test_next_layer_prefetch_gated_by_its_hit_rate(tmp_path, monkeypatch):
         cfg = sparse_cfg(cpu_budget="12KiB", disk_path=str(tmp_path / f"cold{gate}"))
         with tierkv.offload(model, cfg) as cache:
             cache.next_layer_prefetch = gate
-            cache.runner_prefetch = False  # the next step's runner-ups are asked for apart (test below)
             gen(model, ids, cache, n=10)
             seen[gate] = cache.stats().prefetch
     assert seen[False]["requested"] == 0 and seen[False]["sync_reads"] > 0
@@ -232,59 +231,6 @@ def test_next_layer_prefetch_gated_by_its_hit_rate(tmp_path, monkeypatch):
         cache._gate_next_layer()
         assert cache.next_layer_prefetch is True  # 60 of the last 100 right
         assert cache.stats().prefetch["next_layer_prefetch_on"] is True
-
-
-def test_runner_ups_are_read_ahead_for_the_next_step_and_gated_by_their_hit_rate(tmp_path, monkeypatch):
-    """A layer's runner-ups (the chunks ranked just below its choice) are asked for from disk while their
-    gate is open, and only then; their hit rate (chosen the step after) is reported and drives the gate."""
-    import tierkv.hf.cache as cache_mod
-
-    monkeypatch.setattr(cache_mod, "GATE_EVERY", 10**9)  # no automatic looks: the test sets the gates
-    model = build("llama", seed=4)
-    torch.manual_seed(4)
-    ids = torch.randint(1, 512, (2, 400))
-    seen = {}
-    for on in (True, False):
-        cfg = sparse_cfg(cpu_budget="12KiB", disk_path=str(tmp_path / f"cold{on}"))
-        with tierkv.offload(model, cfg) as cache:
-            cache.next_layer_prefetch = False
-            cache.runner_prefetch = on
-            gen(model, ids, cache, n=10)
-            seen[on] = cache.stats().prefetch
-    assert seen[True]["requested"] > 0 and seen[False]["requested"] == 0
-    assert 0.0 <= seen[True]["predict_runner_hit_rate"] <= 1.0
-    assert seen[False]["predict_runner_hit_rate"] is None  # none taken with the gate shut (no looks)
-
-    with tierkv.offload(model, sparse_cfg()) as cache:
-        cache._pred["runner_hits"], cache._pred["runner_total"] = torch.tensor(5), 100
-        cache._gate_runners()
-        assert cache.runner_prefetch is False  # 5% chosen the step after
-        cache._pred["runner_hits"], cache._pred["runner_total"] = torch.tensor(35), 200
-        cache._gate_runners()
-        assert cache.runner_prefetch is True  # 30 of the last 100
-        assert cache.stats().prefetch["runner_prefetch_on"] is True
-
-
-@pytest.mark.parametrize("selection", ["head", "shared"])
-def test_runner_ups_are_the_chunks_ranked_just_below_the_choice(selection):
-    """runner_ups(scores, k, r) and choose(scores, k) split the top k + r of one ranking: disjoint, their
-    union the top k + r (per head, or of the heads' summed scores with 'shared'); None when none are left."""
-    model = build("llama", seed=5)
-    with tierkv.offload(model, sparse_cfg(selection=selection)) as cache:
-        layer = cache.layers[0]
-        layer.n_heads = 2
-        g = torch.Generator().manual_seed(5)
-        scores = torch.rand(3, 2, 40, generator=g)  # distinct values: no ties
-        idx, rest = layer.choose(scores, 6), layer.runner_ups(scores, 6, 4)
-        assert rest.shape == (3, 2, 4)
-        ranked = scores.sum(1, keepdim=True).expand(3, 2, 40) if selection == "shared" else scores
-        top = torch.topk(ranked, 10, dim=-1).indices
-        for b in range(3):
-            for h in range(2):
-                a, r = set(idx[b, h].tolist()), set(rest[b, h].tolist())
-                assert not a & r and a | r == set(top[b, h].tolist())
-                assert min(ranked[b, h, list(a)]) > max(ranked[b, h, list(r)])
-        assert layer.runner_ups(scores, 40, 4) is None
 
 
 def test_prefetch_gate_keeps_the_faster_state_and_probes():

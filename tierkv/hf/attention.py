@@ -102,13 +102,12 @@ def sparse_attend(layer, q, padding, scaling):
     idx = skipped = None
     if k_sel > 0:
         layer.scaling = scaling
-        scores = layer.score(q, hot_keys=kw[:, :, K:N])
-        idx = layer.choose(scores, k_sel)  # [B, H, k]
+        idx = layer.choose(layer.score(q, hot_keys=kw[:, :, K:N]), k_sel)  # [B, H, k]
         cache = layer.cache
         disk = cache.store.disk is not None
         if disk:
             with cache.host_part("predict"):
-                cache.predict_next(layer, q, idx, scores)
+                cache.predict_next(layer, q, idx)
         skipped = layer.gather_into(idx, kw, vw, n0=0, wait=cfg.miss_policy == "wait")
         if disk:
             with cache.host_part("issue_prefetch"):

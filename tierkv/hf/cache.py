@@ -45,14 +45,6 @@ NEXT_LAYER_MIN_HIT = 0.25  # below this share of right guesses, next-layer guess
 # from disk gets a cpu copy only when it was chosen again within a few steps (its decayed importance
 # before this step at least ADMIT_PRIOR); when they do, at once
 ADMIT_PRIOR = 0.5
-# runner-ups: after a layer chooses its top k chunks, the next RUNNER_SHARE * k by score are read ahead
-# for the next step (a choice drifts among the chunks just below the cut: on the shipped model at 32K,
-# a step's top 1.5k held 12 points more of the next step's top k than its top k did), while at least
-# RUNNER_MIN_HIT of them are chosen the step after (random weights: ~1%); they are touched with
-# RUNNER_VALUE so the cpu tier admits them below chunks actually chosen
-RUNNER_SHARE = 0.5
-RUNNER_MIN_HIT = 0.1
-RUNNER_VALUE = 0.5
 ADMIT_ALL_AT = 0.2
 
 
@@ -105,7 +97,6 @@ class TierKVLayer(CacheLayerMixin):
         self._static = None  # per-(k) cached parts of the gather table
         self.prev_idx: Optional[torch.Tensor] = None  # last step's choice (for the persistence statistic)
         self.predicted: Optional[torch.Tensor] = None  # the previous layer's guess at this step's choice
-        self.runners: Optional[torch.Tensor] = None  # last step's runner-ups [B, H, r] (their hit rate)
         self._launch_plans: dict = {}
         self._keys: List[List[ChunkKey]] = []  # [b][c]: the store key of each chunk, made once at ingest
         self._sel: list = []  # this layer's choices [B, H, k] since importance/chosen were last brought up to date
@@ -321,17 +312,6 @@ class TierKVLayer(CacheLayerMixin):
             idx = torch.topk(scores.sum(1), k, dim=-1, sorted=False).indices
             return idx.unsqueeze(1).expand(-1, self.n_heads, -1).contiguous()
         return torch.topk(scores, k, dim=-1, sorted=False).indices
-
-    def runner_ups(self, scores: torch.Tensor, k: int, r: int) -> Optional[torch.Tensor]:
-        """The r chunks [B, H, r] ranked just below choose(scores, k)'s k, by the same ranking (None when
-        there are none). Apart from choose, so that the choice itself is the same with or without them."""
-        shared = self.cache.config.selection == "shared"
-        s = scores.sum(1) if shared else scores
-        m = min(k + r, s.shape[-1])
-        if m <= k:
-            return None
-        rest = torch.topk(s, m, dim=-1, sorted=True).indices[..., k:]
-        return rest.unsqueeze(1).expand(-1, self.n_heads, -1).contiguous() if shared else rest.contiguous()
 
     def note_selection(self, idx: torch.Tensor) -> None:
         """Count the heads that chose each chunk this step into its decayed importance.
@@ -639,11 +619,7 @@ class TierKVCache(Cache):
         self._prefetcher = None
         self.lookahead = None  # hf.lookahead.Lookahead when the model has one (set by tierkv.offload, closed here)
         self._zero: Optional[torch.Tensor] = None
-        self._pred = {f"{name}_{part}": (None if part == "hits" else 0)
-                      for name in ("next_layer", "next_step", "runner") for part in ("hits", "total")}
-        self._runners = None  # (layer, its runner-ups on the host, event): set by predict_next
-        self._runner_keys: set = set()  # runner-ups asked for from disk in this pass
-        self.runner_prefetch = True  # whether runner-ups are read ahead (_gate_runners decides)
+        self._pred = {"next_layer_hits": None, "next_layer_total": 0, "next_step_hits": None, "next_step_total": 0}
         store.add_listener(self._on_move)
 
     @property
@@ -701,8 +677,7 @@ class TierKVCache(Cache):
              # the gate's last measured mean step time with and without next-layer prefetching
              "gate_step_s_on": self._gate.step_seconds[True], "gate_step_s_off": self._gate.step_seconds[False],
              "host_seconds": dict(self.host_seconds)}
-        p["runner_prefetch_on"] = self.runner_prefetch
-        for name in ("next_layer", "next_step", "runner"):
+        for name in ("next_layer", "next_step"):
             hits, total = self._pred[name + "_hits"], self._pred[name + "_total"]
             p[f"predict_{name}_hit_rate"] = (int(hits) / total) if total else None
         if self._prefetcher is not None:
@@ -739,8 +714,7 @@ class TierKVCache(Cache):
             self._zero = torch.zeros(nbytes, dtype=torch.uint8, device=dev)
         return self._zero
 
-    def predict_next(self, layer: "TierKVLayer", q: torch.Tensor, idx: torch.Tensor,
-                     scores: Optional[torch.Tensor] = None) -> None:
+    def predict_next(self, layer: "TierKVLayer", q: torch.Tensor, idx: torch.Tensor) -> None:
         """After `layer` chose idx for query q: guess the next layer's choice; what of it is on disk is
         queued for reading by issue_prefetch(), which the caller calls after this layer's own reads.
 
@@ -751,14 +725,8 @@ class TierKVCache(Cache):
         persists) against this layer's choice. While the guesses are not prefetched (the gate is shut,
         or prediction is off), one step in GATE_EVERY still makes them, for the hit rate the gate and
         the statistics read: a guess costs a scoring pass.
-
-        `scores`, the ranking idx was chosen from: its runner-ups are queued for the next step
-        (_predict_runners).
         """
         self._guess = None  # a guess is for the layer right after this one, never a later one
-        self._runners = None
-        if scores is not None:
-            self._predict_runners(layer, scores, idx)
         B, H, kk = idx.shape
         prev = layer.prev_idx
         if prev is not None and prev.shape == idx.shape:
@@ -798,60 +766,20 @@ class TierKVCache(Cache):
             host, done = guess, None
         self._guess = (nxt, host, done)
 
-    def _predict_runners(self, layer: "TierKVLayer", scores: torch.Tensor, idx: torch.Tensor) -> None:
-        """After `layer` chose idx from scores: score last step's runner-ups against idx (how many were
-        chosen now), and take this step's, the RUNNER_SHARE * k chunks ranked just below the choice, to
-        be read ahead for the next step by issue_prefetch(). While too few of them are chosen the step
-        after (the gate, every GATE_EVERY steps), they are still taken one step in GATE_EVERY, for the
-        hit rate, but not read."""
-        prev, layer.runners = layer.runners, None
-        if prev is not None and prev.shape[:2] == idx.shape[:2] and layer.n_chunks:
-            self._count("runner", _overlap(prev, idx, layer.n_chunks), prev.numel())
-        prefetching = self.predict and self.runner_prefetch
-        if not prefetching and self.steps % GATE_EVERY:
-            return
-        k = idx.shape[-1]
-        rest = layer.runner_ups(scores, k, max(1, int(k * RUNNER_SHARE + 0.999)))
-        layer.runners = rest
-        if rest is None or not prefetching or not layer.disk_only or self.store.disk is None:
-            return
-        flat = rest[:, :1] if self.config.selection == "shared" else rest  # shared: the same for every head
-        flat = flat.reshape(rest.shape[0], -1)
-        if flat.device.type == "cuda":
-            host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
-            host.copy_(flat, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record()
-        else:
-            host, done = flat, None
-        self._runners = (layer, host, done)
-
     def issue_prefetch(self) -> None:
-        """Queue the disk reads predict_next() asked for: its guess for the next layer (if any), then
-        the layer's runner-ups for the next step (if any), which are touched so that the cpu tier admits
-        them when they arrive."""
+        """Queue the disk reads of the guess predict_next() made for the next layer (if any)."""
         pending, self._guess = self._guess, None
-        runners, self._runners = self._runners, None
-        for item in (pending, runners):
-            if item is None:
-                continue
-            layer, host, done = item
-            if done is not None:
-                t0 = time.perf_counter()
-                done.synchronize()  # waits for this copy only (the layer's later kernels are behind it)
-                self.host_seconds["wait_gpu"] += time.perf_counter() - t0
-            if item is pending:  # the guess: -1 where the chunk is not on disk only
-                want = sorted({(b, c) for b, row in enumerate(host.tolist()) for c in row if c >= 0})
-            else:
-                chosen = {(b, c) for b, row in enumerate(host.tolist()) for c in row}
-                keys = layer._keys
-                self.store.touch([keys[b][c] for b, c in chosen], RUNNER_VALUE)
-                disk_only = layer.disk_only
-                want = sorted(bc for bc in chosen if bc in disk_only)
-                self._runner_keys.update(keys[b][c] for b, c in want)
-            if want:
-                nb = layer.layout.nbytes
-                self.prefetcher().request([(layer._keys[b][c], nb) for b, c in want])
+        if pending is None:
+            return
+        nxt, host, done = pending
+        if done is not None:
+            t0 = time.perf_counter()
+            done.synchronize()  # waits for the guess only (the layer's later kernels are behind it)
+            self.host_seconds["wait_gpu"] += time.perf_counter() - t0
+        want = sorted({(b, c) for b, row in enumerate(host.tolist()) for c in row if c >= 0})
+        if want:
+            nb = nxt.layout.nbytes
+            self.prefetcher().request([(nxt._keys[b][c], nb) for b, c in want])
 
     def _count(self, name: str, hits: torch.Tensor, total: int) -> None:
         acc = self._pred[name + "_hits"]
@@ -874,13 +802,7 @@ class TierKVCache(Cache):
             # copy: one-off choices and wrong guesses would cost a host copy each and evict chunks that
             # are used again
             self.store.add_copies(list(dict(ready + direct).items()), "cpu", min_prior=self.admit_min_prior)
-            # this pass's runner-ups are for the next step: those the cpu tier did not take (full of
-            # chunks worth more) stay staged through it, where that step finds them
-            fresh, self._runner_keys = self._runner_keys, set()
-            keep = {k for k, _ in ready if k in fresh and self.store.source_location(k, "cpu") is None}
-            pf.release([k for k, _ in ready if k not in keep])
-        else:
-            self._runner_keys = set()
+            pf.release([k for k, _ in ready])
         pf.begin_step(self.steps)
         pf.drop_stale()
         return bool(ready or direct)
@@ -941,7 +863,6 @@ class TierKVCache(Cache):
         if self.steps % GATE_EVERY == 0:
             self._gate_next_layer()
             self._gate_admission()
-            self._gate_runners()
         if not self.selected_layers or self.steps % self.promote_every:
             return
         t0 = time.perf_counter()
@@ -1010,13 +931,6 @@ class TierKVCache(Cache):
         rate = self._window_rate("next_step")
         if rate is not None:
             self.admit_min_prior = 0.0 if rate >= ADMIT_ALL_AT else ADMIT_PRIOR
-
-    def _gate_runners(self) -> None:
-        """Every GATE_EVERY steps: read runner-ups ahead while at least RUNNER_MIN_HIT of them were
-        chosen the step after (in the last window)."""
-        rate = self._window_rate("runner")
-        if rate is not None:
-            self.runner_prefetch = rate >= RUNNER_MIN_HIT
 
     def _worth_promoting(self, gpu_hits: float) -> bool:
         """Adapt how often the gpu tier is refreshed to how often it serves the chosen chunks.
