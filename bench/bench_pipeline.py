@@ -38,6 +38,9 @@ from tierkv import TierConfig  # noqa: E402
 from bench_decode import _dump, _git, build_model, decode, kv_bytes, llama8b_config, prefill  # noqa: E402
 
 
+WARMUP_CONTEXT = 8192  # tokens of the untimed run that warms the process up before the modes are measured
+
+
 def encoded_kv_bytes(cfg, ctx, batch, fmt, chunk_length):
     """Bytes of the KV as the cpu and disk tiers hold it: chunks in `fmt` (int4 is ~0.3 of bf16)."""
     from tierkv.formats import ChunkLayout
@@ -77,11 +80,13 @@ def run_mode(model, cfg, ids, mode, args, device, selection="head"):
         tps = statistics.median(windows)
         if prof is not None:
             prof.disable()
-            _write_profile(prof, os.path.join(args.profile_dir, f"{mode}-{selection}.txt"), args.steps)
+            _write_profile(prof, os.path.join(args.profile_dir, f"{mode}-{selection}.txt"),
+                           args.steps * args.repeats)
         after = cache.stats()
     steps = args.steps * args.repeats  # the per-step figures are over all timed windows
     disk_bytes = (after.prefetch.get("bytes_read", 0) or 0) - (before.prefetch.get("bytes_read", 0) or 0)
-    row = dict(mode=mode, selection=selection, tokens_per_s=tps, tokens_per_s_windows=windows, prefill_s=pre, cpu_budget=cpu, kv_bytes=kv,
+    row = dict(mode=mode, selection=selection, tokens_per_s=tps, tokens_per_s_windows=windows, prefill_s=pre,
+               cpu_budget=cpu, kv_bytes=kv,
                stall_s_per_step=(after.stall_seconds - before.stall_seconds) / steps,
                # host time per step in the disk path's parts (stage_from_disk includes the stall)
                host_ms_per_step={k: (v - before.prefetch["host_seconds"][k]) / steps * 1e3
@@ -208,6 +213,9 @@ def main(argv=None):
     p.add_argument("--profile-dir", default=None,
                    help="profile the timed steps of the disk modes with cProfile; text reports written here")
     p.add_argument("--json", default=None)
+    p.add_argument("--no-process-warmup", dest="process_warmup", action="store_false",
+                   help="leave out the short untimed run (first mode, first selection, at most "
+                        f"{WARMUP_CONTEXT} tokens) made before the measured modes")
     args = p.parse_args(argv)
     for name in ("steps", "repeats", "context", "batch"):
         if getattr(args, name) < 1:
@@ -235,6 +243,13 @@ def main(argv=None):
                    torch=torch.__version__, tierkv=tierkv.__version__, git_commit=_git(), command=" ".join(sys.argv),
                    date=time.strftime("%Y-%m-%d %H:%M:%S"), args=vars(args), rows=[])
     results["ratios"] = {}
+    if args.process_warmup:
+        # the first mode of a process ran slower than the same mode later in it (one-time set-up: kernels,
+        # handles, allocator pools), which favoured whichever mode came later: one short untimed run first
+        print("process warm-up (not measured):", flush=True)
+        warm = argparse.Namespace(**{**vars(args), "steps": max(1, args.warmup), "repeats": 1, "profile_dir": None})
+        run_mode(model, cfg, ids[:, : min(ids.shape[1], WARMUP_CONTEXT)], args.modes[0], warm, device,
+                 args.selection[0])
     for selection in args.selection:
         print(f"selection {selection!r}", flush=True)
         for mode in args.modes:

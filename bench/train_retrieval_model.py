@@ -102,8 +102,8 @@ def parse_args(argv=None):
     p.add_argument("--profile-shapes", action="store_true", help="first time a few steps per context length on a throwaway model")
     p.add_argument("--deterministic", action="store_true",
                    help="deterministic GPU kernels (torch.use_deterministic_algorithms, cuBLAS workspace config; "
-                        "flash attention's deterministic backward): the same arguments give the same training to within "
-                             "rounding (the weights' bytes were seen to differ between two runs)")
+                        "flash attention's deterministic backward): the same arguments give the same training to "
+                        "within rounding (the weights' bytes were seen to differ between two runs)")
     p.add_argument("--quick", action="store_true", help="tiny model, short contexts, a few CPU steps: checks the code path")
     a = p.parse_args(argv)
     if a.quick:

@@ -371,6 +371,7 @@ def test_bench_pipeline_runs_both_selections(tmp_path):
     res = json.loads(out.read_text())
     rows = {(r["selection"], r["mode"]): r for r in res["rows"]}
     assert set(rows) == {(s, m) for s in ("head", "shared") for m in ("all-cpu", "sync", "pipeline")}
+    assert len(res["rows"]) == 6  # the process warm-up run is not a row
     assert set(res["ratios"]) == {"head", "shared"} and all(v > 0 for r in res["ratios"].values() for v in r.values())
     assert rows["head", "all-cpu"]["disk_bytes_per_token"] == 0
     assert 0 < rows["shared", "sync"]["disk_bytes_per_token"] < rows["head", "sync"]["disk_bytes_per_token"]
