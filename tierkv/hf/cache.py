@@ -402,9 +402,8 @@ class TierKVLayer(CacheLayerMixin):
         else:
             # what is chosen now is likely chosen next step: its value in the store rises, so installing
             # the chunks fetched for this step evicts the cpu tier's unchosen chunks first
-            t_sync = time.perf_counter()
-            chosen = chunk_idx.reshape(B, H * kk).tolist()  # waits for the device to have chosen
-            cache.host_seconds["wait_gpu"] += time.perf_counter() - t_sync
+            with cache.device_wait():
+                chosen = chunk_idx.reshape(B, H * kk).tolist()  # waits for the device to have chosen
             cache.store.touch([keys[b][c] for b in range(B) for c in set(chosen[b])], 1.0)
             disk_only = self.disk_only
             counts = {}
@@ -773,9 +772,8 @@ class TierKVCache(Cache):
             return
         nxt, host, done = pending
         if done is not None:
-            t0 = time.perf_counter()
-            done.synchronize()  # waits for the guess only (the layer's later kernels are behind it)
-            self.host_seconds["wait_gpu"] += time.perf_counter() - t0
+            with self.device_wait():
+                done.synchronize()  # waits for the guess only (the layer's later kernels are behind it)
         want = sorted({(b, c) for b, row in enumerate(host.tolist()) for c in row if c >= 0})
         if want:
             nb = nxt.layout.nbytes
@@ -822,15 +820,23 @@ class TierKVCache(Cache):
         finally:
             hs[name] += time.perf_counter() - t0 - (hs["wait_gpu"] - w0)
 
+    @contextlib.contextmanager
+    def device_wait(self):
+        """Adds the block's seconds, the host waiting for the device, to host_seconds["wait_gpu"]."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.host_seconds["wait_gpu"] += time.perf_counter() - t0
+
     def _wait_for_kernels(self) -> None:
         """Block until this pass's kernels are done (no-op on the CPU): after it, host buffers they read
         may be reused. Pinned buffers come from torch's caching host allocator, which knows nothing of
         reads made by our kernels through unified addressing, so freeing one hands it out again at once."""
         dev = self.store.gpu.device
         if dev.type == "cuda":
-            t0 = time.perf_counter()
-            torch.cuda.current_stream(dev).synchronize()
-            self.host_seconds["wait_gpu"] += time.perf_counter() - t0
+            with self.device_wait():
+                torch.cuda.current_stream(dev).synchronize()
 
     def work_buffer(self, layer: TierKVLayer, n: int) -> torch.Tensor:
         """[2, B, H, >= n, D] scratch shared by all layers (they run one after another)."""
