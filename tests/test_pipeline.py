@@ -247,6 +247,26 @@ def test_prefetch_gate_keeps_the_faster_state_and_probes():
     assert g.update(None, None) is True  # no new figures: the faster state as last measured
 
 
+def test_prefetch_gate_probes_less_often_while_probes_find_the_other_state_slower():
+    """Each probe that finds prefetching slower again doubles the windows to the next probe (up to the
+    maximum); a probe that finds it faster brings the gate back to probing every `probe_every`."""
+    from tierkv.pipeline import PrefetchGate
+
+    g = PrefetchGate(min_hit=0.25, probe_every=2, max_probe_every=8)
+    state, on_windows = g.update(0.6, 2.0), []  # on (2.0 s a step) is measured first, then off
+    for w in range(40):
+        if state:
+            on_windows.append(w)
+        state = g.update(0.6, 2.0 if state else 1.0)
+    gaps = [b - a for a, b in zip(on_windows, on_windows[1:])]
+    assert gaps[:3] == [4, 8, 8] and set(gaps) <= {4, 8}
+    assert g.interval == 8
+    g.update(0.6, 1.0)  # the windows until the next probe, in the faster state (off)
+    while g.on is False:
+        g.update(0.6, 1.0)
+    assert g.update(0.6, 0.5) is True and g.interval == 2  # the probe found prefetching faster now
+
+
 def test_next_layer_prefetch_turned_off_when_it_slows_steps(tmp_path, monkeypatch):
     """Prefetch reads that make steps slower (here: every prefetch read takes 30 ms, and a step waits for
     the guesses it uses) are turned off by the measured step times, though enough guesses hit."""
@@ -336,23 +356,26 @@ def test_staging_full_reads_the_rest_directly(tmp_path, monkeypatch):
         ref = gen(model, ids, cache)
     with tierkv.offload(model, sparse_cfg(cpu_budget="12KiB", disk_path=str(tmp_path / "cold"))) as cache:
         read_directly, offered = set(), set()
-        read_many, add_copies = cache.store.disk.read_many, cache.store.add_copies
+        read_many, add_copies = cache.store.disk.read_many_async, cache.store.add_copies
 
-        def rec_read(keys, outs=None):
+        def rec_read(keys, outs=None, **kw):
             read_directly.update(keys)
-            return read_many(keys, outs)
+            return read_many(keys, outs, **kw)
 
         def rec_add(items, tier="cpu", **kw):
             offered.update(k for k, _ in items)
             return add_copies(items, tier, **kw)
 
-        cache.store.disk.read_many, cache.store.add_copies = rec_read, rec_add
+        cache.store.disk.read_many_async, cache.store.add_copies = rec_read, rec_add
         out = gen(model, ids, cache)
         stats = cache.stats()
+        pending = {k for k, _ in cache._direct}  # read in the last pass: offered when their layer gathers next
     assert torch.equal(out, ref)
     assert stats.prefetch["sync_reads"] > stats.prefetch["completed"]
-    # chunks read outside staging are offered to the cpu tier at the end of the pass, like staged ones
-    assert read_directly and read_directly <= offered
+    # chunks read outside staging are offered to the cpu tier (while a later layer's reads are in
+    # flight, or before their own layer gathers again), like staged ones
+    assert read_directly and read_directly <= offered | pending
+    assert read_directly - pending
 
 
 def test_bench_pipeline_runs_both_selections(tmp_path):
@@ -407,19 +430,19 @@ def test_next_layer_guesses_are_queued_after_the_layers_own_disk_reads(tmp_path,
     """A layer's demand reads go first; the next layer's guesses are queued after them (to be read while
     this layer computes), never just before them, where they would compete for the disk."""
     events = []
-    read_many, request = DiskTier.read_many, Prefetcher.request
+    read_many, request = DiskTier.read_many_async, Prefetcher.request
 
-    def demand(self, keys, outs=None):
+    def demand(self, keys, outs=None, **kw):
         if threading.current_thread() is threading.main_thread() and keys:
             events.append(("demand", keys[0].layer))
-        return read_many(self, keys, outs)
+        return read_many(self, keys, outs, **kw)
 
     def asked(self, keys):
         if keys:
             events.append(("request", keys[0][0].layer))
         return request(self, keys)
 
-    monkeypatch.setattr(DiskTier, "read_many", demand)
+    monkeypatch.setattr(DiskTier, "read_many_async", demand)
     monkeypatch.setattr(Prefetcher, "request", asked)
     model = build("llama", seed=14, layers=4)
     ids = torch.randint(1, 512, (1, 400))

@@ -250,6 +250,37 @@ def test_add_copies_admits_by_value_when_the_batch_does_not_fit(tmp_path):
         assert torch.equal(st.read(K(i)), data(1024, i))
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_add_copies_keeps_what_a_full_ranking_keeps(tmp_path, seed):
+    """Victims come from a heap kept across calls (entries go stale as chunks are touched, evicted and
+    put back): after every batch the tier holds exactly the best chunks by a full ranking of its old
+    contents and the newcomers, with the protected ones kept whatever their rank; and every chunk
+    still reads back its own bytes."""
+    rng = random.Random(seed)
+    n, cap = 40, 10
+    st = ChunkStore(TierConfig(gpu_budget=4 * 1024, cpu_budget=cap * 1024, importance_decay=0.8,
+                               disk_path=str(tmp_path)))
+    for i in range(n):
+        st.put(K(i), data(1024, i), tier="disk")
+    for step in range(60):
+        st.tick()
+        st.touch(rng.sample([K(i) for i in range(n)], rng.randint(0, 12)), rng.choice([0.5, 1.0, 3.0]))
+        if rng.random() < 0.2 and len(st.cpu):  # now and then one goes by hand
+            st.evict(rng.choice(list(st.cpu.keys())), "cpu")
+        before = set(st.cpu.keys())
+        new = [K(i) for i in rng.sample(range(n), rng.randint(1, 14)) if K(i) not in before]
+        protect = set(rng.sample(sorted(before), min(len(before), rng.randint(0, 4))))
+        want_new = {k for k in new}
+        ranked = sorted((before - protect) | want_new, key=st._rank, reverse=True)
+        expect = protect | set(ranked[: cap - len(protect)])
+        got = st.add_copies([(k, data(1024, k.index)) for k in new], "cpu", protect=protect)
+        assert set(st.cpu.keys()) == expect, step
+        assert got == len(expect & want_new)
+    for i in range(n):
+        assert torch.equal(st.read(K(i)), data(1024, i))
+    st.close()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("share", [0.25, 1.5])
 def test_put_many_from_the_gpu_keeps_every_chunks_bytes(tmp_path, share):

@@ -67,30 +67,43 @@ class PrefetchGate:
     Guesses that miss cost disk reads that compete with the reads a step waits for, so a hit rate
     alone does not say whether prefetching pays (on the H200 machine, 54% right guesses still made steps
     slower than reading on demand: bench/results/pipeline_h200_*). So the gate measures: it keeps the
-    mean step time of the last window spent in each state, runs the faster one, and every `probe_every`
-    windows spends one window in the other state to measure it again (conditions change: the context
-    grows, the page cache warms, another process takes the disk).
+    mean step time of the last window spent in each state, runs the faster one, and now and then spends
+    one window in the other state to measure it again (conditions change: the context grows, the page
+    cache warms, another process takes the disk). A probe costs a window in the slower state, so each
+    probe that finds the other state slower again doubles the windows to the next one (from
+    `probe_every` up to `max_probe_every`); one that finds it faster starts over at `probe_every`.
     """
 
-    def __init__(self, min_hit: float = 0.25, probe_every: int = 8) -> None:
+    def __init__(self, min_hit: float = 0.25, probe_every: int = 8, max_probe_every: int = 64) -> None:
         self.min_hit = min_hit
         self.probe_every = probe_every
+        self.max_probe_every = max(probe_every, max_probe_every)
+        self.interval = probe_every  # windows from one probe to the next
         self.on = True
         self.step_seconds = {True: None, False: None}  # mean step time of the last window in each state
         self._windows = 0
+        self._last_probe = 0
+        self._probing = False  # the window under way measures the state the gate does not prefer
 
     def update(self, hit_rate: Optional[float], step_seconds: Optional[float]) -> bool:
         """After a window of steps spent in state `on`: its guesses' hit rate (None: none scored) and
         mean step time (None: not measured). Returns the state for the next window."""
         if step_seconds is not None:
             self.step_seconds[self.on] = step_seconds
+            if self._probing:
+                other = self.step_seconds[not self.on]
+                slower = other is not None and step_seconds > other
+                self.interval = min(self.max_probe_every, 2 * self.interval) if slower else self.probe_every
+                self._probing = False
         if hit_rate is not None and hit_rate < self.min_hit:
             self.on = False
             return self.on
         self._windows += 1
         other = not self.on
-        if self.step_seconds[other] is None or self._windows % self.probe_every == 0:
-            self.on = other
+        if self.step_seconds[other] is None or self._windows - self._last_probe >= self.interval:
+            if self.step_seconds[other] is not None:
+                self._last_probe = self._windows
+            self.on, self._probing = other, True
         else:
             self.on = self.step_seconds[True] <= self.step_seconds[False]
         return self.on
@@ -212,6 +225,11 @@ class Prefetcher:
         for i in range(0, len(new), size):
             self._queue.put(new[i : i + size])
         return len(new)
+
+    def staged(self, keys: Sequence[ChunkKey]) -> List[bool]:
+        """Whether each chunk has been asked for (staged, in flight or queued), without waiting."""
+        with self._lock:
+            return [k in self._slots for k in keys]
 
     def fetch(self, key: ChunkKey, nbytes: int, wait: bool) -> Optional[Tuple[int, int]]:
         """(segment, offset) of the staged chunk, for the gather; None if not staged and `wait` is False.

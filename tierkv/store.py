@@ -10,6 +10,8 @@ nothing is lost; only when the bottom of the hierarchy is full does a put fail w
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import math
 import threading
 from collections import defaultdict
@@ -82,6 +84,12 @@ class ChunkStore:
         self._misses = defaultdict(int)
         self._evictions = defaultdict(int)
         self._stall = 0.0
+        # per memory tier, a heap of (rank, n, key) from which victims are taken lowest rank first without
+        # ranking the whole tier each time (see _lowest): an entry is pushed when a chunk enters the tier;
+        # a chunk's rank only rises after that (touch, use), so an entry whose rank is stale is pushed
+        # again with the current one when it comes up
+        self._heaps: Dict[str, list] = {"gpu": [], "cpu": []}
+        self._heap_n = itertools.count()
         self._listeners: List[Callable[[ChunkKey, str], None]] = []
         # asynchronous copies not known to be done: (CUDA event, tensor kept alive until then). Ingest's
         # device-to-host copies into cpu slots (on _copy_stream) and promotions' host-to-device copies
@@ -153,19 +161,58 @@ class ChunkStore:
         """Eviction order, lowest first: decayed importance, then last use, then age."""
         return self._meta[key].rank
 
+    def _heap_add(self, tier, key: ChunkKey) -> None:
+        """Enter a chunk now in `tier` into its victim heap (rebuilt when stale entries pile up)."""
+        h = self._heaps[tier.name]
+        if len(h) > 4 * len(tier) + 1024:
+            h[:] = [(self._meta[k].rank, next(self._heap_n), k) for k in tier.keys() if k in self._meta]
+            heapq.heapify(h)
+            if any(e[2] == key for e in h):
+                return
+        heapq.heappush(h, (self._meta[key].rank, next(self._heap_n), key))
+
+    def _lowest(self, tier, skip: Collection[ChunkKey], held: List[ChunkKey]) -> Optional[ChunkKey]:
+        """Pop the chunk of `tier` lowest in the eviction order (_rank) that is not in `skip`; None when
+        there is none. Chunks passed over for being in `skip` are appended to `held`: the caller gives
+        them and any popped chunk it keeps back with _heap_return."""
+        h = self._heaps[tier.name]
+        meta = self._meta
+        while h:
+            rank, _, key = heapq.heappop(h)
+            m = meta.get(key)
+            if m is None or key not in tier:
+                continue
+            if m.rank != rank:  # used since it was pushed: its place is further up
+                heapq.heappush(h, (m.rank, next(self._heap_n), key))
+                continue
+            if key in skip:
+                held.append(key)
+                continue
+            return key
+        return None
+
+    def _heap_return(self, tier, keys: Iterable[ChunkKey]) -> None:
+        h = self._heaps[tier.name]
+        for key in keys:
+            if key in tier and key in self._meta:
+                heapq.heappush(h, (self._meta[key].rank, next(self._heap_n), key))
+
     def _make_room(self, tier, nbytes: int, protect: Collection[ChunkKey]) -> None:
         """Evict from a memory tier until an allocation of nbytes succeeds; `protect`: keys never evicted.
 
-        Victims are taken in one sorted pass and at least 1/64 of the budget is reclaimed, so a full tier
-        under a stream of puts sorts once per many puts rather than once per put.
+        Victims are taken lowest rank first and at least 1/64 of the budget is reclaimed, so a full tier
+        under a stream of puts evicts once per many puts rather than once per put.
         """
         want = max(nbytes, tier.budget // 64)
-        victims = sorted((k for k in tier.keys() if k not in protect), key=self._rank)
-        freed = 0
-        for victim in victims:
-            freed += self._evict_from(victim, tier.name)
-            if freed >= want:
-                break
+        freed, held = 0, []
+        try:
+            while freed < want:
+                victim = self._lowest(tier, protect, held)
+                if victim is None:
+                    break
+                freed += self._evict_from(victim, tier.name)
+        finally:
+            self._heap_return(tier, held)
 
     def _notify(self, key: ChunkKey, tier: str) -> None:
         for fn in self._listeners:
@@ -239,20 +286,24 @@ class ChunkStore:
         self._notify(key, tier.name)
         return n
 
-    def _reserve_memory(self, tier, key: ChunkKey, nbytes: int) -> torch.Tensor:
+    def _reserve_memory(self, tier, key: ChunkKey, nbytes: int, protect: Collection[ChunkKey] = ()) -> torch.Tensor:
         while True:
             view = tier.reserve(key, nbytes)
             if view is not None:
+                if key in self._meta:
+                    self._heap_add(tier, key)
                 return view
-            if not any(k != key for k in tier.keys()):
+            guard = {key, *protect}
+            if not any(k not in guard for k in tier.keys()):
                 raise CapacityError(
                     f"the {tier.name} tier (budget {tier.budget} bytes, {tier.used_bytes} used) has no room for "
                     f"chunk {key} of {nbytes} bytes even after eviction"
+                    + (" (the rest are held for a gather about to read them)" if protect else "")
                 )
-            self._make_room(tier, nbytes, (key,))
+            self._make_room(tier, nbytes, guard)
 
-    def _put_memory(self, tier, key: ChunkKey, data: torch.Tensor) -> None:
-        view = self._reserve_memory(tier, key, data.numel())
+    def _put_memory(self, tier, key: ChunkKey, data: torch.Tensor, protect: Collection[ChunkKey] = ()) -> None:
+        view = self._reserve_memory(tier, key, data.numel(), protect)
         if view.device.type == "cuda" and tier is self.gpu and self.cpu.arena.pinned and data.device.type == "cpu":
             self._promote_copy(view, data)
         elif view.device.type == "cuda":
@@ -421,19 +472,21 @@ class ChunkStore:
             self.cpu.arena.reserve_all()
 
     def add_copies(self, items: Sequence[Tuple[ChunkKey, torch.Tensor]], tier: str = "cpu",
-                   min_prior: float = 0.0) -> int:
+                   min_prior: float = 0.0, protect: Collection[ChunkKey] = ()) -> int:
         """Give chunks that live below `tier` a copy there from bytes read elsewhere (a step's prefetches),
         with value-based admission.
 
         When they do not all fit, the tier's chunks and the newcomers are ranked together by the
-        eviction order (decayed importance, then recency, then age) and the best that fit the budget are
-        kept: residents outside that set are evicted, newcomers outside it are not copied in. One sort
-        per batch, where copying one by one sorted once per 1/64 of the budget and, with a batch larger
-        than the tier, evicted its own first newcomers. Returns how many got a copy; chunks gone from
+        eviction order (decayed importance, then recency, then age) and the best are kept: residents
+        below them are evicted, newcomers below them are not copied in (copying one by one would, with
+        a batch larger than the tier, evict its own first newcomers). The tier's chunks come from its
+        victim heap lowest first, so a batch costs in proportion to what it moves, not to the size of
+        the tier (a decode step installs once per layer). Returns how many got a copy; chunks gone from
         the store or already in the tier are skipped, and so are chunks whose value before the step
         they were last touched in was below `min_prior`: with min_prior=0.5 (and importance decay 0.9) a
         chunk gets a copy when it is used again within about six steps, so chunks used once (a step's
-        one-off choices, a prefetch that guessed wrong) cost no copy and evict nothing.
+        one-off choices, a prefetch that guessed wrong) cost no copy and evict nothing. Chunks in
+        `protect` (a gather is about to read them from the tier) are kept whatever their rank.
         """
         with self._lock:
             t = self._tier(tier)
@@ -444,22 +497,31 @@ class ChunkStore:
 
             size = round_up  # in the arena's allocation units
 
-            if sum(size(d.numel()) for _, d in todo) > t.budget - t.used_bytes:
-                newcomers = {k for k, _ in todo}
-                ranked = sorted(list(t.keys()) + list(newcomers), key=self._rank, reverse=True)
-                room, keep = t.budget, set()
-                for k in ranked:
-                    n = size(self._meta[k].nbytes)
-                    if n <= room:
-                        room -= n
-                        keep.add(k)
-                for k in [k for k in t.keys() if k not in keep]:
-                    self._evict_from(k, tier)
-                todo = [(k, d) for k, d in todo if k in keep]
+            need = sum(size(d.numel()) for _, d in todo) - (t.budget - t.used_bytes)
+            if need > 0:
+                # the tier's chunks and the newcomers in one eviction order: while room is short, the
+                # lowest of the tier's lowest chunk (evicted) and the lowest newcomer (not copied in) goes
+                rank = self._rank
+                todo.sort(key=lambda e: rank(e[0]), reverse=True)  # best first: the lowest at the end
+                protect = protect if isinstance(protect, (set, frozenset, dict)) else set(protect)
+                held, resident = [], None
+                try:
+                    while need > 0 and todo:
+                        if resident is None:
+                            resident = self._lowest(t, protect, held)
+                        k, d = todo[-1]
+                        if resident is not None and rank(resident) < rank(k):
+                            need -= size(self._evict_from(resident, tier))
+                            resident = None
+                        else:
+                            todo.pop()
+                            need -= size(d.numel())
+                finally:
+                    self._heap_return(t, held + ([resident] if resident is not None else []))
             n = 0
             for k, d in todo:
                 try:
-                    self._put_memory(t, k, d)
+                    self._put_memory(t, k, d, protect)
                 except CapacityError:
                     break
                 self._moved[f"disk->{tier}"] += d.numel()

@@ -40,6 +40,7 @@ MIN_CHUNKS_IN_BUDGET = 4  # the planner gives no layer chunks longer than budget
 SELECTION_FLUSH_MAX = 32  # decode steps a layer's choices may wait before they are counted (see note_selection)
 PROMOTE_EVERY = 16  # decode steps between refreshes of the gpu tier's contents (each costs a host sync)
 GATE_EVERY = 8  # decode steps between looks at the next-layer prediction's hit rate
+NEXT_STEP_EVERY = 4  # the next-step prediction is scored one decode step in this many (GATE_EVERY a multiple)
 NEXT_LAYER_MIN_HIT = 0.25  # below this share of right guesses, next-layer guesses are not prefetched
 # when choices do not persist from step to step (next-step hit rate below ADMIT_ALL_AT), a chunk read
 # from disk gets a cpu copy only when it was chosen again within a few steps (its decayed importance
@@ -382,13 +383,14 @@ class TierKVLayer(CacheLayerMixin):
 
         A chunk the prefetch pipeline has staged is read from its staging slot (waited for while in
         flight). With `wait` (miss policy 'wait', and always for exact attention) the others are read
-        now, all in one read_many into a pinned buffer of the step, and the time is counted as stall;
-        without `wait` (policy 'skip') it is left out of this step: its rows point at a zero chunk and
-        the returned mask [B, H, k] marks it for attention to ignore, and it is queued for the next step.
-        No chunk moves between tiers here (putting chunks into the cpu tier could evict one this very
-        gather is about to read); the chosen chunks are only touched, so that the end-of-step install
-        keeps them. `every`: chunk_idx is every chunk for every head (exact attention), which says
-        nothing about which chunks matter: nothing is touched, and the choice need not be read back.
+        now, all in one read_many into a pinned buffer of the step, and the time waited is counted as
+        stall; without `wait` (policy 'skip') it is left out of this step: its rows point at a zero
+        chunk and the returned mask [B, H, k] marks it for attention to ignore, and it is queued for
+        the next step. While this layer's reads are in flight, the host installs the chunks that
+        earlier layers read from disk into the cpu tier (TierKVCache.install_direct), never evicting
+        one this layer chose: that work and the disk overlap. The chosen chunks are touched, so that
+        installs keep them. `every`: chunk_idx is every chunk for every head (exact attention), which
+        says nothing about which chunks matter: nothing is touched, and the choice need not be read back.
 
         Which chosen chunks are on disk only is known on the host (disk_only, kept by
         refresh_addresses), so the one host sync here is the copy of a sparse choice.
@@ -396,15 +398,15 @@ class TierKVLayer(CacheLayerMixin):
         cache = self.cache
         B, H, kk = chunk_idx.shape
         keys = self._keys
+        protect = ()
         if every:
             want = sorted(self.disk_only)
             counts = dict.fromkeys(want, H)  # gather entries per (b, c): one per head
         else:
-            # what is chosen now is likely chosen next step: its value in the store rises, so installing
-            # the chunks fetched for this step evicts the cpu tier's unchosen chunks first
             with cache.device_wait():
                 chosen = chunk_idx.reshape(B, H * kk).tolist()  # waits for the device to have chosen
-            cache.store.touch([keys[b][c] for b in range(B) for c in set(chosen[b])], 1.0)
+            distinct = [set(row) for row in chosen]
+            protect = [keys[b][c] for b in range(B) for c in distinct[b]]
             disk_only = self.disk_only
             counts = {}
             for b in range(B):
@@ -413,44 +415,73 @@ class TierKVLayer(CacheLayerMixin):
                         counts[(b, c)] = counts.get((b, c), 0) + 1
             want = sorted(counts)
         if not want:
+            if protect:
+                cache.store.touch(protect, 1.0)
             return a, None
         nb = self.layout.nbytes
         pf = cache.prefetcher()
+        # the chunks nobody staged are read on the disk tier's reader threads (the C reader holds no
+        # GIL), all in one batch, and started first; staged ones are served from their slots
+        staged = pf.staged([keys[b][c] for b, c in want])
+        direct = [bc for bc, st in zip(want, staged) if not st] if wait else []
+        wait_reads = None
+        if direct:
+            stride = round_up(nb)
+            buf = torch.empty(stride * len(direct), dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+            views = [buf[i * stride : i * stride + nb] for i in range(len(direct))]
+            dkeys = [keys[b][c] for b, c in direct]
+            wait_reads = cache.store.disk.read_many_async(dkeys, views)
+        # what is chosen now is likely chosen next step: its value in the store rises, so installing
+        # chunks read from disk evicts the cpu tier's unchosen chunks first
+        if protect:
+            cache.store.touch(protect, 1.0)
+        ask = [bc for bc, st in zip(want, staged) if st] if wait else want
         t0 = time.perf_counter()
-        # staged (waited for if still in flight); with `wait` the others are read here with the rest of
-        # them, in one batch on the disk tier's reader threads (the C reader holds no GIL), not one by
-        # one through the staging queue; without, they are queued for the next step
-        locs = pf.fetch_many([keys[b][c] for b, c in want], nb, wait)
+        locs = pf.fetch_many([keys[b][c] for b, c in ask], nb, wait)
+        if wait:
+            cache.store.add_stall(time.perf_counter() - t0)
         base = len(sources)
         sources.extend(pf.sources)  # the staging arena (its segments exist once something was staged)
         zero_src = len(sources)
         sources.append(cache.zero_chunk(nb))
         rows, cols, srcs, offs = [], [], [], []
-        direct, skipped_n = [], 0
-        for (b, c), loc in zip(want, locs):
+        skipped_n = 0
+        late = []  # staged, but their request was dropped or cancelled: read here after all
+        for (b, c), loc in zip(ask, locs):
             if loc is not None:
                 rows.append(b), cols.append(c), srcs.append(base + loc[0]), offs.append(loc[1])
             elif wait:
-                direct.append((b, c))
+                late.append((b, c))
             else:
                 rows.append(b), cols.append(c), srcs.append(zero_src), offs.append(0)
                 skipped_n += counts[(b, c)]
         if direct:
-            # one pinned buffer for all of them, filled by the disk tier's reader threads
-            stride = round_up(nb)
-            buf = torch.empty(stride * len(direct), dtype=torch.uint8, pin_memory=self.device.type == "cuda")
-            views = [buf[i * stride : i * stride + nb] for i in range(len(direct))]
-            dkeys = [keys[b][c] for b, c in direct]
-            cache.store.disk.read_many(dkeys, views)
-            pf.stats.sync_reads += len(direct)
-            pf.stats.bytes_read += nb * len(direct)  # counted with the staged reads: disk bytes per step
             cache.keep_alive(buf)
             sources.append(buf)
             for i, (b, c) in enumerate(direct):
                 rows.append(b), cols.append(c), srcs.append(len(sources) - 1), offs.append(i * stride)
-            cache._direct.extend(zip(dkeys, views))  # offered to the cpu tier
-        if wait:
+            # the host's share of the work while the disk reads: earlier layers' chunks into the cpu tier
+            cache.install_direct(protect)
+            t0 = time.perf_counter()
+            wait_reads()
             cache.store.add_stall(time.perf_counter() - t0)
+            pf.stats.sync_reads += len(direct)
+            pf.stats.bytes_read += nb * len(direct)  # counted with the staged reads: disk bytes per step
+            cache.add_direct(zip(dkeys, views))  # offered to the cpu tier
+        if late:
+            t0 = time.perf_counter()
+            lbuf = torch.empty(round_up(nb) * len(late), dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+            lviews = [lbuf[i * round_up(nb) : i * round_up(nb) + nb] for i in range(len(late))]
+            lkeys = [keys[b][c] for b, c in late]
+            cache.store.disk.read_many(lkeys, lviews)
+            cache.store.add_stall(time.perf_counter() - t0)
+            pf.stats.sync_reads += len(late)
+            pf.stats.bytes_read += nb * len(late)
+            cache.keep_alive(lbuf)
+            sources.append(lbuf)
+            for i, (b, c) in enumerate(late):
+                rows.append(b), cols.append(c), srcs.append(len(sources) - 1), offs.append(i * round_up(nb))
+            cache.add_direct(zip(lkeys, lviews))
         cache.disk_entries += sum(counts.values())
         cache.skipped_entries += skipped_n
         # (source, offset) per chunk of the layer, read per entry on the device: the entries outnumber
@@ -485,6 +516,8 @@ class TierKVLayer(CacheLayerMixin):
 
         Returns None, or (wait=False) a [B, H, k] mask of chunks left out because they were on disk.
         """
+        if self.layer_idx in self.cache._direct_layers:  # chunks this layer read before: offered first
+            self.cache.install_direct(layer=self.layer_idx)
         self.refresh_addresses()
         B, H, kk = chunk_idx.shape
         a = self.addr.gather(1, chunk_idx.reshape(B, H * kk, 1).expand(B, H * kk, 2)).reshape(B, H, kk, 2)
@@ -590,7 +623,11 @@ class TierKVCache(Cache):
         self._work: Optional[torch.Tensor] = None
         self._sources: Optional[List[torch.Tensor]] = None
         self._alive: list = []
-        self._direct: list = []  # (key, bytes) of chunks read from disk outside staging this pass
+        # (key, bytes) of chunks read from disk outside staging, not yet offered to the cpu tier (see
+        # install_direct), and the layers they are of
+        self._direct: list = []
+        self._direct_layers: set = set()
+        self._nested = 0.0  # seconds of the host parts that have ended (see host_part)
         # gather entries (one per KV head per chunk) served from the gpu tier: counted on the device so
         # counting costs no sync; the rest came from the cpu tier, or from disk (counted on the host)
         self._gpu_entries: Optional[torch.Tensor] = None
@@ -721,14 +758,16 @@ class TierKVCache(Cache):
         prediction 'lookahead', hf/lookahead.py) the next layer's query guessed from the hidden state
         that entered this layer, else this layer's own query. Both predictions are scored for the
         statistics: the guess when the next layer chooses, and "the same as last step" (importance
-        persists) against this layer's choice. While the guesses are not prefetched (the gate is shut,
-        or prediction is off), one step in GATE_EVERY still makes them, for the hit rate the gate and
-        the statistics read: a guess costs a scoring pass.
+        persists) against this layer's choice, the latter one step in NEXT_STEP_EVERY (a statistic for
+        the admission gate, sampled: counting costs a few launches per layer, on a host-bound step).
+        While the guesses are not prefetched (the gate is shut, or prediction is off), one step in
+        GATE_EVERY still makes them, for the hit rate the gate and the statistics read: a guess costs
+        a scoring pass.
         """
         self._guess = None  # a guess is for the layer right after this one, never a later one
         B, H, kk = idx.shape
         prev = layer.prev_idx
-        if prev is not None and prev.shape == idx.shape:
+        if prev is not None and prev.shape == idx.shape and self.steps % NEXT_STEP_EVERY == 0:
             self._count("next_step", _overlap(prev, idx, layer.n_chunks), idx.numel())
         layer.prev_idx = idx
         if layer.predicted is not None and layer.predicted.shape == idx.shape:
@@ -792,18 +831,45 @@ class TierKVCache(Cache):
             return False
         pf.check()
         ready = pf.take_ready()
-        direct, self._direct = self._direct, []
-        if ready or direct:
+        if ready:
             self._wait_for_kernels()  # kernels of this pass may still read the staging slots
-            # chunks read outside staging compete for the cpu tier like staged ones (one ranking over all
-            # of them); while choices do not persist, only chunks used again within a few steps get a
-            # copy: one-off choices and wrong guesses would cost a host copy each and evict chunks that
-            # are used again
-            self.store.add_copies(list(dict(ready + direct).items()), "cpu", min_prior=self.admit_min_prior)
+            # while choices do not persist, only chunks used again within a few steps get a copy:
+            # one-off choices and wrong guesses would cost a host copy each and evict chunks used again
+            self.store.add_copies(ready, "cpu", min_prior=self.admit_min_prior)
             pf.release([k for k, _ in ready])
         pf.begin_step(self.steps)
         pf.drop_stale()
-        return bool(ready or direct)
+        return bool(ready)
+
+    def add_direct(self, items) -> None:
+        """Chunks (key, bytes) a layer read from disk outside staging, for install_direct to offer to the
+        cpu tier later: while a later layer waits for its own reads, or before this layer next gathers."""
+        for key, data in items:
+            self._direct.append((key, data))
+            self._direct_layers.add(key.layer)
+
+    def install_direct(self, protect=(), layer: Optional[int] = None) -> None:
+        """Offer the chunks add_direct() holds (only `layer`'s, when given) a copy in the cpu tier, ranked
+        with its chunks by value (store.add_copies); the chunks in `protect` are not evicted for them.
+
+        Done while a layer's disk reads are in flight (the host work overlaps the disk), or at the latest
+        when their own layer gathers next: a layer's addresses are always computed after its chunks read
+        before were offered, so a chunk read once is not read from disk again for want of a copy.
+        Evicting waits for the kernels that may read the evicted slots (the store fences its readers).
+        """
+        if not self._direct or (layer is not None and layer not in self._direct_layers):
+            return
+        with self.host_part("install"):
+            if layer is None:
+                todo, self._direct = self._direct, []
+                self._direct_layers.clear()
+            else:
+                todo = [e for e in self._direct if e[0].layer == layer]
+                self._direct = [e for e in self._direct if e[0].layer != layer]
+                self._direct_layers.discard(layer)
+            # while choices do not persist, only chunks used again within a few steps get a copy (see
+            # ADMIT_PRIOR); a key read twice is offered once
+            self.store.add_copies(list(dict(todo).items()), "cpu", min_prior=self.admit_min_prior, protect=protect)
 
     def keep_alive(self, t: torch.Tensor) -> None:
         """Hold a host buffer a kernel may still be reading until the end of the forward pass."""
@@ -811,23 +877,20 @@ class TierKVCache(Cache):
 
     @contextlib.contextmanager
     def host_part(self, name: str):
-        """Adds the block's host seconds to host_seconds[name], less the waits for the device counted
-        into host_seconds["wait_gpu"] inside it."""
-        hs = self.host_seconds
-        t0, w0 = time.perf_counter(), hs["wait_gpu"]
+        """Adds the block's host seconds to host_seconds[name], less those of the parts nested in it (a
+        wait for the device inside it is counted into host_seconds["wait_gpu"], an install into
+        "install"): each second is counted in one part."""
+        t0, n0 = time.perf_counter(), self._nested
         try:
             yield
         finally:
-            hs[name] += time.perf_counter() - t0 - (hs["wait_gpu"] - w0)
+            elapsed = time.perf_counter() - t0
+            self.host_seconds[name] += elapsed - (self._nested - n0)
+            self._nested = n0 + elapsed
 
-    @contextlib.contextmanager
     def device_wait(self):
-        """Adds the block's seconds, the host waiting for the device, to host_seconds["wait_gpu"]."""
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.host_seconds["wait_gpu"] += time.perf_counter() - t0
+        """A block in which the host waits for the device: its seconds go to host_seconds["wait_gpu"]."""
+        return self.host_part("wait_gpu")
 
     def _wait_for_kernels(self) -> None:
         """Block until this pass's kernels are done (no-op on the CPU): after it, host buffers they read
@@ -974,6 +1037,7 @@ class TierKVCache(Cache):
         self.store.remove_listener(self._on_move)
         self._work = None
         self._direct = []
+        self._direct_layers.clear()
         if self._alive:
             self._wait_for_kernels()
             self._alive.clear()

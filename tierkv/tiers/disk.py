@@ -428,21 +428,32 @@ class DiskTier:
 
     def read_many(self, keys: Sequence[ChunkKey], outs: Optional[Sequence] = None) -> list:
         """read() of several chunks on a small thread pool (file reads and lz4 run without the GIL)."""
+        return self.read_many_async(keys, outs, inline=True)()
+
+    def read_many_async(self, keys: Sequence[ChunkKey], outs: Optional[Sequence] = None,
+                        inline: bool = False) -> Callable[[], list]:
+        """read_many() started on the reader threads; returns a function that waits for the reads and
+        returns what read_many() would (raising its error). Meanwhile the caller may do other work:
+        the reads hold no GIL. `inline`: a batch too small to share out is read before returning."""
         keys = list(keys)
         if outs is not None and len(outs) != len(keys):
             raise ConfigError(f"read_many: {len(outs)} output tensors for {len(keys)} keys; expected one per key")
         outs = list(outs) if outs is not None else [None] * len(keys)
         n = len(keys)
-        if n <= 1:
-            return [self.read(k, o) for k, o in zip(keys, outs)]
+        if n == 0:
+            return list
+        if n == 1 and inline:
+            got = [self.read(keys[0], outs[0])]
+            return lambda: got
         # one task per thread over an interleaved share of the keys: a future per chunk costs more
         # than the thread hand-off saves at these sizes; and at least MIN_PER_THREAD chunks a thread:
         # a decode step's batch of ~30 chunks read fastest on 8 threads on the H200 machine's disk, not
         # on 16 (bench/results/disk_depth_h200_a3261bf.json), and each thread's share costs Python time
         step = min(self._read_threads, -(-n // MIN_PER_THREAD))
         locs = self._locate(keys)
-        if step == 1:  # one share: no hand-off to the pool
-            return self._read_located(keys, outs, locs)
+        if step == 1 and inline:  # one share: no hand-off to the pool
+            got = self._read_located(keys, outs, locs)
+            return lambda: got
         got: list = [None] * n
 
         def share(first: int) -> None:
@@ -452,10 +463,14 @@ class DiskTier:
                 got[i] = t
 
         futures = [self._executor().submit(share, j) for j in range(step)]
-        errors = [e for e in (f.exception() for f in futures) if e is not None]  # all done before we return
-        if errors:
-            raise errors[0]
-        return got
+
+        def wait() -> list:
+            errors = [e for e in (f.exception() for f in futures) if e is not None]  # all done before we return
+            if errors:
+                raise errors[0]
+            return got
+
+        return wait
 
     def read_batch(self, keys: Sequence[ChunkKey], outs: Sequence) -> list:
         """read() of several chunks in the calling thread, the files in one call of the C reader (no GIL
