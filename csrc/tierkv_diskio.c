@@ -15,11 +15,13 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
-#define TKV_ABI 1
+#define TKV_ABI 2
 
 /* per-chunk status codes (tierkv/tiers/_native.py maps them to errors) */
 enum {
@@ -279,4 +281,59 @@ int tkv_read_chunks(int n, const char *const *paths, const int64_t *nbytes, cons
         }
     }
     return failed;
+}
+
+/* tkv_read_chunks over `threads` threads of its own (the caller's among them), each with an aligned
+ * scratch buffer of scratch_len bytes, taking the next unread entry until none is left: one foreign
+ * call reads a whole batch in parallel, so a Python caller holds the GIL only to set it up. Every entry
+ * is tried (no stop at the first failure); returns how many failed, or -1 when no scratch buffer could
+ * be allocated (then nothing was read). */
+struct mt_job {
+    int n, direct;
+    const char *const *paths;
+    const int64_t *nbytes, *expect;
+    uint8_t *const *outs;
+    int64_t scratch_len;
+    int32_t *status;
+    int64_t *info;
+    int next;
+    int failed;
+};
+
+static void *mt_worker(void *arg) {
+    struct mt_job *job = (struct mt_job *)arg;
+    void *scratch = NULL;
+    if (posix_memalign(&scratch, DIRECT_ALIGN, (size_t)job->scratch_len)) return (void *)1;
+    for (;;) {
+        int i = __atomic_fetch_add(&job->next, 1, __ATOMIC_RELAXED);
+        if (i >= job->n) break;
+        int64_t *info = job->info + 3 * i;
+        info[0] = info[1] = info[2] = 0;
+        job->status[i] = read_one(job->paths[i], job->nbytes[i], job->expect[i], job->outs[i], job->direct,
+                                  (uint8_t *)scratch, job->scratch_len, info);
+        if (job->status[i] != TKV_OK) __atomic_fetch_add(&job->failed, 1, __ATOMIC_RELAXED);
+    }
+    free(scratch);
+    return NULL;
+}
+
+int tkv_read_chunks_mt(int n, const char *const *paths, const int64_t *nbytes, const int64_t *expect,
+                       uint8_t *const *outs, int direct, int64_t scratch_len, int32_t *status, int64_t *info,
+                       int threads) {
+    enum { MAX_THREADS = 64 };
+    pthread_t tids[MAX_THREADS];
+    struct mt_job job = {n, direct, paths, nbytes, expect, outs, scratch_len, status, info, 0, 0};
+    for (int i = 0; i < n; i++) status[i] = -1;
+    if (threads > n) threads = n;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    int started = 0;
+    for (int t = 1; t < threads; t++) {
+        if (pthread_create(&tids[started], NULL, mt_worker, &job)) break; /* fewer threads: still correct */
+        started++;
+    }
+    mt_worker(&job);
+    for (int t = 0; t < started; t++) pthread_join(tids[t], NULL);
+    for (int i = 0; i < n; i++)
+        if (status[i] == -1) return -1; /* no worker got a scratch buffer: entries left unread */
+    return job.failed;
 }

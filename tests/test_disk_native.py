@@ -3,6 +3,7 @@ the libraries it stands in for: its crc32c against the crc32c package, its LZ4 b
 numcodecs' LZ4 on every kind of content and on damaged blocks (never a write outside the output), and
 DiskTier with each reader: the same bytes and the same errors."""
 
+import ctypes
 import os
 import random
 import struct
@@ -191,6 +192,49 @@ def test_both_readers_raise_the_same_errors(tmp_path, rng_seed):
                         t.read(k)
     finally:
         os.chmod(p, 0o644)
+
+
+@needs_c
+@pytest.mark.parametrize("threads", [2, 8])
+def test_one_call_on_many_threads_reads_and_fails_like_one_thread(tmp_path, rng_seed, threads):
+    """The C reader's threads (one foreign call for a batch, tkv_read_chunks_mt): every chunk lands in
+    its own output, whatever thread took it; a corrupt chunk in the middle fails the batch with that
+    chunk named (read_many, and read_many_async's wait), the others still read back; and the status of
+    every entry is set, the corrupt one's alone not OK."""
+    root = tmp_path / "st"
+    want = _store(root, 48, rng_seed, sizes=(5000, 73728, 12345))
+    keys = sorted(want)
+    with DiskTier(root, read_threads=threads) as t:
+        outs = [torch.full((want[k].numel() + 3,), 0xEE, dtype=torch.uint8) for k in keys]
+        res = t.read_many_async(keys, outs)()
+        for k, r, o in zip(keys, res, outs):
+            assert torch.equal(r, want[k]) and (o[want[k].numel():] == 0xEE).all()
+        bad = keys[29]
+        path = t._index[bad].path
+        locs = [t._index[k] for k in keys]
+    body = bytearray(open(path, "rb").read())
+    body[50] ^= 1
+    open(path, "wb").write(bytes(body))
+    with DiskTier(root, read_threads=threads) as t:
+        with pytest.raises(CorruptChunkError, match=f"chunk {bad}"):
+            t.read_many(keys)
+        with pytest.raises(CorruptChunkError, match=f"chunk {bad}"):
+            t.read_many_async(keys)()
+        for k in keys[:29] + keys[30:]:
+            assert torch.equal(t.read(k), want[k])
+    m = len(keys)
+    i64 = ctypes.c_int64 * m
+    outs = [np.zeros(loc.nbytes, np.uint8) for loc in locs]
+    status, info = (ctypes.c_int32 * m)(), (ctypes.c_int64 * (3 * m))()
+    failed = lib.tkv_read_chunks_mt(m, (ctypes.c_char_p * m)(*[loc.bpath for loc in locs]),
+                                    i64(*[loc.nbytes for loc in locs]), i64(*[loc.size for loc in locs]),
+                                    (ctypes.c_void_p * m)(*[o.ctypes.data for o in outs]), 0,
+                                    _diskio.direct_read_size(73728), status, info, threads)
+    assert failed == 1 and [i for i in range(m) if status[i] != _native.OK] == [29]
+    assert status[29] == _native.BAD_CRC
+    for i, k in enumerate(keys):
+        if i != 29:
+            assert np.array_equal(outs[i], want[k].numpy())
 
 
 @needs_c

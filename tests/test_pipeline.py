@@ -99,9 +99,9 @@ def test_exit_with_work_in_flight_joins_and_leaks_nothing(tmp_path, monkeypatch)
     fds_before = set(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else set()
     original = DiskTier._read_files
 
-    def slow(self, keys, locs, ts):
+    def slow(self, keys, locs, ts, *rest):
         time.sleep(0.02)  # keeps the workers busy when the context exits
-        return original(self, keys, locs, ts)
+        return original(self, keys, locs, ts, *rest)
 
     monkeypatch.setattr(DiskTier, "_read_files", slow)
     cfg = sparse_cfg(cpu_budget="8KiB", disk_path=str(tmp_path / "cold"))
@@ -155,13 +155,13 @@ def test_prefetcher_batched_reads_isolate_a_failure(tmp_path, monkeypatch):
     gate, batches = threading.Event(), []
     original = DiskTier._read_files
 
-    def patched(self, ks, locs, ts):
+    def patched(self, ks, locs, ts, *rest):
         batches.append(list(ks))
         if ks[0] == keys[0]:
             gate.wait(10)  # holds the only worker while the rest are queued
         if keys[5] in ks:
             raise OSError(5, "injected I/O error")
-        return original(self, ks, locs, ts)
+        return original(self, ks, locs, ts, *rest)
 
     monkeypatch.setattr(DiskTier, "_read_files", patched)
     pf = Prefetcher(disk, slot_bytes=1000, depth=16, workers=1, pinned=False)
@@ -277,10 +277,10 @@ def test_next_layer_prefetch_turned_off_when_it_slows_steps(tmp_path, monkeypatc
     monkeypatch.setattr(cache_mod, "NEXT_LAYER_MIN_HIT", 0.0)
     original = DiskTier._read_files
 
-    def slow(self, keys, locs, ts):
+    def slow(self, keys, locs, ts, *rest):
         if threading.current_thread().name.startswith("tierkv-prefetch"):
             time.sleep(0.03)
-        return original(self, keys, locs, ts)
+        return original(self, keys, locs, ts, *rest)
 
     monkeypatch.setattr(DiskTier, "_read_files", slow)
     decisions = []

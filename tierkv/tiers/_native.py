@@ -25,8 +25,8 @@ import threading
 from typing import Optional
 
 SOURCE = "tierkv_diskio.c"
-ABI = 1
-CFLAGS = ("-std=c99", "-O2", "-fPIC", "-shared", "-Wall")
+ABI = 2
+CFLAGS = ("-std=c99", "-O2", "-fPIC", "-shared", "-Wall", "-pthread")
 
 # status codes of tkv_read_chunks (enum in the C source)
 OK, OPEN_FAILED, READ_FAILED, TOO_LONG, TOO_SHORT, BAD_CRC, BAD_HEADER, BAD_BLOCK, SCRATCH_SMALL = range(9)
@@ -95,6 +95,8 @@ def _load():
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.tkv_read_chunks.argtypes = [i32, p, p, p, p, i32, p, i64, p, p, i32]
     lib.tkv_read_chunks.restype = i32
+    lib.tkv_read_chunks_mt.argtypes = [i32, p, p, p, p, i32, i64, p, p, i32]
+    lib.tkv_read_chunks_mt.restype = i32
     lib.tkv_crc32c.argtypes = [p, ctypes.c_size_t, i32]
     lib.tkv_crc32c.restype = ctypes.c_uint32
     lib.tkv_lz4_decode.argtypes = [p, ctypes.c_size_t, p, ctypes.c_size_t]

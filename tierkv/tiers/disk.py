@@ -451,9 +451,15 @@ class DiskTier:
         # on 16 (bench/results/disk_depth_h200_a3261bf.json), and each thread's share costs Python time
         step = min(self._read_threads, -(-n // MIN_PER_THREAD))
         locs = self._locate(keys)
-        if step == 1 and inline:  # one share: no hand-off to the pool
-            got = self._read_located(keys, outs, locs)
-            return lambda: got
+        if self._native is not None or step == 1:
+            # the C reader reads the batch on `step` threads of its own in one foreign call, without the
+            # GIL: the Python work is set-up only, done once (not once per thread: with the GIL shared
+            # by many reader threads and the decode thread, that work is what a decode step waits on)
+            if inline:
+                got = self._read_located(keys, outs, locs, step)
+                return lambda: got
+            future = self._executor().submit(self._read_located, keys, outs, locs, step)
+            return future.result
         got: list = [None] * n
 
         def share(first: int) -> None:
@@ -487,8 +493,9 @@ class DiskTier:
         with self._lock:
             return [None if k in self._pending else self._index.get(k) for k in keys]
 
-    def _read_located(self, keys, outs, locs) -> list:
-        """The chunks keys[j] read into outs[j] (None: a new tensor); locs[j] None: through read()."""
+    def _read_located(self, keys, outs, locs, threads: int = 1) -> list:
+        """The chunks keys[j] read into outs[j] (None: a new tensor); locs[j] None: through read().
+        `threads`: the C reader's threads for the batch (the Python reader reads in this thread)."""
         got: list = [None] * len(keys)
         mine = []
         for j, loc in enumerate(locs):
@@ -501,7 +508,7 @@ class DiskTier:
         ts = [_out_tensor(outs[j], locs[j].nbytes, keys[j]) for j in mine]
         sizes = []
         try:
-            sizes = self._read_files([keys[j] for j in mine], [locs[j] for j in mine], ts)
+            sizes = self._read_files([keys[j] for j in mine], [locs[j] for j in mine], ts, threads)
         finally:
             self._tally(len(sizes), sum(locs[j].nbytes for j in mine[: len(sizes)]), sum(sizes))
         for j, t in zip(mine, ts):
@@ -533,21 +540,26 @@ class DiskTier:
             buf = self._tls.buf = io.direct_buffer(max(want, 1 << 16))
         return buf
 
-    def _read_files(self, keys: Sequence[ChunkKey], locs: Sequence[_Loc], ts: Sequence) -> List[int]:
+    def _read_files(self, keys: Sequence[ChunkKey], locs: Sequence[_Loc], ts: Sequence, threads: int = 1) -> List[int]:
         """Read and check chunks into the uint8 tensors `ts` (uncounted); returns their file sizes.
-        Raises as _read_file does, for the first chunk that fails (the ones after it are not read)."""
+        Raises as _read_file does, for the first chunk that fails (with one thread the ones after it
+        are not read; with several, all are tried). `threads` > 1: the C reader's threads."""
         lib = self._native
         if lib is None:
             return [self._read_file(k, loc, t.numpy()) for k, loc, t in zip(keys, locs, ts)]
         m = len(keys)
-        buf = self._scratch(max(loc.nbytes for loc in locs))
         i64 = ctypes.c_int64 * m
         status, info = (ctypes.c_int32 * m)(), (ctypes.c_int64 * (3 * m))()
         direct = self._direct
-        failed = lib.tkv_read_chunks(m, (ctypes.c_char_p * m)(*[loc.bpath for loc in locs]),
-                                     i64(*[loc.nbytes for loc in locs]), i64(*[loc.size for loc in locs]),
-                                     (ctypes.c_void_p * m)(*[t.data_ptr() for t in ts]), int(direct),
-                                     buf.ctypes.data, buf.shape[0], status, info, 1)
+        args = (m, (ctypes.c_char_p * m)(*[loc.bpath for loc in locs]), i64(*[loc.nbytes for loc in locs]),
+                i64(*[loc.size for loc in locs]), (ctypes.c_void_p * m)(*[t.data_ptr() for t in ts]), int(direct))
+        failed = -1
+        if threads > 1 and m > 1:  # scratch buffers of the C reader's own: as large as _scratch makes them
+            failed = lib.tkv_read_chunks_mt(*args, max(io.direct_read_size(max(loc.nbytes for loc in locs)), 1 << 16),
+                                            status, info, threads)
+        if failed < 0:  # one thread (or the threads could not get their buffers): this thread's scratch
+            buf = self._scratch(max(loc.nbytes for loc in locs))
+            failed = lib.tkv_read_chunks(*args, buf.ctypes.data, buf.shape[0], status, info, 1)
         if not failed:
             return [info[3 * i] for i in range(m)]
         i = next(j for j in range(m) if status[j] != _native.OK)
@@ -556,7 +568,7 @@ class DiskTier:
         if direct and code in (_native.OPEN_FAILED, _native.READ_FAILED) and a == errno.EINVAL:
             # the filesystem (tmpfs, some FUSE mounts) refuses O_DIRECT: buffered reads from now on
             self._direct = False
-            return sizes + self._read_files(keys[i:], locs[i:], ts[i:])
+            return sizes + self._read_files(keys[i:], locs[i:], ts[i:], threads)
         key, loc = keys[i], locs[i]
         if code == _native.OPEN_FAILED and a == errno.ENOENT:
             self._missing_file(key, loc)
