@@ -276,6 +276,9 @@ def test_add_copies_keeps_what_a_full_ranking_keeps(tmp_path, seed):
         got = st.add_copies([(k, data(1024, k.index)) for k in new], "cpu", protect=protect)
         assert set(st.cpu.keys()) == expect, step
         assert got == len(expect & want_new)
+        for m in st._meta.values():  # touch's ranks, written out there, are _stamp's to the bit
+            rank = m.rank
+            assert st._stamp(m).rank == rank
     for i in range(n):
         assert torch.equal(st.read(K(i)), data(1024, i))
     st.close()

@@ -89,6 +89,7 @@ class ChunkStore:
         # a chunk's rank only rises after that (touch, use), so an entry whose rank is stale is pushed
         # again with the current one when it comes up
         self._heaps: Dict[str, list] = {"gpu": [], "cpu": []}
+        self._fenced = False  # within a batch of evictions that waited for copies and readers once, up front
         self._heap_n = itertools.count()
         self._listeners: List[Callable[[ChunkKey, str], None]] = []
         # asynchronous copies not known to be done: (CUDA event, tensor kept alive until then). Ingest's
@@ -278,7 +279,7 @@ class ChunkStore:
             self._settle()
 
     def _evict_copy(self, tier, key: ChunkKey) -> int:
-        if tier is self.cpu:  # a copy or a gather still in flight may read this slot
+        if tier is self.cpu and not self._fenced:  # a copy or a gather still in flight may read this slot
             self._settle()
             self._fence_readers()
         n = tier.evict(key)
@@ -304,7 +305,9 @@ class ChunkStore:
 
     def _put_memory(self, tier, key: ChunkKey, data: torch.Tensor, protect: Collection[ChunkKey] = ()) -> None:
         view = self._reserve_memory(tier, key, data.numel(), protect)
-        if view.device.type == "cuda" and tier is self.gpu and self.cpu.arena.pinned and data.device.type == "cpu":
+        if tier is self.cpu and not data.is_cuda:  # the common case first (the branches below, in short)
+            np.copyto(view.numpy(), (data if data.dim() == 1 else data.reshape(-1)).numpy())
+        elif view.device.type == "cuda" and tier is self.gpu and self.cpu.arena.pinned and data.device.type == "cpu":
             self._promote_copy(view, data)
         elif view.device.type == "cuda":
             self.wait_inflight(torch.cuda.current_stream(view.device))  # a promotion may still write the slot
@@ -505,6 +508,10 @@ class ChunkStore:
                 todo.sort(key=lambda e: rank(e[0]), reverse=True)  # best first: the lowest at the end
                 protect = protect if isinstance(protect, (set, frozenset, dict)) else set(protect)
                 held, resident = [], None
+                if t is self.cpu:  # one wait for copies in flight and kernels that read cpu slots, for all victims
+                    self._settle()
+                    self._fence_readers()
+                    self._fenced = True
                 try:
                     while need > 0 and todo:
                         if resident is None:
@@ -517,6 +524,7 @@ class ChunkStore:
                             todo.pop()
                             need -= size(d.numel())
                 finally:
+                    self._fenced = False
                     self._heap_return(t, held + ([resident] if resident is not None else []))
             n = 0
             for k, d in todo:
@@ -594,17 +602,22 @@ class ChunkStore:
             self._drop(key)
 
     def touch(self, keys: Iterable[ChunkKey], importance: float = 1.0) -> None:
-        """Record that chunks were used this step with the given importance (added to their decayed value)."""
+        """Record that chunks were used this step with the given importance (added to their decayed value).
+        (_value and _stamp written out: a decode step touches every chunk it chose.)"""
         with self._lock:
-            clock = self._clock
+            clock, meta, add = self._clock, self._meta, float(importance)
+            d = self.config.importance_decay
+            log_d = math.log(d)
             for key in keys:
-                m = self._require(key)
-                value = self._value(m)
+                m = meta.get(key)
+                if m is None:
+                    self._require(key)
+                value = m.importance * d ** (clock - m.step)
                 if m.last_touch != clock:
                     m.prior, m.last_touch = value, clock
-                m.importance = value + float(importance)
+                m.importance = imp = value + add
                 m.step = clock
-                self._stamp(m)
+                m.rank = (math.log(imp) - clock * log_d if imp > 0 else -math.inf, clock, m.order)
 
     def tick(self, steps: int = 1) -> int:
         """Advance the store's clock (one decode step): importance decays per tick."""
@@ -669,6 +682,22 @@ class ChunkStore:
 
     def n_sources(self) -> int:
         return len(self.gpu.sources) + len(self.cpu.sources)
+
+    def best_locations(self, keys: Sequence[ChunkKey]) -> List[Tuple[Optional[Tuple[int, int]], Optional[str]]]:
+        """Per key, ((index into sources(), byte offset), tier) of its copy in the fastest memory tier
+        holding one (gpu, then cpu), or (None, None): source_location for many keys under one lock."""
+        with self._lock:
+            self._sync_sources()
+            index, out = self._source_index, []
+            for key in keys:
+                for name, t in (("gpu", self.gpu), ("cpu", self.cpu)):
+                    if key in t:
+                        seg, off = t.location(key)
+                        out.append(((index[(name, seg)], off), name))
+                        break
+                else:
+                    out.append((None, None))
+            return out
 
     def source_location(self, key: ChunkKey, tier: str) -> Optional[Tuple[int, int]]:
         """(index into sources(), byte offset) of the chunk's copy in a memory tier, or None if it has none."""

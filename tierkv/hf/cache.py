@@ -95,6 +95,7 @@ class TierKVLayer(CacheLayerMixin):
         self.pending: Optional[torch.Tensor] = None  # key states returned by the last update
         self.dirty: set = set()  # (b, c) whose address must be refreshed from the store
         self.disk_only: set = set()
+        self._stage_table: Optional[torch.Tensor] = None  # [B, cap, 2] (source, offset) of staged chunks
         self._static = None  # per-(k) cached parts of the gather table
         self.prev_idx: Optional[torch.Tensor] = None  # last step's choice (for the persistence statistic)
         self.predicted: Optional[torch.Tensor] = None  # the previous layer's guess at this step's choice
@@ -361,21 +362,19 @@ class TierKVLayer(CacheLayerMixin):
         """Bring the (source, offset) table up to date with what the store moved since the last step."""
         if not self.dirty:
             return
-        cache = self.cache
-        rows, vals, gpu = [], [], []
-        for b, c in self.dirty:
-            loc, tier = cache.best_location(self._keys[b][c])
-            rows.append((b, c))
-            vals.append(loc if loc is not None else (-1, -1))
-            gpu.append(tier == "gpu")
-            if loc is None:
-                self.disk_only.add((b, c))
-            else:
-                self.disk_only.discard((b, c))
+        dirty, keys, disk_only = list(self.dirty), self._keys, self.disk_only
         self.dirty.clear()
-        ii = _pinned(rows, torch.int64, self.device)
-        self.addr[ii[:, 0], ii[:, 1]] = _pinned(vals, torch.int64, self.device)
-        self.on_gpu[ii[:, 0], ii[:, 1]] = _pinned(gpu, torch.bool, self.device)
+        rows = []  # (b, c, source, offset, on gpu): one host-to-device copy for all of them
+        for (b, c), (loc, tier) in zip(dirty, self.cache.store.best_locations([keys[b][c] for b, c in dirty])):
+            if loc is None:
+                disk_only.add((b, c))
+                rows.append((b, c, -1, -1, 0))
+            else:
+                disk_only.discard((b, c))
+                rows.append((b, c, loc[0], loc[1], tier == "gpu"))
+        t = _pinned(rows, torch.int64, self.device)
+        self.addr[t[:, 0], t[:, 1]] = t[:, 2:4]
+        self.on_gpu[t[:, 0], t[:, 1]] = t[:, 4].bool()
 
     def _stage_from_disk(self, chunk_idx: torch.Tensor, a: torch.Tensor, sources: List[torch.Tensor],
                          wait: bool, every: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -428,7 +427,7 @@ class TierKVLayer(CacheLayerMixin):
         if direct:
             stride = round_up(nb)
             buf = torch.empty(stride * len(direct), dtype=torch.uint8, pin_memory=self.device.type == "cuda")
-            views = [buf[i * stride : i * stride + nb] for i in range(len(direct))]
+            views = buf.view(len(direct), stride).narrow(1, 0, nb).unbind(0)  # one C++ loop, not one slice each
             dkeys = [keys[b][c] for b, c in direct]
             wait_reads = cache.store.disk.read_many_async(dkeys, views)
         # what is chosen now is likely chosen next step: its value in the store rises, so installing
@@ -455,23 +454,11 @@ class TierKVLayer(CacheLayerMixin):
             else:
                 rows.append(b), cols.append(c), srcs.append(zero_src), offs.append(0)
                 skipped_n += counts[(b, c)]
-        if direct:
-            cache.keep_alive(buf)
-            sources.append(buf)
-            for i, (b, c) in enumerate(direct):
-                rows.append(b), cols.append(c), srcs.append(len(sources) - 1), offs.append(i * stride)
-            # the host's share of the work while the disk reads: earlier layers' chunks into the cpu tier
-            cache.install_direct(protect)
+        if late:  # rare: read here and now, on their own
             t0 = time.perf_counter()
-            wait_reads()
-            cache.store.add_stall(time.perf_counter() - t0)
-            pf.stats.sync_reads += len(direct)
-            pf.stats.bytes_read += nb * len(direct)  # counted with the staged reads: disk bytes per step
-            cache.add_direct(zip(dkeys, views))  # offered to the cpu tier
-        if late:
-            t0 = time.perf_counter()
-            lbuf = torch.empty(round_up(nb) * len(late), dtype=torch.uint8, pin_memory=self.device.type == "cuda")
-            lviews = [lbuf[i * round_up(nb) : i * round_up(nb) + nb] for i in range(len(late))]
+            lstride = round_up(nb)
+            lbuf = torch.empty(lstride * len(late), dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+            lviews = [lbuf[i * lstride : i * lstride + nb] for i in range(len(late))]
             lkeys = [keys[b][c] for b, c in late]
             cache.store.disk.read_many(lkeys, lviews)
             cache.store.add_stall(time.perf_counter() - t0)
@@ -480,20 +467,39 @@ class TierKVLayer(CacheLayerMixin):
             cache.keep_alive(lbuf)
             sources.append(lbuf)
             for i, (b, c) in enumerate(late):
-                rows.append(b), cols.append(c), srcs.append(len(sources) - 1), offs.append(i * round_up(nb))
+                rows.append(b), cols.append(c), srcs.append(len(sources) - 1), offs.append(i * lstride)
             cache.add_direct(zip(lkeys, lviews))
+        if direct:  # where they will be once read
+            cache.keep_alive(buf)
+            sources.append(buf)
+            for i, (b, c) in enumerate(direct):
+                rows.append(b), cols.append(c), srcs.append(len(sources) - 1), offs.append(i * stride)
         cache.disk_entries += sum(counts.values())
         cache.skipped_entries += skipped_n
-        # (source, offset) per chunk of the layer, read per entry on the device: the entries outnumber
-        # the chunks on disk by the heads (and for exact attention are every chunk of every head)
-        table = torch.zeros((2, B, self.n_chunks), dtype=torch.int64)
-        table[0, rows, cols] = torch.tensor(srcs, dtype=torch.int64)
-        table[1, rows, cols] = torch.tensor(offs, dtype=torch.int64)
-        table = _pinned(table, torch.int64, self.device)
-        so = table.gather(2, chunk_idx.reshape(1, B, H * kk).expand(2, B, H * kk)).reshape(2, B, H, kk)
+        # (source, offset) per chunk of the layer, read per entry on the device (the entries outnumber the
+        # chunks on disk by the heads, and for exact attention are every chunk of every head): a table of
+        # the layer's own [B, chunks, 2] on the device, patched at this step's rows; the entries it is read
+        # at are those on disk only, every one of which is among the rows
+        table = self._stage_table
+        if table is None or table.shape[1] < self.n_chunks:
+            table = self._stage_table = torch.zeros((B, max(self.n_chunks, 2 * self.addr.shape[1]), 2),
+                                                    dtype=torch.int64, device=self.device)
+        if rows:
+            patch = _pinned(list(zip(rows, cols, srcs, offs)), torch.int64, self.device)
+            table[patch[:, 0], patch[:, 1]] = patch[:, 2:]
+        so = table.gather(1, chunk_idx.reshape(B, H * kk, 1).expand(B, H * kk, 2)).reshape(B, H, kk, 2)
         missing = a[..., 0] < 0
-        out = torch.where(missing.unsqueeze(-1), so.permute(1, 2, 3, 0), a)
-        skipped = (so[0] == zero_src) & missing if not wait else None
+        out = torch.where(missing.unsqueeze(-1), so, a)
+        skipped = (so[..., 0] == zero_src) & missing if not wait else None
+        if direct:
+            # the host's share of the work while the disk reads: earlier layers' chunks into the cpu tier
+            cache.install_direct(protect)
+            t0 = time.perf_counter()
+            wait_reads()
+            cache.store.add_stall(time.perf_counter() - t0)
+            pf.stats.sync_reads += len(direct)
+            pf.stats.bytes_read += nb * len(direct)  # counted with the staged reads: disk bytes per step
+            cache.add_direct(zip(dkeys, views))  # offered to the cpu tier
         return out, skipped
 
     def _table_parts(self, kk: int, n0: int):
@@ -676,13 +682,6 @@ class TierKVCache(Cache):
             return
         b = int(key.stream[len(self.cache_id) + 2 :])
         self.layers[key.layer].dirty.add((b, key.index))
-
-    def best_location(self, key: ChunkKey) -> Tuple[Optional[Tuple[int, int]], Optional[str]]:
-        for tier in ("gpu", "cpu"):
-            loc = self.store.source_location(key, tier)
-            if loc is not None:
-                return loc, tier
-        return None, None
 
     def sources(self) -> List[torch.Tensor]:
         """The store's sources, cached until a tier adds a segment (a fresh list each call: callers append)."""
