@@ -74,3 +74,26 @@ def test_device_kv_within_gpu_budget_plus_hot_set():
     assert long_res < 0.25 * kv, (long_res, kv)
     # and a decode step's transient does not grow with the context (beyond scoring the abstracts)
     assert long_peak - long_res <= short_peak - short_res + 8 * held["abstracts"] + (1 << 20), (long_peak, short_peak)
+
+
+def test_pinned_ring_tables_survive_wrapping_around():
+    """Small host tables go to the device through one pinned ring (hf.cache._PinnedRing): each arrives
+    as it was written, also when the ring wraps around while earlier copies may still be queued behind
+    a long kernel (the host waits for the stream before it overwrites the ring)."""
+    from tierkv.hf.cache import _PinnedRing
+
+    ring = _PinnedRing(torch.device("cuda"), elements=64)
+    g = torch.Generator().manual_seed(0)
+    big = torch.randn(4096, 4096, device="cuda")
+    sent, got = [], []
+    for i in range(200):
+        if i % 50 == 0:
+            big = big @ big  # keeps the stream busy while tables are queued behind it
+        rows = torch.randint(-(2**40), 2**40, (int(torch.randint(1, 9, (1,), generator=g)), 4), generator=g).tolist()
+        sent.append(rows)
+        got.append(ring.to_device(rows))
+    torch.cuda.synchronize()
+    for rows, t in zip(sent, got):
+        assert t.device.type == "cuda" and t.tolist() == rows
+    too_big = [[i, i] for i in range(100)]  # larger than the ring: copied on its own
+    assert ring.to_device(too_big).tolist() == too_big

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+from collections import Counter
 import time
 import uuid
 from typing import List, Optional, Tuple
@@ -49,12 +50,31 @@ ADMIT_PRIOR = 0.5
 ADMIT_ALL_AT = 0.2
 
 
-def _pinned(values, dtype, device) -> torch.Tensor:
-    """A small host list (or CPU tensor) as a device tensor without the stream sync a pageable copy implies."""
-    t = values.to(dtype) if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t
+class _PinnedRing:
+    """Small host tables (lists of int64 rows) as device tensors, through one pinned staging buffer.
+
+    A pageable copy would sync the stream, and pin_memory() per table costs tens of microseconds; here a
+    table is written into the next free part of the ring and copied from there without a sync. Before the
+    ring wraps around, the host waits for the stream to be done with it (once per lap of many tables).
+    """
+
+    def __init__(self, device, elements: int = 1 << 18) -> None:
+        self.device = device
+        self.buf = torch.empty(elements, dtype=torch.int64, pin_memory=True)
+        self.pos = 0
+
+    def to_device(self, rows) -> torch.Tensor:
+        t = torch.tensor(rows, dtype=torch.int64)
+        n = t.numel()
+        if n > self.buf.numel():
+            return t.pin_memory().to(self.device, non_blocking=True)
+        if self.pos + n > self.buf.numel():
+            torch.cuda.current_stream(self.device).synchronize()  # every copy out of the ring is done
+            self.pos = 0
+        part = self.buf[self.pos : self.pos + n]
+        self.pos += n
+        part.copy_(t.view(-1))
+        return part.view(t.shape).to(self.device, non_blocking=True)
 
 
 def _cat(parts) -> Optional[torch.Tensor]:
@@ -372,7 +392,7 @@ class TierKVLayer(CacheLayerMixin):
             else:
                 disk_only.discard((b, c))
                 rows.append((b, c, loc[0], loc[1], tier == "gpu"))
-        t = _pinned(rows, torch.int64, self.device)
+        t = self.cache.host_table(rows)
         self.addr[t[:, 0], t[:, 1]] = t[:, 2:4]
         self.on_gpu[t[:, 0], t[:, 1]] = t[:, 4].bool()
 
@@ -404,14 +424,10 @@ class TierKVLayer(CacheLayerMixin):
         else:
             with cache.device_wait():
                 chosen = chunk_idx.reshape(B, H * kk).tolist()  # waits for the device to have chosen
-            distinct = [set(row) for row in chosen]
-            protect = [keys[b][c] for b in range(B) for c in distinct[b]]
+            per_row = [Counter(row) for row in chosen]  # per chunk chosen, the heads that chose it
+            protect = [keys[b][c] for b in range(B) for c in per_row[b]]
             disk_only = self.disk_only
-            counts = {}
-            for b in range(B):
-                for c in chosen[b]:
-                    if (b, c) in disk_only:
-                        counts[(b, c)] = counts.get((b, c), 0) + 1
+            counts = {(b, c): n for b in range(B) for c, n in per_row[b].items() if (b, c) in disk_only}
             want = sorted(counts)
         if not want:
             if protect:
@@ -485,7 +501,7 @@ class TierKVLayer(CacheLayerMixin):
             table = self._stage_table = torch.zeros((B, max(self.n_chunks, 2 * self.addr.shape[1]), 2),
                                                     dtype=torch.int64, device=self.device)
         if rows:
-            patch = _pinned(list(zip(rows, cols, srcs, offs)), torch.int64, self.device)
+            patch = cache.host_table(list(zip(rows, cols, srcs, offs)))
             table[patch[:, 0], patch[:, 1]] = patch[:, 2:]
         so = table.gather(1, chunk_idx.reshape(B, H * kk, 1).expand(B, H * kk, 2)).reshape(B, H, kk, 2)
         missing = a[..., 0] < 0
@@ -661,6 +677,7 @@ class TierKVCache(Cache):
         self._prefetcher = None
         self.lookahead = None  # hf.lookahead.Lookahead when the model has one (set by tierkv.offload, closed here)
         self._zero: Optional[torch.Tensor] = None
+        self._ring: Optional[_PinnedRing] = None  # see host_table
         self._pred = {"next_layer_hits": None, "next_layer_total": 0, "next_step_hits": None, "next_step_total": 0}
         store.add_listener(self._on_move)
 
@@ -741,6 +758,15 @@ class TierKVCache(Cache):
             self._prefetcher = Prefetcher(self.store.disk, slot, depth=depth, workers=io_threads(),
                                           pinned=layer.device.type == "cuda")
         return self._prefetcher
+
+    def host_table(self, rows) -> torch.Tensor:
+        """A small host table (a list of int rows) as an int64 tensor on the device, without a sync."""
+        dev = self.store.gpu.device
+        if dev.type != "cuda":
+            return torch.tensor(rows, dtype=torch.int64)
+        if self._ring is None:
+            self._ring = _PinnedRing(dev)
+        return self._ring.to_device(rows)
 
     def zero_chunk(self, nbytes: int) -> torch.Tensor:
         """An all-zero source (decodes to zeros in every format) for entries left out of a step."""
