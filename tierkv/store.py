@@ -526,6 +526,8 @@ class ChunkStore:
                 finally:
                     self._fenced = False
                     self._heap_return(t, held + ([resident] if resident is not None else []))
+            if t is self.gpu and t.device.type == "cuda" and all(not d.is_cuda for _, d in todo):
+                return self._put_gpu_batch(todo, protect)
             n = 0
             for k, d in todo:
                 try:
@@ -535,6 +537,35 @@ class ChunkStore:
                 self._moved[f"disk->{tier}"] += d.numel()
                 n += 1
             return n
+
+    def _put_gpu_batch(self, items, protect) -> int:
+        """Host bytes into gpu slots, as _put_memory would, but the host-to-device copies of the whole
+        batch go on the promotion stream under one wait and one event (a per-chunk event and stream wait
+        cost more host time than the copy). Ordered after what the compute stream has queued (a kernel
+        may still read a slot's previous chunk); gathers wait for them (wait_inflight)."""
+        t, placed = self.gpu, []
+        for k, d in items:
+            try:
+                placed.append((k, d, self._reserve_memory(t, k, d.numel(), protect)))
+            except CapacityError:
+                break
+        if not placed:
+            return 0
+        dev = t.device
+        if self._promote_stream is None:
+            self._promote_stream = torch.cuda.Stream(device=dev)
+        stream = self._promote_stream
+        stream.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(stream):
+            for _, d, view in placed:
+                view.copy_(d if d.dim() == 1 else d.reshape(-1), non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record(stream)
+        self._inflight.append((ev, [d for _, d, _ in placed]))  # the sources stay alive until copied
+        for k, d, _ in placed:
+            self._moved["disk->gpu"] += d.numel()
+            self._notify(k, "gpu")
+        return len(placed)
 
     def promote(self, key: ChunkKey, to: str = "gpu") -> None:
         """Copy a chunk up into `to` (gpu or cpu) from the nearest tier below that holds it."""

@@ -860,7 +860,8 @@ class TierKVCache(Cache):
             self._wait_for_kernels()  # kernels of this pass may still read the staging slots
             # while choices do not persist, only chunks used again within a few steps get a copy:
             # one-off choices and wrong guesses would cost a host copy each and evict chunks used again
-            self.store.add_copies(ready, "cpu", min_prior=self.admit_min_prior)
+            self._offer(ready)
+            self.store.settle()  # copies into gpu slots read the staging slots, which are recycled now
             pf.release([k for k, _ in ready])
         pf.begin_step(self.steps)
         pf.drop_stale()
@@ -894,7 +895,17 @@ class TierKVCache(Cache):
                 self._direct_layers.discard(layer)
             # while choices do not persist, only chunks used again within a few steps get a copy (see
             # ADMIT_PRIOR); a key read twice is offered once
-            self.store.add_copies(list(dict(todo).items()), "cpu", min_prior=self.admit_min_prior, protect=protect)
+            self._offer(list(dict(todo).items()), protect)
+
+    def _offer(self, items, protect=()) -> None:
+        """Chunks read from disk (key, host bytes) into the memory tiers, ranked by value in each: the cpu
+        tier, and the gpu tier too, which caches the chosen chunks (with a budget of its own, often larger
+        than the cpu tier's: chunks it keeps are not read from disk again, and gathers read them from
+        device memory). Chunks in `protect` are not evicted from either."""
+        store, prior = self.store, self.admit_min_prior
+        store.add_copies(items, "cpu", min_prior=prior, protect=protect)
+        if store.gpu.budget > 0:
+            store.add_copies(items, "gpu", min_prior=prior, protect=protect)
 
     def keep_alive(self, t: torch.Tensor) -> None:
         """Hold a host buffer a kernel may still be reading until the end of the forward pass."""
