@@ -97,6 +97,10 @@ class ChunkStore:
         # from cpu slots into gpu slots (on _promote_stream): host code waits for them before it reads
         # or reuses cpu slots (_settle), device readers order their stream after them (wait_inflight)
         self._inflight: List[tuple] = []
+        # copies of host bytes that are no cpu slot (a step's disk reads) into gpu slots (_put_gpu_batch):
+        # device readers wait for them like the others (wait_inflight), and the host before it reads or
+        # frees a gpu slot (_settle), but freeing or reusing a cpu slot need not wait for them
+        self._uploads: List[tuple] = []
         self._copy_stream = None
         self._promote_stream = None
         self._ingest_pending = None  # (data, [(row, cpu slot)]): a put_many's copies not yet queued
@@ -252,6 +256,19 @@ class ChunkStore:
         while self._inflight:
             ev, _ = self._inflight.pop()
             ev.synchronize()
+        self._settle_uploads()
+
+    def _settle_cpu(self) -> None:
+        """_settle for freeing or reusing cpu slots: the copies that read or write them, not the uploads."""
+        self._issue_ingest()
+        while self._inflight:
+            ev, _ = self._inflight.pop()
+            ev.synchronize()
+
+    def _settle_uploads(self) -> None:
+        while self._uploads:
+            ev, _ = self._uploads.pop()
+            ev.synchronize()
 
     def note_readers(self, stream) -> None:
         """Record that kernels queued on `stream` so far may read cpu slots (a gather through unified
@@ -266,11 +283,12 @@ class ChunkStore:
 
     def wait_inflight(self, stream) -> None:
         """Order `stream` (a CUDA stream about to read the cpu or gpu tier) after the copies in flight."""
-        if not self._inflight:
+        if not self._inflight and not self._uploads:
             return
         with self._lock:
             self._inflight = [(ev, ref) for ev, ref in self._inflight if not ev.query()]
-            for ev, _ in self._inflight:
+            self._uploads = [(ev, ref) for ev, ref in self._uploads if not ev.query()]
+            for ev, _ in self._inflight + self._uploads:
                 stream.wait_event(ev)
 
     def settle(self) -> None:
@@ -280,7 +298,7 @@ class ChunkStore:
 
     def _evict_copy(self, tier, key: ChunkKey) -> int:
         if tier is self.cpu and not self._fenced:  # a copy or a gather still in flight may read this slot
-            self._settle()
+            self._settle_cpu()
             self._fence_readers()
         n = tier.evict(key)
         self._evictions[tier.name] += 1
@@ -350,7 +368,7 @@ class ChunkStore:
     def _evict_from(self, key: ChunkKey, tier: str) -> int:
         """Drop a chunk's copy from `tier`, moving it down first when that copy is the last one above disk."""
         if tier == "cpu":
-            self._settle()  # a copy in flight may read or write the slot (ingest, promotion)
+            self._settle_cpu()  # a copy in flight may read or write the slot (ingest, promotion)
         holders = self._holders(key)
         below = [t for t in holders if TIER_NAMES.index(t) > TIER_NAMES.index(tier)]
         if tier == "disk":
@@ -509,7 +527,7 @@ class ChunkStore:
                 protect = protect if isinstance(protect, (set, frozenset, dict)) else set(protect)
                 held, resident = [], None
                 if t is self.cpu:  # one wait for copies in flight and kernels that read cpu slots, for all victims
-                    self._settle()
+                    self._settle_cpu()
                     self._fence_readers()
                     self._fenced = True
                 try:
@@ -561,7 +579,7 @@ class ChunkStore:
                 view.copy_(d if d.dim() == 1 else d.reshape(-1), non_blocking=True)
             ev = torch.cuda.Event()
             ev.record(stream)
-        self._inflight.append((ev, [d for _, d, _ in placed]))  # the sources stay alive until copied
+        self._uploads.append((ev, [d for _, d, _ in placed]))  # the sources stay alive until copied
         for k, d, _ in placed:
             self._moved["disk->gpu"] += d.numel()
             self._notify(k, "gpu")
