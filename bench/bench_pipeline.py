@@ -62,6 +62,7 @@ def run_mode(model, cfg, ids, mode, args, device, selection="head"):
                       selection=selection, miss_policy="skip" if mode == "skip" else "wait")
     with tierkv.offload(model, tcfg) as cache:
         cache.predict = mode in ("pipeline", "skip")
+        cache.gpu_installs = args.gpu_installs
         pre, tok = prefill(model, ids, cache, args.piece)
         if cache.store.disk is not None:
             cache.store.flush()
@@ -213,6 +214,8 @@ def main(argv=None):
     p.add_argument("--profile-dir", default=None,
                    help="profile the timed steps of the disk modes with cProfile; text reports written here")
     p.add_argument("--json", default=None)
+    p.add_argument("--gpu-installs", action="store_true",
+                   help="chunks read from disk go into the gpu tier as well as the cpu tier (TierKVCache.gpu_installs)")
     p.add_argument("--no-process-warmup", dest="process_warmup", action="store_false",
                    help="leave out the short untimed run (first mode, first selection, at most "
                         f"{WARMUP_CONTEXT} tokens) made before the measured modes")

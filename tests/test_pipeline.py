@@ -58,6 +58,27 @@ def test_wait_mode_identical_to_all_in_cpu(tmp_path, seed, device):
     assert all(v >= 0 for v in host.values()) and host["stage_from_disk"] > 0
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("gpu_budget", ["6KiB", "256KiB"])
+def test_wait_mode_identical_with_gpu_installs(tmp_path, seed, device, gpu_budget):
+    """gpu_installs: chunks read from disk are uploaded into gpu slots too (on CUDA a batch per layer on
+    the promotion stream, while the layer's own gather is still to come): with a gpu tier that churns
+    (6 KiB) or keeps them, 'wait' still decodes exactly what the all-in-cpu run decodes."""
+    model = build("llama" if seed % 2 else "qwen3", seed=seed + 40).to(device)
+    torch.manual_seed(seed)
+    ids = torch.randint(1, 512, (2, 320)).to(device)
+    with tierkv.offload(model, sparse_cfg()) as cache:
+        ref = gen(model, ids, cache)
+    cfg = sparse_cfg(cpu_budget="12KiB", gpu_budget=gpu_budget, disk_path=str(tmp_path / "cold"))
+    with tierkv.offload(model, cfg) as cache:
+        cache.gpu_installs = True
+        out = gen(model, ids, cache)
+        stats = cache.stats()
+    assert torch.equal(out, ref)
+    assert stats.bytes_moved.get("disk->gpu", 0) > 0 and stats.hits["disk"] > 0
+
+
 def test_skip_mode_leaves_missing_chunks_out(tmp_path):
     model = build("llama", seed=11)
     ids = torch.randint(1, 512, (1, 400))

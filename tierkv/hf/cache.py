@@ -678,6 +678,11 @@ class TierKVCache(Cache):
         self.lookahead = None  # hf.lookahead.Lookahead when the model has one (set by tierkv.offload, closed here)
         self._zero: Optional[torch.Tensor] = None
         self._ring: Optional[_PinnedRing] = None  # see host_table
+        # whether chunks read from disk are offered to the gpu tier too (see _offer): off by default. On
+        # the H200 (bench/results/pipeline_h200_2000d0c_gpu_installs_*.json) it cut the disk bytes of per-head
+        # selection from 2.0 to 1.1 MiB a token and made those steps faster, but cost shared selection,
+        # which reads few chunks from disk, more host time in uploads than it saved
+        self.gpu_installs = False
         self._pred = {"next_layer_hits": None, "next_layer_total": 0, "next_step_hits": None, "next_step_total": 0}
         store.add_listener(self._on_move)
 
@@ -899,12 +904,12 @@ class TierKVCache(Cache):
 
     def _offer(self, items, protect=()) -> None:
         """Chunks read from disk (key, host bytes) into the memory tiers, ranked by value in each: the cpu
-        tier, and the gpu tier too, which caches the chosen chunks (with a budget of its own, often larger
-        than the cpu tier's: chunks it keeps are not read from disk again, and gathers read them from
-        device memory). Chunks in `protect` are not evicted from either."""
+        tier, and with gpu_installs the gpu tier too, which caches the chosen chunks (with a budget of its
+        own, often larger than the cpu tier's: chunks it keeps are not read from disk again, and gathers
+        read them from device memory). Chunks in `protect` are not evicted from either."""
         store, prior = self.store, self.admit_min_prior
         store.add_copies(items, "cpu", min_prior=prior, protect=protect)
-        if store.gpu.budget > 0:
+        if self.gpu_installs and store.gpu.budget > 0:
             store.add_copies(items, "gpu", min_prior=prior, protect=protect)
 
     def keep_alive(self, t: torch.Tensor) -> None:
