@@ -338,16 +338,19 @@ class ChunkStore:
             view.copy_(data.reshape(-1))
         self._notify(key, tier.name)
 
+    def _upload_stream(self, dev):
+        """The promotion stream, ordered after what the compute stream has queued so far."""
+        if self._promote_stream is None:
+            self._promote_stream = torch.cuda.Stream(device=dev)
+        self._promote_stream.wait_stream(torch.cuda.current_stream(dev))
+        return self._promote_stream
+
     def _promote_copy(self, view: torch.Tensor, data: torch.Tensor) -> None:
         """Host-to-device from a pinned cpu slot into a gpu slot, on a stream of its own, so that it
         overlaps the compute stream's work instead of queueing in it. The copy starts after what the
         compute stream has queued so far (a kernel may still read the slot's previous chunk); gathers
         wait for it (wait_inflight), and the host for it before the cpu slot is reused (_settle)."""
-        dev = view.device
-        if self._promote_stream is None:
-            self._promote_stream = torch.cuda.Stream(device=dev)
-        stream = self._promote_stream
-        stream.wait_stream(torch.cuda.current_stream(dev))
+        stream = self._upload_stream(view.device)
         with torch.cuda.stream(stream):
             view.copy_(data.reshape(-1), non_blocking=True)
             ev = torch.cuda.Event()
@@ -569,11 +572,7 @@ class ChunkStore:
                 break
         if not placed:
             return 0
-        dev = t.device
-        if self._promote_stream is None:
-            self._promote_stream = torch.cuda.Stream(device=dev)
-        stream = self._promote_stream
-        stream.wait_stream(torch.cuda.current_stream(dev))
+        stream = self._upload_stream(t.device)
         with torch.cuda.stream(stream):
             for _, d, view in placed:
                 view.copy_(d if d.dim() == 1 else d.reshape(-1), non_blocking=True)
