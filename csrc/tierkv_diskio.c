@@ -286,8 +286,8 @@ int tkv_read_chunks(int n, const char *const *paths, const int64_t *nbytes, cons
 /* tkv_read_chunks over `threads` threads of its own (the caller's among them), each with an aligned
  * scratch buffer of scratch_len bytes, taking the next unread entry until none is left: one foreign
  * call reads a whole batch in parallel, so a Python caller holds the GIL only to set it up. Every entry
- * is tried (no stop at the first failure); returns how many failed, or -1 when no scratch buffer could
- * be allocated (then nothing was read). */
+ * is tried (no stop at the first failure); returns how many failed, or -1 when entries were left
+ * unread because no thread could allocate its scratch buffer (the caller reads them again). */
 struct mt_job {
     int n, direct;
     const char *const *paths;

@@ -390,7 +390,7 @@ def test_staging_full_reads_the_rest_directly(tmp_path, monkeypatch):
         cache.store.disk.read_many_async, cache.store.add_copies = rec_read, rec_add
         out = gen(model, ids, cache)
         stats = cache.stats()
-        pending = {k for k, _ in cache._direct}  # read in the last pass: offered when their layer gathers next
+        pending = {k for entries in cache._direct.values() for k, _ in entries}  # read in the last pass: offered when their layer gathers next
     assert torch.equal(out, ref)
     assert stats.prefetch["sync_reads"] > stats.prefetch["completed"]
     # chunks read outside staging are offered to the cpu tier (while a later layer's reads are in

@@ -89,7 +89,6 @@ class ChunkStore:
         # a chunk's rank only rises after that (touch, use), so an entry whose rank is stale is pushed
         # again with the current one when it comes up
         self._heaps: Dict[str, list] = {"gpu": [], "cpu": []}
-        self._fenced = False  # within a batch of evictions that waited for copies and readers once, up front
         self._heap_n = itertools.count()
         self._listeners: List[Callable[[ChunkKey, str], None]] = []
         # asynchronous copies not known to be done: (CUDA event, tensor kept alive until then). Ingest's
@@ -108,6 +107,7 @@ class ChunkStore:
         # freed cpu slot is rewritten by the host at once (a disk read, a promotion's staging), so the
         # host waits for that kernel before it frees one
         self._readers = None
+        self._readers_done = True  # the host has waited for _readers since it was last recorded
         self._sources: List[torch.Tensor] = []
         self._source_index: Dict[Tuple[str, int], int] = {}
         if self.disk is not None:  # a reopened disk tier brings its chunks with it
@@ -169,11 +169,10 @@ class ChunkStore:
     def _heap_add(self, tier, key: ChunkKey) -> None:
         """Enter a chunk now in `tier` into its victim heap (rebuilt when stale entries pile up)."""
         h = self._heaps[tier.name]
-        if len(h) > 4 * len(tier) + 1024:
+        if len(h) > 4 * len(tier) + 1024:  # the tier's chunks (this one among them) afresh
             h[:] = [(self._meta[k].rank, next(self._heap_n), k) for k in tier.keys() if k in self._meta]
             heapq.heapify(h)
-            if any(e[2] == key for e in h):
-                return
+            return
         heapq.heappush(h, (self._meta[key].rank, next(self._heap_n), key))
 
     def _lowest(self, tier, skip: Collection[ChunkKey], held: List[ChunkKey]) -> Optional[ChunkKey]:
@@ -252,10 +251,7 @@ class ChunkStore:
     def _settle(self) -> None:
         """Wait for the asynchronous copies (into cpu slots, or out of them into gpu slots) before the
         host reads or frees those bytes; copies of a put_many still being reserved are queued first."""
-        self._issue_ingest()
-        while self._inflight:
-            ev, _ = self._inflight.pop()
-            ev.synchronize()
+        self._settle_cpu()
         self._settle_uploads()
 
     def _settle_cpu(self) -> None:
@@ -276,10 +272,14 @@ class ChunkStore:
         if self._readers is None:
             self._readers = torch.cuda.Event()
         self._readers.record(stream)
+        self._readers_done = False
 
     def _fence_readers(self) -> None:
-        if self._readers is not None:
+        """Wait for the kernels note_readers recorded; once waited for, no wait again until the next one
+        (a batch of evictions waits once, not once per victim)."""
+        if not self._readers_done:
             self._readers.synchronize()
+            self._readers_done = True
 
     def wait_inflight(self, stream) -> None:
         """Order `stream` (a CUDA stream about to read the cpu or gpu tier) after the copies in flight."""
@@ -291,13 +291,18 @@ class ChunkStore:
             for ev, _ in self._inflight + self._uploads:
                 stream.wait_event(ev)
 
+    def settle_uploads(self) -> None:
+        """Wait for the uploads into gpu slots (and release the host bytes they read)."""
+        with self._lock:
+            self._settle_uploads()
+
     def settle(self) -> None:
         """Wait for every asynchronous copy into the cpu tier (and release what they kept alive)."""
         with self._lock:
             self._settle()
 
     def _evict_copy(self, tier, key: ChunkKey) -> int:
-        if tier is self.cpu and not self._fenced:  # a copy or a gather still in flight may read this slot
+        if tier is self.cpu:  # a copy or a gather still in flight may read this slot
             self._settle_cpu()
             self._fence_readers()
         n = tier.evict(key)
@@ -529,10 +534,6 @@ class ChunkStore:
                 todo.sort(key=lambda e: rank(e[0]), reverse=True)  # best first: the lowest at the end
                 protect = protect if isinstance(protect, (set, frozenset, dict)) else set(protect)
                 held, resident = [], None
-                if t is self.cpu:  # one wait for copies in flight and kernels that read cpu slots, for all victims
-                    self._settle_cpu()
-                    self._fence_readers()
-                    self._fenced = True
                 try:
                     while need > 0 and todo:
                         if resident is None:
@@ -545,7 +546,6 @@ class ChunkStore:
                             todo.pop()
                             need -= size(d.numel())
                 finally:
-                    self._fenced = False
                     self._heap_return(t, held + ([resident] if resident is not None else []))
             if t is self.gpu and t.device.type == "cuda" and all(not d.is_cuda for _, d in todo):
                 return self._put_gpu_batch(todo, protect)

@@ -425,7 +425,7 @@ class TierKVLayer(CacheLayerMixin):
             with cache.device_wait():
                 chosen = chunk_idx.reshape(B, H * kk).tolist()  # waits for the device to have chosen
             per_row = [Counter(row) for row in chosen]  # per chunk chosen, the heads that chose it
-            protect = [keys[b][c] for b in range(B) for c in per_row[b]]
+            protect = {keys[b][c] for b in range(B) for c in per_row[b]}
             disk_only = self.disk_only
             counts = {(b, c): n for b in range(B) for c, n in per_row[b].items() if (b, c) in disk_only}
             want = sorted(counts)
@@ -436,16 +436,20 @@ class TierKVLayer(CacheLayerMixin):
         nb = self.layout.nbytes
         pf = cache.prefetcher()
         # the chunks nobody staged are read on the disk tier's reader threads (the C reader holds no
-        # GIL), all in one batch, and started first; staged ones are served from their slots
+        # GIL), all in one batch into one pinned buffer, and started first; staged ones are served from
+        # their slots
+        stride = round_up(nb)
+        batches = []  # (chunks, buffer, its views, keys, wait for the reads)
+
+        def start(pairs):
+            buf = torch.empty(stride * len(pairs), dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+            views = buf.view(len(pairs), stride).narrow(1, 0, nb).unbind(0)  # one C++ loop, not one slice each
+            bkeys = [keys[b][c] for b, c in pairs]
+            batches.append((pairs, buf, views, bkeys, cache.store.disk.read_many_async(bkeys, views)))
+
         staged = pf.staged([keys[b][c] for b, c in want])
-        direct = [bc for bc, st in zip(want, staged) if not st] if wait else []
-        wait_reads = None
-        if direct:
-            stride = round_up(nb)
-            buf = torch.empty(stride * len(direct), dtype=torch.uint8, pin_memory=self.device.type == "cuda")
-            views = buf.view(len(direct), stride).narrow(1, 0, nb).unbind(0)  # one C++ loop, not one slice each
-            dkeys = [keys[b][c] for b, c in direct]
-            wait_reads = cache.store.disk.read_many_async(dkeys, views)
+        if wait and not all(staged):
+            start([bc for bc, st in zip(want, staged) if not st])
         # what is chosen now is likely chosen next step: its value in the store rises, so installing
         # chunks read from disk evicts the cpu tier's unchosen chunks first
         if protect:
@@ -470,25 +474,12 @@ class TierKVLayer(CacheLayerMixin):
             else:
                 rows.append(b), cols.append(c), srcs.append(zero_src), offs.append(0)
                 skipped_n += counts[(b, c)]
-        if late:  # rare: read here and now, on their own
-            t0 = time.perf_counter()
-            lstride = round_up(nb)
-            lbuf = torch.empty(lstride * len(late), dtype=torch.uint8, pin_memory=self.device.type == "cuda")
-            lviews = [lbuf[i * lstride : i * lstride + nb] for i in range(len(late))]
-            lkeys = [keys[b][c] for b, c in late]
-            cache.store.disk.read_many(lkeys, lviews)
-            cache.store.add_stall(time.perf_counter() - t0)
-            pf.stats.sync_reads += len(late)
-            pf.stats.bytes_read += nb * len(late)
-            cache.keep_alive(lbuf)
-            sources.append(lbuf)
-            for i, (b, c) in enumerate(late):
-                rows.append(b), cols.append(c), srcs.append(len(sources) - 1), offs.append(i * lstride)
-            cache.add_direct(zip(lkeys, lviews))
-        if direct:  # where they will be once read
+        if late:  # rare
+            start(late)
+        for pairs, buf, *_ in batches:  # where they will be once read
             cache.keep_alive(buf)
             sources.append(buf)
-            for i, (b, c) in enumerate(direct):
+            for i, (b, c) in enumerate(pairs):
                 rows.append(b), cols.append(c), srcs.append(len(sources) - 1), offs.append(i * stride)
         cache.disk_entries += sum(counts.values())
         cache.skipped_entries += skipped_n
@@ -507,15 +498,17 @@ class TierKVLayer(CacheLayerMixin):
         missing = a[..., 0] < 0
         out = torch.where(missing.unsqueeze(-1), so, a)
         skipped = (so[..., 0] == zero_src) & missing if not wait else None
-        if direct:
+        if batches:
             # the host's share of the work while the disk reads: earlier layers' chunks into the cpu tier
             cache.install_direct(protect)
             t0 = time.perf_counter()
-            wait_reads()
+            for *_, wait_reads in batches:
+                wait_reads()
             cache.store.add_stall(time.perf_counter() - t0)
-            pf.stats.sync_reads += len(direct)
-            pf.stats.bytes_read += nb * len(direct)  # counted with the staged reads: disk bytes per step
-            cache.add_direct(zip(dkeys, views))  # offered to the cpu tier
+            for pairs, _, views, bkeys, _ in batches:
+                pf.stats.sync_reads += len(pairs)
+                pf.stats.bytes_read += nb * len(pairs)  # counted with the staged reads: disk bytes per step
+                cache.add_direct(zip(bkeys, views))  # offered to the memory tiers
         return out, skipped
 
     def _table_parts(self, kk: int, n0: int):
@@ -538,7 +531,7 @@ class TierKVLayer(CacheLayerMixin):
 
         Returns None, or (wait=False) a [B, H, k] mask of chunks left out because they were on disk.
         """
-        if self.layer_idx in self.cache._direct_layers:  # chunks this layer read before: offered first
+        if self.layer_idx in self.cache._direct:  # chunks this layer read before: offered first
             self.cache.install_direct(layer=self.layer_idx)
         self.refresh_addresses()
         B, H, kk = chunk_idx.shape
@@ -645,10 +638,9 @@ class TierKVCache(Cache):
         self._work: Optional[torch.Tensor] = None
         self._sources: Optional[List[torch.Tensor]] = None
         self._alive: list = []
-        # (key, bytes) of chunks read from disk outside staging, not yet offered to the cpu tier (see
-        # install_direct), and the layers they are of
-        self._direct: list = []
-        self._direct_layers: set = set()
+        # per layer, (key, bytes) of chunks read from disk outside staging, not yet offered to the memory
+        # tiers (see install_direct)
+        self._direct: dict = {}
         self._nested = 0.0  # seconds of the host parts that have ended (see host_part)
         # gather entries (one per KV head per chunk) served from the gpu tier: counted on the device so
         # counting costs no sync; the rest came from the cpu tier, or from disk (counted on the host)
@@ -866,7 +858,8 @@ class TierKVCache(Cache):
             # while choices do not persist, only chunks used again within a few steps get a copy:
             # one-off choices and wrong guesses would cost a host copy each and evict chunks used again
             self._offer(ready)
-            self.store.settle()  # copies into gpu slots read the staging slots, which are recycled now
+            if self.gpu_installs:
+                self.store.settle_uploads()  # uploads into gpu slots read the staging slots, recycled now
             pf.release([k for k, _ in ready])
         pf.begin_step(self.steps)
         pf.drop_stale()
@@ -874,10 +867,9 @@ class TierKVCache(Cache):
 
     def add_direct(self, items) -> None:
         """Chunks (key, bytes) a layer read from disk outside staging, for install_direct to offer to the
-        cpu tier later: while a later layer waits for its own reads, or before this layer next gathers."""
+        memory tiers later: while a later layer waits for its own reads, or before this layer next gathers."""
         for key, data in items:
-            self._direct.append((key, data))
-            self._direct_layers.add(key.layer)
+            self._direct.setdefault(key.layer, []).append((key, data))
 
     def install_direct(self, protect=(), layer: Optional[int] = None) -> None:
         """Offer the chunks add_direct() holds (only `layer`'s, when given) a copy in the cpu tier, ranked
@@ -888,16 +880,14 @@ class TierKVCache(Cache):
         before were offered, so a chunk read once is not read from disk again for want of a copy.
         Evicting waits for the kernels that may read the evicted slots (the store fences its readers).
         """
-        if not self._direct or (layer is not None and layer not in self._direct_layers):
+        if not self._direct or (layer is not None and layer not in self._direct):
             return
         with self.host_part("install"):
             if layer is None:
-                todo, self._direct = self._direct, []
-                self._direct_layers.clear()
+                todo = [e for entries in self._direct.values() for e in entries]
+                self._direct = {}
             else:
-                todo = [e for e in self._direct if e[0].layer == layer]
-                self._direct = [e for e in self._direct if e[0].layer != layer]
-                self._direct_layers.discard(layer)
+                todo = self._direct.pop(layer)
             # while choices do not persist, only chunks used again within a few steps get a copy (see
             # ADMIT_PRIOR); a key read twice is offered once
             self._offer(list(dict(todo).items()), protect)
@@ -1077,8 +1067,7 @@ class TierKVCache(Cache):
             self.lookahead = None
         self.store.remove_listener(self._on_move)
         self._work = None
-        self._direct = []
-        self._direct_layers.clear()
+        self._direct = {}
         if self._alive:
             self._wait_for_kernels()
             self._alive.clear()

@@ -532,12 +532,16 @@ class DiskTier:
         t = _out_tensor(out, loc.nbytes, key)
         return t, self._read_files([key], [loc], [t])[0]
 
+    @staticmethod
+    def _scratch_size(nbytes: int) -> int:
+        """Bytes of a scratch buffer for the file of a chunk of up to nbytes (at least 64 KiB)."""
+        return max(io.direct_read_size(nbytes), 1 << 16)
+
     def _scratch(self, nbytes: int) -> np.ndarray:
         """This thread's buffer for the file bytes of a chunk of up to nbytes (O_DIRECT-aligned)."""
-        want = io.direct_read_size(nbytes)
         buf = getattr(self._tls, "buf", None)
-        if buf is None or buf.shape[0] < want:
-            buf = self._tls.buf = io.direct_buffer(max(want, 1 << 16))
+        if buf is None or buf.shape[0] < io.direct_read_size(nbytes):
+            buf = self._tls.buf = io.direct_buffer(self._scratch_size(nbytes))
         return buf
 
     def _read_files(self, keys: Sequence[ChunkKey], locs: Sequence[_Loc], ts: Sequence, threads: int = 1) -> List[int]:
@@ -553,12 +557,12 @@ class DiskTier:
         direct = self._direct
         args = (m, (ctypes.c_char_p * m)(*[loc.bpath for loc in locs]), i64(*[loc.nbytes for loc in locs]),
                 i64(*[loc.size for loc in locs]), (ctypes.c_void_p * m)(*[t.data_ptr() for t in ts]), int(direct))
+        largest = max(loc.nbytes for loc in locs)
         failed = -1
-        if threads > 1 and m > 1:  # scratch buffers of the C reader's own: as large as _scratch makes them
-            failed = lib.tkv_read_chunks_mt(*args, max(io.direct_read_size(max(loc.nbytes for loc in locs)), 1 << 16),
-                                            status, info, threads)
+        if threads > 1 and m > 1:  # scratch buffers of the C reader's own, sized as _scratch sizes them
+            failed = lib.tkv_read_chunks_mt(*args, self._scratch_size(largest), status, info, threads)
         if failed < 0:  # one thread (or the threads could not get their buffers): this thread's scratch
-            buf = self._scratch(max(loc.nbytes for loc in locs))
+            buf = self._scratch(largest)
             failed = lib.tkv_read_chunks(*args, buf.ctypes.data, buf.shape[0], status, info, 1)
         if not failed:
             return [info[3 * i] for i in range(m)]
