@@ -21,7 +21,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#define TKV_ABI 2
+#define TKV_ABI 3
 
 /* per-chunk status codes (tierkv/tiers/_native.py maps them to errors) */
 enum {
@@ -336,4 +336,61 @@ int tkv_read_chunks_mt(int n, const char *const *paths, const int64_t *nbytes, c
     for (int i = 0; i < n; i++)
         if (status[i] == -1) return -1; /* no worker got a scratch buffer: entries left unread */
     return job.failed;
+}
+
+/* tkv_read_chunks_mt started on a thread of its own, returning at once: the caller (a Python decode
+ * thread) goes on with other work while the batch is read, with no Python thread in between (a reader
+ * thread of Python's takes the GIL to pick up the work and to hand back the result, and the decode
+ * thread queues behind it). The arrays passed must stay alive and unchanged until tkv_read_wait, which
+ * must be called exactly once per handle. Returns NULL when the thread cannot be started (nothing was
+ * read: the caller reads the batch another way). */
+struct async_read {
+    int n, direct, threads;
+    const char *const *paths;
+    const int64_t *nbytes, *expect;
+    uint8_t *const *outs;
+    int64_t scratch_len;
+    int32_t *status;
+    int64_t *info;
+    int result;
+    pthread_t tid;
+};
+
+static void *async_main(void *arg) {
+    struct async_read *a = (struct async_read *)arg;
+    a->result = tkv_read_chunks_mt(a->n, a->paths, a->nbytes, a->expect, a->outs, a->direct, a->scratch_len,
+                                   a->status, a->info, a->threads);
+    return NULL;
+}
+
+void *tkv_read_start(int n, const char *const *paths, const int64_t *nbytes, const int64_t *expect,
+                     uint8_t *const *outs, int direct, int64_t scratch_len, int32_t *status, int64_t *info,
+                     int threads) {
+    struct async_read *a = (struct async_read *)malloc(sizeof *a);
+    if (!a) return NULL;
+    a->n = n;
+    a->direct = direct;
+    a->threads = threads;
+    a->paths = paths;
+    a->nbytes = nbytes;
+    a->expect = expect;
+    a->outs = outs;
+    a->scratch_len = scratch_len;
+    a->status = status;
+    a->info = info;
+    a->result = -1;
+    if (pthread_create(&a->tid, NULL, async_main, a)) {
+        free(a);
+        return NULL;
+    }
+    return a;
+}
+
+/* Wait for a batch tkv_read_start started and free its handle; returns what tkv_read_chunks_mt would. */
+int tkv_read_wait(void *handle) {
+    struct async_read *a = (struct async_read *)handle;
+    pthread_join(a->tid, NULL);
+    int r = a->result;
+    free(a);
+    return r;
 }

@@ -238,6 +238,42 @@ def test_one_call_on_many_threads_reads_and_fails_like_one_thread(tmp_path, rng_
 
 
 @needs_c
+def test_async_reads_run_on_c_threads_and_outlive_close(tmp_path, rng_seed):
+    """read_many_async on the C reader starts the batch on threads of the C library (tkv_read_start):
+    no Python reader thread is started; its wait returns the same chunks however often it is called,
+    and a corrupt chunk raises from every call; close() waits for a batch nobody waited for (its
+    threads write into buffers the tier still holds), and the batch's wait still returns it after."""
+    root = tmp_path / "st"
+    want = _store(root, 40, rng_seed, sizes=(5000, 73728))
+    keys = sorted(want)
+    with DiskTier(root, read_threads=4) as t:
+        wait = t.read_many_async(keys)
+        assert t._pool is None  # no Python thread read anything
+        first = wait()
+        assert all(torch.equal(r, want[k]) for k, r in zip(keys, first))
+        assert wait() is first
+        bad = keys[7]
+        path = t._index[bad].path
+    body = bytearray(open(path, "rb").read())
+    body[60] ^= 1
+    open(path, "wb").write(bytes(body))
+    t = DiskTier(root, read_threads=4)
+    try:
+        wait = t.read_many_async(keys)
+        for _ in range(2):
+            with pytest.raises(CorruptChunkError, match=f"chunk {bad}"):
+                wait()
+        good = keys[:7] + keys[8:]
+        outs = [torch.zeros(want[k].numel(), dtype=torch.uint8) for k in good]
+        wait = t.read_many_async(good, outs)
+    finally:
+        t.close()  # with the last batch not waited for
+    assert t._native_reads == {}
+    res = wait()
+    assert all(torch.equal(r, want[k]) and r.data_ptr() == o.data_ptr() for k, r, o in zip(good, res, outs))
+
+
+@needs_c
 def test_o_direct_refused_falls_back_to_buffered(tmp_path, rng_seed):
     import mmap
     import tempfile

@@ -25,7 +25,7 @@ import threading
 from typing import Optional
 
 SOURCE = "tierkv_diskio.c"
-ABI = 2
+ABI = 3
 CFLAGS = ("-std=c99", "-O2", "-fPIC", "-shared", "-Wall", "-pthread")
 
 # status codes of tkv_read_chunks (enum in the C source)
@@ -97,6 +97,10 @@ def _load():
     lib.tkv_read_chunks.restype = i32
     lib.tkv_read_chunks_mt.argtypes = [i32, p, p, p, p, i32, i64, p, p, i32]
     lib.tkv_read_chunks_mt.restype = i32
+    lib.tkv_read_start.argtypes = [i32, p, p, p, p, i32, i64, p, p, i32]
+    lib.tkv_read_start.restype = p
+    lib.tkv_read_wait.argtypes = [p]
+    lib.tkv_read_wait.restype = i32
     lib.tkv_crc32c.argtypes = [p, ctypes.c_size_t, i32]
     lib.tkv_crc32c.restype = ctypes.c_uint32
     lib.tkv_lz4_decode.argtypes = [p, ctypes.c_size_t, p, ctypes.c_size_t]

@@ -166,6 +166,7 @@ class DiskTier:
         if native_reads is True and self._native is None:
             raise ConfigError(f"native_reads=True: the C reader cannot be used here ({_native.missing()})")
         self._pool: Optional[ThreadPoolExecutor] = None
+        self._native_reads: dict = {}  # batches the C reader reads on its own threads, not yet waited for
         self._closed = False
         self._lock_fd = -1
         self._open_or_create()
@@ -451,10 +452,16 @@ class DiskTier:
         # on 16 (bench/results/disk_depth_h200_a3261bf.json), and each thread's share costs Python time
         step = min(self._read_threads, -(-n // MIN_PER_THREAD))
         locs = self._locate(keys)
+        if self._native is not None and not inline and step > 1:
+            # the C reader reads the batch on threads of its own, started by one foreign call that returns
+            # at once: no Python thread takes part (one would take the GIL to pick up the work and to hand
+            # back the result, and the decode thread would queue behind it); the set-up is done here
+            started = self._start_native(keys, outs, locs, step)
+            if started is not None:
+                return started
         if self._native is not None or step == 1:
-            # the C reader reads the batch on `step` threads of its own in one foreign call, without the
-            # GIL: the Python work is set-up only, done once (not once per thread: with the GIL shared
-            # by many reader threads and the decode thread, that work is what a decode step waits on)
+            # one foreign call reads the batch on `step` threads (no GIL held), in this thread or one
+            # reader thread of Python's
             if inline:
                 got = self._read_located(keys, outs, locs, step)
                 return lambda: got
@@ -544,6 +551,71 @@ class DiskTier:
             buf = self._tls.buf = io.direct_buffer(self._scratch_size(nbytes))
         return buf
 
+    def _start_native(self, keys, outs, locs, threads: int) -> Optional[Callable[[], list]]:
+        """Start the C reader on a batch (tkv_read_start) and return the function that waits for it and
+        returns what read_many() would; None when its thread could not be started. Chunks queued for
+        writing are served from the queue here, before the start."""
+        got: list = [None] * len(keys)
+        mine = []
+        for j, loc in enumerate(locs):
+            if loc is None:
+                got[j] = self.read(keys[j], outs[j])
+            else:
+                mine.append(j)
+        if not mine:
+            return lambda: got
+        mkeys, mlocs = [keys[j] for j in mine], [locs[j] for j in mine]
+        ts = [_out_tensor(outs[j], locs[j].nbytes, keys[j]) for j in mine]
+        args, status, info = self._native_args(mlocs, ts)
+        largest = max(loc.nbytes for loc in mlocs)
+        handle = self._native.tkv_read_start(*args, self._scratch_size(largest), status, info, threads)
+        if not handle:
+            return None
+        # until the reads are waited for, the C threads write into ts: they and the arrays stay referenced
+        # by the tier (not only by the returned function), and close() waits for any left unwaited
+        entry = [handle, None, (ts, args, status, info)]  # [handle not yet waited for, its result, kept alive]
+        with self._lock:
+            self._native_reads[id(entry)] = entry
+        done: list = []
+
+        def wait() -> list:
+            if done:
+                if isinstance(done[0], BaseException):
+                    raise done[0]
+                return done[0]
+            with self._lock:
+                h, entry[0] = entry[0], None
+                self._native_reads.pop(id(entry), None)
+            failed = self._native.tkv_read_wait(h) if h is not None else entry[1]  # else close() waited
+            sizes = []
+            try:
+                if failed < 0:  # no thread got its scratch buffer: read them here, one thread
+                    sizes = self._read_files(mkeys, mlocs, ts)
+                else:
+                    sizes = self._native_outcome(failed, mkeys, mlocs, ts, status, info, threads)
+            except BaseException as exc:
+                done.append(exc)
+                raise
+            finally:
+                self._tally(len(sizes), sum(loc.nbytes for loc in mlocs[: len(sizes)]), sum(sizes))
+            for j, t in zip(mine, ts):
+                got[j] = t
+            done.append(got)
+            return got
+
+        return wait
+
+    def _native_args(self, locs: Sequence[_Loc], ts: Sequence) -> tuple:
+        """The C reader's arguments for reading chunk files `locs` into tensors `ts` (up to its scratch
+        size), and the status and info arrays it fills."""
+        m = len(locs)
+        i64 = ctypes.c_int64 * m
+        status, info = (ctypes.c_int32 * m)(), (ctypes.c_int64 * (3 * m))()
+        args = (m, (ctypes.c_char_p * m)(*[loc.bpath for loc in locs]), i64(*[loc.nbytes for loc in locs]),
+                i64(*[loc.size for loc in locs]), (ctypes.c_void_p * m)(*[t.data_ptr() for t in ts]),
+                int(self._direct))
+        return args, status, info
+
     def _read_files(self, keys: Sequence[ChunkKey], locs: Sequence[_Loc], ts: Sequence, threads: int = 1) -> List[int]:
         """Read and check chunks into the uint8 tensors `ts` (uncounted); returns their file sizes.
         Raises as _read_file does, for the first chunk that fails (with one thread the ones after it
@@ -551,21 +623,22 @@ class DiskTier:
         lib = self._native
         if lib is None:
             return [self._read_file(k, loc, t.numpy()) for k, loc, t in zip(keys, locs, ts)]
-        m = len(keys)
-        i64 = ctypes.c_int64 * m
-        status, info = (ctypes.c_int32 * m)(), (ctypes.c_int64 * (3 * m))()
-        direct = self._direct
-        args = (m, (ctypes.c_char_p * m)(*[loc.bpath for loc in locs]), i64(*[loc.nbytes for loc in locs]),
-                i64(*[loc.size for loc in locs]), (ctypes.c_void_p * m)(*[t.data_ptr() for t in ts]), int(direct))
+        args, status, info = self._native_args(locs, ts)
         largest = max(loc.nbytes for loc in locs)
         failed = -1
-        if threads > 1 and m > 1:  # scratch buffers of the C reader's own, sized as _scratch sizes them
+        if threads > 1 and len(keys) > 1:  # scratch buffers of the C reader's own, sized as _scratch sizes them
             failed = lib.tkv_read_chunks_mt(*args, self._scratch_size(largest), status, info, threads)
         if failed < 0:  # one thread (or the threads could not get their buffers): this thread's scratch
             buf = self._scratch(largest)
             failed = lib.tkv_read_chunks(*args, buf.ctypes.data, buf.shape[0], status, info, 1)
+        return self._native_outcome(failed, keys, locs, ts, status, info, threads)
+
+    def _native_outcome(self, failed: int, keys, locs, ts, status, info, threads: int) -> List[int]:
+        """The file sizes of a batch the C reader read, or the error of its first failed chunk."""
+        m = len(keys)
         if not failed:
             return [info[3 * i] for i in range(m)]
+        direct = self._direct
         i = next(j for j in range(m) if status[j] != _native.OK)
         sizes = [info[3 * j] for j in range(i)]
         code, (a, b, c) = status[i], info[3 * i : 3 * i + 3]
@@ -833,6 +906,10 @@ class DiskTier:
         self._worker.join(timeout)
         if self._pool is not None:
             self._pool.shutdown(wait=True)
+        with self._lock:  # reads started and not waited for: their threads write into buffers they hold
+            for entry in self._native_reads.values():
+                entry[0], entry[1] = None, self._native.tkv_read_wait(entry[0])
+            self._native_reads = {}
         os.close(self._lock_fd)
         if err is None and self._worker.is_alive():
             err = WriteBehindError(f"disk tier at {self._root!r}: the writer thread did not stop within {timeout} s")
