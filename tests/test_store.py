@@ -305,3 +305,48 @@ def test_put_many_from_the_gpu_keeps_every_chunks_bytes(tmp_path, share):
     for i in range(count):
         assert torch.equal(st.read(K(i, stream="old")).cpu(), old[i].cpu())
     st.close()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_write_back_gives_cpu_chunks_a_disk_copy_and_eviction_then_writes_nothing(tmp_path, device):
+    """write_back queues a disk copy of each chunk put into the cpu tier that has none (those already
+    moved down are not written twice): after it, evicting them from the cpu tier writes nothing, and
+    every chunk reads back its own bytes from disk (on CUDA from slots that put_many filled by
+    asynchronous device-to-host copies, which write_back waits for)."""
+    n = 1000
+    st = ChunkStore(TierConfig(gpu_budget=4096, cpu_budget=8 * 1024, disk_path=str(tmp_path / "d")), device=device)
+    g = torch.Generator().manual_seed(3)
+    chunks = torch.randint(0, 256, (12, n), dtype=torch.uint8, generator=g)
+    keys = [K(i) for i in range(12)]
+    st.put_many(keys, chunks.to(device))  # 12 into a tier of 8: the first ones move down on the way
+    st.flush()
+    written = st.disk.stats().chunks_written
+    on_disk = {k for k in keys if "disk" in st.residency(k)}
+    assert 0 < written == len(on_disk) < 12
+    assert st.write_back() == 12 - written
+    assert st.write_back() == 0  # nothing new since
+    st.flush()
+    assert st.disk.stats().chunks_written == 12
+    for k in keys:
+        if k in st.cpu:
+            st.evict(k, "cpu")
+    st.flush()
+    assert st.disk.stats().chunks_written == 12  # evicting chunks with a disk copy wrote nothing
+    for i, k in enumerate(keys):
+        assert st.residency(k) == ("disk",)
+        assert torch.equal(st.read(k), chunks[i])
+    st.close()
+
+
+def test_write_back_without_a_disk_tier_or_after_delete_does_nothing(tmp_path):
+    st = ChunkStore(TierConfig(gpu_budget=4096, cpu_budget=8 * 1024))
+    st.put(K(0), data(1000, 0))
+    assert st.write_back() == 0
+    st = ChunkStore(TierConfig(gpu_budget=4096, cpu_budget=8 * 1024, disk_path=str(tmp_path / "d")))
+    st.put(K(0), data(1000, 0))
+    st.put(K(1), data(1000, 1))
+    st.delete(K(0))
+    assert st.write_back() == 1
+    st.flush()
+    assert st.residency(K(1)) == ("cpu", "disk") and K(0) not in st
+    st.close()

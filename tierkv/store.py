@@ -108,6 +108,9 @@ class ChunkStore:
         # host waits for that kernel before it frees one
         self._readers = None
         self._readers_done = True  # the host has waited for _readers since it was last recorded
+        # chunks put into the cpu tier with no disk copy yet (only where there is a disk tier): write_back
+        # gives them one, so that evicting them later costs no write on the path that evicts
+        self._unwritten: set = set()
         self._sources: List[torch.Tensor] = []
         self._source_index: Dict[Tuple[str, int], int] = {}
         if self.disk is not None:  # a reopened disk tier brings its chunks with it
@@ -414,6 +417,8 @@ class ChunkStore:
                 self._place(key, data, tier, "ingest")
                 if tier == "gpu":  # the gpu tier is a cache: the record goes to the cpu tier as well
                     self._place(key, data, "cpu", "gpu")
+                if tier != "disk" and self.disk is not None:
+                    self._unwritten.add(key)
             except BaseException:
                 self._drop(key)
                 raise
@@ -469,8 +474,41 @@ class ChunkStore:
             finally:
                 self._ingest_pending = None
             self._moved["ingest->cpu"] += n * len(keys)
+            if self.disk is not None:
+                self._unwritten.update(keys)
             for key in keys:
                 self._notify(key, "cpu")
+
+    def write_back(self) -> int:
+        """Queue a disk copy (written behind by the disk tier's worker) of every chunk put into the cpu
+        tier since the last call that still has no copy on disk; returns how many were queued.
+
+        A chunk with a disk copy leaves the cpu tier at the cost of a few dictionary updates; one without
+        is written on the way out, by whatever evicts it, which during decode is a step installing the
+        chunks it read from disk. Called at the end of a forward pass (the HF cache does), it moves the
+        writes of a prefill's last chunks into the prefill, instead of into the first hundreds of decode
+        steps. Blocks while the write queue is full. A disk budget too small for them stops it quietly:
+        the rest are written on eviction as before (where a full disk raises).
+        """
+        with self._lock:
+            if self.disk is None or not self._unwritten:
+                return 0
+            self._settle_cpu()  # the ingest copies into the slots are done before the bytes are read
+            todo = sorted(self._unwritten, key=lambda k: (k.stream, k.layer, k.index))
+            self._unwritten.clear()
+            n = 0
+            for key in todo:
+                if key not in self._meta or key not in self.cpu or key in self.disk:
+                    continue
+                data = self.cpu.read(key)
+                try:
+                    self.disk.put(key, data)  # a copy of the slot's bytes is queued
+                except CapacityError:
+                    break
+                self._moved["cpu->disk"] += data.numel()
+                self._notify(key, "disk")
+                n += 1
+            return n
 
     def read(self, key: ChunkKey, tier: Optional[str] = None) -> torch.Tensor:
         """The chunk's bytes from the fastest tier holding it (or from `tier`).

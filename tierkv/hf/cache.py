@@ -661,7 +661,7 @@ class TierKVCache(Cache):
         # read back in issue_prefetch, the end of a pass waiting for its kernels): the device's backlog,
         # not host work, and not counted in the part where it happens
         self.host_seconds = dict.fromkeys(("predict", "issue_prefetch", "stage_from_disk", "install", "promote",
-                                           "wait_gpu"), 0.0)
+                                           "wait_gpu", "write_back"), 0.0)
         self._marks: dict = {}  # per prediction, (hits, guesses) at the gates' last look
         self._last_end: Optional[float] = None  # perf_counter at the end of the last forward pass
         self._window = [0.0, 0]  # decode seconds and steps since the gate's last look
@@ -959,6 +959,9 @@ class TierKVCache(Cache):
             self._alive.clear()
         if self.store._inflight:  # the end of a forward pass is where ingest may be waited for
             self.store.settle()
+        if self.store._unwritten:  # chunks cut in this pass get their disk copy now (see store.write_back)
+            with self.host_part("write_back"):
+                self.store.write_back()
         self.steps += 1
         if self.steps % GATE_EVERY == 0:
             self._gate_next_layer()
