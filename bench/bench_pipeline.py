@@ -7,7 +7,10 @@ decode with the cpu tier at 10% of the KV so that about 90% of the chunks live o
   skip       the pipeline with the 'skip' miss policy: a chunk not staged in time is left out of that
              step (not exact; its tokens/s bound what waiting costs), on request (--modes ... skip)
   all-cpu    a cpu tier that holds all of the KV (the ceiling the pipeline is held against)
-Reported: tokens/s (the median of --repeats timed windows), stall seconds per step, prefetch hit rates
+The modes of a selection are opened side by side (each in a copy of the model) and timed in turns, window
+r of every mode before window r + 1 of any, so that the machine's drift falls on all of them alike.
+Reported: tokens/s (the median of --repeats timed windows), the ratio to all-cpu of those medians and the
+median of the window-by-window ratios (paired), stall seconds per step, prefetch hit rates
 (next-layer and next-step predictions), disk bytes read per token; and the store's disk read throughput
 against a raw O_DIRECT read of the same files (cold page cache), in the same run.
 
@@ -20,6 +23,8 @@ against a raw O_DIRECT read of the same files (cold page cache), in the same run
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import json
 import mmap
 import os
@@ -49,7 +54,9 @@ def encoded_kv_bytes(cfg, ctx, batch, fmt, chunk_length):
     return lay.nbytes * -(-ctx // chunk_length) * cfg.num_hidden_layers * batch
 
 
-def run_mode(model, cfg, ids, mode, args, device, selection="head"):
+def open_mode(stack, model, cfg, ids, mode, args, device, selection="head"):
+    """Enter `mode`'s offload context on `stack` (a model of its own: one model runs in one context at a
+    time), prefill, flush the disk tier, decode the warm-up steps; the state timed windows then run on."""
     kv = kv_bytes(cfg, ids.shape[1], ids.shape[0])
     # the cpu tier's share is of the KV in the chunk format, so that (1 - share) of the chunks are on disk
     enc = encoded_kv_bytes(cfg, ids.shape[1], ids.shape[0], args.format, args.chunk_length)
@@ -60,40 +67,50 @@ def run_mode(model, cfg, ids, mode, args, device, selection="head"):
     tcfg = TierConfig(gpu_budget=int(kv * 0.05), cpu_budget=cpu, disk_path=disk, budget=args.budget,
                       format=args.format, sink=4, window=args.window, chunk_length=args.chunk_length,
                       selection=selection, miss_policy="skip" if mode == "skip" else "wait")
-    with tierkv.offload(model, tcfg) as cache:
-        cache.predict = mode in ("pipeline", "skip")
-        cache.gpu_installs = args.gpu_installs
-        pre, tok = prefill(model, ids, cache, args.piece)
-        if cache.store.disk is not None:
-            cache.store.flush()
-        decode(model, cache, tok, 0, args.warmup)
-        before = cache.stats()  # the per-step figures are of the timed steps only
-        prof = None
-        if args.profile_dir and mode != "all-cpu":
-            import cProfile
+    cache = stack.enter_context(tierkv.offload(model, tcfg))
+    cache.predict = mode in ("pipeline", "skip")
+    cache.gpu_installs = args.gpu_installs
+    pre, tok = prefill(model, ids, cache, args.piece)
+    if cache.store.disk is not None:
+        cache.store.flush()
+    decode(model, cache, tok, 0, args.warmup)
+    return dict(mode=mode, selection=selection, model=model, cache=cache, tok=tok, prefill_s=pre, kv=kv, cpu=cpu,
+                before=cache.stats(), windows=[], seconds=0.0, prof=None)
 
-            prof = cProfile.Profile()
-            prof.enable()
-        t0 = time.perf_counter()
-        # several timed windows: a host-bound decode's step time wanders (a promotion, the gate's look, the
-        # machine), and the median window is steadier than one; every window is kept in the row
-        windows = [decode(model, cache, tok, 0, args.steps) for _ in range(args.repeats)]
-        tps = statistics.median(windows)
-        if prof is not None:
-            prof.disable()
-            _write_profile(prof, os.path.join(args.profile_dir, f"{mode}-{selection}.txt"),
-                           args.steps * args.repeats)
-        after = cache.stats()
-    steps = args.steps * args.repeats  # the per-step figures are over all timed windows
+
+def time_window(st, args):
+    """One timed window of args.steps decode steps of a mode opened by open_mode (profiled on request)."""
+    if args.profile_dir and st["mode"] != "all-cpu" and st["prof"] is None:
+        import cProfile
+
+        st["prof"] = cProfile.Profile()
+    t0 = time.perf_counter()
+    if st["prof"] is not None:
+        st["prof"].enable()
+    st["windows"].append(decode(st["model"], st["cache"], st["tok"], 0, args.steps))
+    if st["prof"] is not None:
+        st["prof"].disable()
+    st["seconds"] += time.perf_counter() - t0
+
+
+def close_mode(st, args, batch):
+    """The row of a mode whose windows were timed (before its context is left)."""
+    cache, before, mode, selection = st["cache"], st["before"], st["mode"], st["selection"]
+    after = cache.stats()
+    windows = st["windows"]
+    tps = statistics.median(windows)
+    if st["prof"] is not None:
+        _write_profile(st["prof"], os.path.join(args.profile_dir, f"{mode}-{selection}.txt"), args.steps * len(windows))
+    steps = args.steps * len(windows)  # the per-step figures are over all timed windows
     disk_bytes = (after.prefetch.get("bytes_read", 0) or 0) - (before.prefetch.get("bytes_read", 0) or 0)
-    row = dict(mode=mode, selection=selection, tokens_per_s=tps, tokens_per_s_windows=windows, prefill_s=pre,
-               cpu_budget=cpu, kv_bytes=kv,
+    row = dict(mode=mode, selection=selection, tokens_per_s=tps, tokens_per_s_windows=windows,
+               prefill_s=st["prefill_s"], cpu_budget=st["cpu"], kv_bytes=st["kv"],
                stall_s_per_step=(after.stall_seconds - before.stall_seconds) / steps,
                # host time per step in the disk path's parts (stage_from_disk includes the stall)
                host_ms_per_step={k: (v - before.prefetch["host_seconds"][k]) / steps * 1e3
                                  for k, v in after.prefetch["host_seconds"].items()},
-               disk_bytes_per_token=disk_bytes / (steps * ids.shape[0]),
-               resident=after.resident_chunks, prefetch=after.prefetch, decode_wall_s=time.perf_counter() - t0)
+               disk_bytes_per_token=disk_bytes / (steps * batch),
+               resident=after.resident_chunks, prefetch=after.prefetch, decode_wall_s=st["seconds"])
     spread = f" (windows {min(windows):.2f}-{max(windows):.2f})" if len(windows) > 1 else ""
     print(f"  {mode:9s} {selection:6s} tok/s={tps:.2f}{spread} stall/step={row['stall_s_per_step'] * 1e3:.1f} ms "
           f"disk/token={row['disk_bytes_per_token'] / 2**20:.1f} MiB resident={after.resident_chunks} "
@@ -102,6 +119,19 @@ def run_mode(model, cfg, ids, mode, args, device, selection="head"):
     if mode != "all-cpu":
         print("            host ms/step: " + " ".join(f"{k}={v:.1f}" for k, v in row["host_ms_per_step"].items()), flush=True)
     return row
+
+
+def run_modes(make_model, cfg, ids, modes, args, device, selection="head"):
+    """Every mode of `modes` opened side by side (a model each), then timed in turns: window r of every
+    mode runs before window r + 1 of any, so that a drift of the machine's speed over the run (it was
+    up to 20% between processes and between modes run one after another) falls on all modes alike;
+    each mode's ratio to all-cpu is also taken window by window (paired)."""
+    with contextlib.ExitStack() as stack:
+        states = [open_mode(stack, make_model(), cfg, ids, m, args, device, selection) for m in modes]
+        for _ in range(args.repeats):
+            for st in states:
+                time_window(st, args)
+        return [close_mode(st, args, ids.shape[0]) for st in states]
 
 
 def _write_profile(prof, path, steps):
@@ -246,25 +276,35 @@ def main(argv=None):
                    torch=torch.__version__, tierkv=tierkv.__version__, git_commit=_git(), command=" ".join(sys.argv),
                    date=time.strftime("%Y-%m-%d %H:%M:%S"), args=vars(args), rows=[])
     results["ratios"] = {}
+    # each mode runs in a model of its own (a copy: the same weights), all of a selection's modes open at once
+    def make_model():
+        return copy.deepcopy(model)
+
     if args.process_warmup:
         # the first mode of a process ran slower than the same mode later in it (one-time set-up: kernels,
         # handles, allocator pools), which favoured whichever mode came later: one short untimed run first
         print("process warm-up (not measured):", flush=True)
         warm = argparse.Namespace(**{**vars(args), "steps": max(1, args.warmup), "repeats": 1, "profile_dir": None})
-        run_mode(model, cfg, ids[:, : min(ids.shape[1], WARMUP_CONTEXT)], args.modes[0], warm, device,
-                 args.selection[0])
+        run_modes(make_model, cfg, ids[:, : min(ids.shape[1], WARMUP_CONTEXT)], args.modes[:1], warm, device,
+                  args.selection[0])
+    results["paired_ratios"] = {}
     for selection in args.selection:
         print(f"selection {selection!r}", flush=True)
-        for mode in args.modes:
-            row = run_mode(model, cfg, ids, mode, args, device, selection)
-            results["rows"].append(row)
-            if args.json:
-                _dump(results, args.json)
-        by = {r["mode"]: r for r in results["rows"] if r["selection"] == selection}
+        rows = run_modes(make_model, cfg, ids, args.modes, args, device, selection)
+        results["rows"].extend(rows)
+        if args.json:
+            _dump(results, args.json)
+        by = {r["mode"]: r for r in rows}
         if "all-cpu" in by:
-            ratios = {f"{m}_over_all_cpu": by[m]["tokens_per_s"] / by["all-cpu"]["tokens_per_s"]
+            base = by["all-cpu"]
+            ratios = {f"{m}_over_all_cpu": by[m]["tokens_per_s"] / base["tokens_per_s"]
                       for m in ("pipeline", "sync", "skip") if m in by}
             results["ratios"][selection] = ratios
+            # window r of a mode over window r of all-cpu (timed one after the other): the median of these
+            results["paired_ratios"][selection] = {
+                f"{m}_over_all_cpu": statistics.median(
+                    a / b for a, b in zip(by[m]["tokens_per_s_windows"], base["tokens_per_s_windows"]))
+                for m in ("pipeline", "sync", "skip") if m in by}
             if selection == args.selection[0]:  # the first selection's also at the top level, as before
                 results.update(ratios)
     for m in ("pipeline", "sync"):
@@ -272,7 +312,7 @@ def main(argv=None):
         if os.path.isdir(d):
             results["disk_read"] = read_throughput(d)
             break
-    print(json.dumps({k: v for k, v in results.items() if k.endswith("all_cpu") or k in ("ratios", "disk_read")}, indent=1))
+    print(json.dumps({k: v for k, v in results.items() if k.endswith("all_cpu") or k in ("ratios", "paired_ratios", "disk_read")}, indent=1))
     if args.json:
         _dump(results, args.json)
 

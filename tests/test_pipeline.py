@@ -54,7 +54,7 @@ def test_wait_mode_identical_to_all_in_cpu(tmp_path, seed, device):
         assert stats.prefetch[name] is None or 0.0 <= stats.prefetch[name] <= 1.0
     # the parts of the disk path's host time, the device waits taken out of the parts they happen in
     host = stats.prefetch["host_seconds"]
-    assert set(host) == {"predict", "issue_prefetch", "stage_from_disk", "install", "promote", "wait_gpu", "write_back"}
+    assert set(host) == {"predict", "issue_prefetch", "stage_from_disk", "install", "promote", "wait_gpu", "write_back", "refresh"}
     assert all(v >= 0 for v in host.values()) and host["stage_from_disk"] > 0
 
 

@@ -533,7 +533,9 @@ class TierKVLayer(CacheLayerMixin):
         """
         if self.layer_idx in self.cache._direct:  # chunks this layer read before: offered first
             self.cache.install_direct(layer=self.layer_idx)
-        self.refresh_addresses()
+        if self.dirty:
+            with self.cache.host_part("refresh"):
+                self.refresh_addresses()
         B, H, kk = chunk_idx.shape
         a = self.addr.gather(1, chunk_idx.reshape(B, H * kk, 1).expand(B, H * kk, 2)).reshape(B, H, kk, 2)
         sources = self.cache.sources()
@@ -659,9 +661,10 @@ class TierKVCache(Cache):
         # store): where a step's time goes, without a profiler's overhead (bench_pipeline reports them).
         # wait_gpu: the host waiting for the device (a layer's choice read back in stage_from_disk, a guess
         # read back in issue_prefetch, the end of a pass waiting for its kernels): the device's backlog,
-        # not host work, and not counted in the part where it happens
+        # not host work, and not counted in the part where it happens; write_back: disk copies of chunks cut
+        # in a pass (store.write_back); refresh: bringing a layer's address table up to date with the store
         self.host_seconds = dict.fromkeys(("predict", "issue_prefetch", "stage_from_disk", "install", "promote",
-                                           "wait_gpu", "write_back"), 0.0)
+                                           "wait_gpu", "write_back", "refresh"), 0.0)
         self._marks: dict = {}  # per prediction, (hits, guesses) at the gates' last look
         self._last_end: Optional[float] = None  # perf_counter at the end of the last forward pass
         self._window = [0.0, 0]  # decode seconds and steps since the gate's last look
