@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from tierkv.errors import ConfigError, CorruptChunkError
+from tierkv.errors import ConfigError, CorruptChunkError, FormatError
 from tierkv.keys import ChunkKey
 from tierkv.tiers import _diskio, _native
 from tierkv.tiers.disk import DiskTier
@@ -271,6 +271,48 @@ def test_async_reads_run_on_c_threads_and_outlive_close(tmp_path, rng_seed):
     assert t._native_reads == {}
     res = wait()
     assert all(torch.equal(r, want[k]) and r.data_ptr() == o.data_ptr() for k, r, o in zip(good, res, outs))
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_read_into_one_buffer(tmp_path, rng_seed, native):
+    """read_into_async puts chunk j at j * stride of one buffer (the bytes between chunks untouched), the
+    same bytes as read(), a chunk still queued for writing included; a corrupt chunk raises from the
+    wait; a buffer too small, of the wrong type, or a stride a chunk does not fit in is refused."""
+    if native and _native.library() is None:
+        pytest.skip("no C reader here")
+    root = tmp_path / "st"
+    want = _store(root, 24, rng_seed, sizes=(5000, 12345))
+    keys = sorted(want)
+    stride = 12800
+    with DiskTier(root, read_threads=4, native_reads=native) as t:
+        late = ChunkKey("late", 0, 0)
+        want[late] = torch.arange(3000, dtype=torch.int64).to(torch.uint8)
+        t.put(late, want[late])  # the writer may or may not have written it yet: both must read back
+        keys = keys + [late]
+        buf = torch.full((len(keys) * stride + 5,), 0xEE, dtype=torch.uint8)
+        assert t.read_into_async(keys, buf, stride)() is None
+        for j, k in enumerate(keys):
+            n = want[k].numel()
+            assert torch.equal(buf[j * stride : j * stride + n], want[k])
+            assert (buf[j * stride + n : (j + 1) * stride] == 0xEE).all()
+        with pytest.raises(FormatError, match="at least"):
+            t.read_into_async(keys, buf[: stride], stride)
+        with pytest.raises(FormatError, match="contiguous uint8"):
+            t.read_into_async(keys, buf.to(torch.int32), stride)
+        with pytest.raises(FormatError, match="do not fit a stride"):
+            t.read_into_async(keys[:4], buf, 4096)
+        with pytest.raises(ConfigError, match="stride"):
+            t.read_into_async(keys, buf, 0)
+        t.flush()
+        bad = keys[5]
+        path = t._index[bad].path
+    body = bytearray(open(path, "rb").read())
+    body[40] ^= 1
+    open(path, "wb").write(bytes(body))
+    with DiskTier(root, read_threads=4, native_reads=native) as t:
+        wait = t.read_into_async(keys, buf, stride)
+        with pytest.raises(CorruptChunkError, match=f"chunk {bad}"):
+            wait()
 
 
 @needs_c

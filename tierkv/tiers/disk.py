@@ -456,7 +456,8 @@ class DiskTier:
             # the C reader reads the batch on threads of its own, started by one foreign call that returns
             # at once: no Python thread takes part (one would take the GIL to pick up the work and to hand
             # back the result, and the decode thread would queue behind it); the set-up is done here
-            started = self._start_native(keys, outs, locs, step)
+            started = self._start_native(keys, locs, step, lambda j: outs[j],
+                                         lambda j: _out_tensor(outs[j], locs[j].nbytes, keys[j]))
             if started is not None:
                 return started
         if self._native is not None or step == 1:
@@ -551,29 +552,82 @@ class DiskTier:
             buf = self._tls.buf = io.direct_buffer(self._scratch_size(nbytes))
         return buf
 
-    def _start_native(self, keys, outs, locs, threads: int) -> Optional[Callable[[], list]]:
+    def read_into_async(self, keys: Sequence[ChunkKey], buffer, stride: int) -> Callable[[], None]:
+        """read_many_async() into one buffer: chunk keys[j] into buffer[j * stride :][: its nbytes]
+        (buffer: a contiguous uint8 CPU tensor of at least len(keys) * stride bytes). The buffer is
+        checked once, not a tensor per chunk (a decode step reads dozens of chunks a layer into one
+        pinned buffer, and per-chunk checks were most of the set-up). Returns the function that waits
+        for the reads (raising their error); the chunks are then in the buffer."""
+        import torch
+
+        keys = list(keys)
+        n = len(keys)
+        if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
+            raise ConfigError(f"read_into_async: stride must be a positive int, got {stride!r}")
+        if (not isinstance(buffer, torch.Tensor) or buffer.dtype != torch.uint8 or not buffer.is_cpu
+                or not buffer.is_contiguous() or buffer.numel() < n * stride):
+            desc = f"{tuple(buffer.shape)} {buffer.dtype} on {buffer.device}" if isinstance(buffer, torch.Tensor) else type(buffer).__name__
+            raise FormatError(f"read_into_async: buffer must be a contiguous uint8 CPU tensor of at least "
+                              f"{n} x {stride} bytes, got {desc}")
+        if n == 0:
+            return lambda: None
+        rows = buffer.view(-1)[: n * stride].view(n, stride)
+        locs = self._locate(keys)
+        for key, loc in zip(keys, locs):
+            if loc is not None and loc.nbytes > stride:
+                raise FormatError(f"chunk {key}: {loc.nbytes} bytes do not fit a stride of {stride} bytes")
+        step = min(self._read_threads, -(-n // MIN_PER_THREAD))
+        started = None
+        if self._native is not None and step > 1:
+            base = buffer.data_ptr()
+            started = self._start_native(keys, locs, step, lambda j: rows[j],
+                                         lambda j: rows[j, : locs[j].nbytes], lambda j: base + j * stride, buffer)
+        if started is not None:
+            wait = started
+        else:
+            wait = self.read_many_async(keys, rows.unbind(0))
+
+        def done() -> None:
+            wait()
+
+        return done
+
+    def _start_native(self, keys, locs, threads: int, out_of, tensor_of, ptr_of=None,
+                      keep=None) -> Optional[Callable[[], list]]:
         """Start the C reader on a batch (tkv_read_start) and return the function that waits for it and
-        returns what read_many() would; None when its thread could not be started. Chunks queued for
-        writing are served from the queue here, before the start."""
+        returns what read_many() would; None when its thread could not be started. out_of(j): where
+        keys[j] goes as read() takes it; tensor_of(j): that place checked, as a tensor of the chunk's
+        size (built only where needed); ptr_of(j): its address (default: tensor_of(j)'s). `keep`: what
+        must stay alive while the threads write. Chunks queued for writing are served from the queue
+        here, before the start."""
         got: list = [None] * len(keys)
         mine = []
         for j, loc in enumerate(locs):
             if loc is None:
-                got[j] = self.read(keys[j], outs[j])
+                got[j] = self.read(keys[j], out_of(j))
             else:
                 mine.append(j)
         if not mine:
             return lambda: got
         mkeys, mlocs = [keys[j] for j in mine], [locs[j] for j in mine]
-        ts = [_out_tensor(outs[j], locs[j].nbytes, keys[j]) for j in mine]
-        args, status, info = self._native_args(mlocs, ts)
+        ts = None
+        if ptr_of is None:
+            ts = [tensor_of(j) for j in mine]
+            ptrs = [t.data_ptr() for t in ts]
+        else:
+            ptrs = [ptr_of(j) for j in mine]
+
+        def tensors():
+            return ts if ts is not None else [tensor_of(j) for j in mine]
+
+        args, status, info = self._native_args(mlocs, ptrs)
         largest = max(loc.nbytes for loc in mlocs)
         handle = self._native.tkv_read_start(*args, self._scratch_size(largest), status, info, threads)
         if not handle:
             return None
-        # until the reads are waited for, the C threads write into ts: they and the arrays stay referenced
-        # by the tier (not only by the returned function), and close() waits for any left unwaited
-        entry = [handle, None, (ts, args, status, info)]  # [handle not yet waited for, its result, kept alive]
+        # until the reads are waited for, the C threads write into the outputs: they and the arrays stay
+        # referenced by the tier (not only by the returned function), and close() waits for any left
+        entry = [handle, None, (ts, keep, args, status, info)]  # [handle not yet waited for, its result, kept]
         with self._lock:
             self._native_reads[id(entry)] = entry
         done: list = []
@@ -590,29 +644,30 @@ class DiskTier:
             sizes = []
             try:
                 if failed < 0:  # no thread got its scratch buffer: read them here, one thread
-                    sizes = self._read_files(mkeys, mlocs, ts)
+                    sizes = self._read_files(mkeys, mlocs, tensors())
                 else:
-                    sizes = self._native_outcome(failed, mkeys, mlocs, ts, status, info, threads)
+                    sizes = self._native_outcome(failed, mkeys, mlocs, tensors, status, info, threads)
             except BaseException as exc:
                 done.append(exc)
                 raise
             finally:
                 self._tally(len(sizes), sum(loc.nbytes for loc in mlocs[: len(sizes)]), sum(sizes))
-            for j, t in zip(mine, ts):
-                got[j] = t
+            if ts is not None:
+                for j, t in zip(mine, ts):
+                    got[j] = t
             done.append(got)
             return got
 
         return wait
 
-    def _native_args(self, locs: Sequence[_Loc], ts: Sequence) -> tuple:
-        """The C reader's arguments for reading chunk files `locs` into tensors `ts` (up to its scratch
-        size), and the status and info arrays it fills."""
+    def _native_args(self, locs: Sequence[_Loc], ptrs: Sequence[int]) -> tuple:
+        """The C reader's arguments for reading chunk files `locs` to addresses `ptrs` (each with room for
+        its chunk), and the status and info arrays it fills."""
         m = len(locs)
         i64 = ctypes.c_int64 * m
         status, info = (ctypes.c_int32 * m)(), (ctypes.c_int64 * (3 * m))()
         args = (m, (ctypes.c_char_p * m)(*[loc.bpath for loc in locs]), i64(*[loc.nbytes for loc in locs]),
-                i64(*[loc.size for loc in locs]), (ctypes.c_void_p * m)(*[t.data_ptr() for t in ts]),
+                i64(*[loc.size for loc in locs]), (ctypes.c_void_p * m)(*ptrs),
                 int(self._direct))
         return args, status, info
 
@@ -623,7 +678,7 @@ class DiskTier:
         lib = self._native
         if lib is None:
             return [self._read_file(k, loc, t.numpy()) for k, loc, t in zip(keys, locs, ts)]
-        args, status, info = self._native_args(locs, ts)
+        args, status, info = self._native_args(locs, [t.data_ptr() for t in ts])
         largest = max(loc.nbytes for loc in locs)
         failed = -1
         if threads > 1 and len(keys) > 1:  # scratch buffers of the C reader's own, sized as _scratch sizes them
@@ -631,10 +686,11 @@ class DiskTier:
         if failed < 0:  # one thread (or the threads could not get their buffers): this thread's scratch
             buf = self._scratch(largest)
             failed = lib.tkv_read_chunks(*args, buf.ctypes.data, buf.shape[0], status, info, 1)
-        return self._native_outcome(failed, keys, locs, ts, status, info, threads)
+        return self._native_outcome(failed, keys, locs, lambda: ts, status, info, threads)
 
-    def _native_outcome(self, failed: int, keys, locs, ts, status, info, threads: int) -> List[int]:
-        """The file sizes of a batch the C reader read, or the error of its first failed chunk."""
+    def _native_outcome(self, failed: int, keys, locs, tensors, status, info, threads: int) -> List[int]:
+        """The file sizes of a batch the C reader read, or the error of its first failed chunk
+        (tensors(): the batch's outputs, for reading its rest again without O_DIRECT)."""
         m = len(keys)
         if not failed:
             return [info[3 * i] for i in range(m)]
@@ -645,7 +701,7 @@ class DiskTier:
         if direct and code in (_native.OPEN_FAILED, _native.READ_FAILED) and a == errno.EINVAL:
             # the filesystem (tmpfs, some FUSE mounts) refuses O_DIRECT: buffered reads from now on
             self._direct = False
-            return sizes + self._read_files(keys[i:], locs[i:], ts[i:], threads)
+            return sizes + self._read_files(keys[i:], locs[i:], tensors()[i:], threads)
         key, loc = keys[i], locs[i]
         if code == _native.OPEN_FAILED and a == errno.ENOENT:
             self._missing_file(key, loc)
