@@ -377,17 +377,17 @@ def test_staging_full_reads_the_rest_directly(tmp_path, monkeypatch):
         ref = gen(model, ids, cache)
     with tierkv.offload(model, sparse_cfg(cpu_budget="12KiB", disk_path=str(tmp_path / "cold"))) as cache:
         read_directly, offered = set(), set()
-        read_many, add_copies = cache.store.disk.read_many_async, cache.store.add_copies
+        read_into, add_copies = cache.store.disk.read_into_async, cache.store.add_copies
 
-        def rec_read(keys, outs=None, **kw):
+        def rec_read(keys, buffer, stride):
             read_directly.update(keys)
-            return read_many(keys, outs, **kw)
+            return read_into(keys, buffer, stride)
 
         def rec_add(items, tier="cpu", **kw):
             offered.update(k for k, _ in items)
             return add_copies(items, tier, **kw)
 
-        cache.store.disk.read_many_async, cache.store.add_copies = rec_read, rec_add
+        cache.store.disk.read_into_async, cache.store.add_copies = rec_read, rec_add
         out = gen(model, ids, cache)
         stats = cache.stats()
         pending = {k for entries in cache._direct.values() for k, _ in entries}  # read in the last pass: offered when their layer gathers next
@@ -451,19 +451,19 @@ def test_next_layer_guesses_are_queued_after_the_layers_own_disk_reads(tmp_path,
     """A layer's demand reads go first; the next layer's guesses are queued after them (to be read while
     this layer computes), never just before them, where they would compete for the disk."""
     events = []
-    read_many, request = DiskTier.read_many_async, Prefetcher.request
+    read_into, request = DiskTier.read_into_async, Prefetcher.request
 
-    def demand(self, keys, outs=None, **kw):
+    def demand(self, keys, buffer, stride):
         if threading.current_thread() is threading.main_thread() and keys:
             events.append(("demand", keys[0].layer))
-        return read_many(self, keys, outs, **kw)
+        return read_into(self, keys, buffer, stride)
 
     def asked(self, keys):
         if keys:
             events.append(("request", keys[0][0].layer))
         return request(self, keys)
 
-    monkeypatch.setattr(DiskTier, "read_many_async", demand)
+    monkeypatch.setattr(DiskTier, "read_into_async", demand)
     monkeypatch.setattr(Prefetcher, "request", asked)
     model = build("llama", seed=14, layers=4)
     ids = torch.randint(1, 512, (1, 400))

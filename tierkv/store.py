@@ -48,7 +48,7 @@ class StoreStats:
         return h / (h + m) if h + m else 0.0
 
 
-@dataclass
+@dataclass(slots=True)  # read and written per chunk on the decode path (touch, ranking): no __dict__
 class _Meta:
     nbytes: int
     importance: float

@@ -101,11 +101,10 @@ class TierKVLayer(CacheLayerMixin):
         self.n_chunks = 0
         self.layout: Optional[ChunkLayout] = None  # set by the plan, when the first chunk is cut
         # per chunk, with room to grow: abstracts [B, H, 2D, cap] (rows :D min, D: max, in the keys' dtype),
-        # address [B, cap, 2] (index into the store's sources, byte offset; -1: only on disk),
-        # on_gpu [B, cap], importance [B, cap] (decayed count of heads that chose the chunk)
+        # address [B, cap, 3] (index into the store's sources, byte offset, 1 if that copy is in the gpu
+        # tier; -1, -1, 0: only on disk), importance [B, cap] (decayed count of heads that chose the chunk)
         self.abstracts: Optional[torch.Tensor] = None
         self.addr: Optional[torch.Tensor] = None
-        self.on_gpu: Optional[torch.Tensor] = None
         self.importance: Optional[torch.Tensor] = None
         # scoring 'mass': packed 2-bit key codes per chunk [B, H, cap, L, D/4] (see abstracts.key_codes)
         self.codes: Optional[torch.Tensor] = None
@@ -115,7 +114,6 @@ class TierKVLayer(CacheLayerMixin):
         self.pending: Optional[torch.Tensor] = None  # key states returned by the last update
         self.dirty: set = set()  # (b, c) whose address must be refreshed from the store
         self.disk_only: set = set()
-        self._stage_table: Optional[torch.Tensor] = None  # [B, cap, 2] (source, offset) of staged chunks
         self._static = None  # per-(k) cached parts of the gather table
         self.prev_idx: Optional[torch.Tensor] = None  # last step's choice (for the persistence statistic)
         self.predicted: Optional[torch.Tensor] = None  # the previous layer's guess at this step's choice
@@ -268,8 +266,8 @@ class TierKVLayer(CacheLayerMixin):
         new_cap = max(need, 2 * cap, 16)
         B, H, D = self.batch_size, self.n_heads, self.head_dim
         ab = torch.empty(B, H, 2 * D, new_cap, dtype=self.dtype, device=self.device)
-        addr = torch.full((B, new_cap, 2), -1, dtype=torch.int64, device=self.device)
-        on_gpu = torch.zeros(B, new_cap, dtype=torch.bool, device=self.device)
+        addr = torch.full((B, new_cap, 3), -1, dtype=torch.int64, device=self.device)
+        addr[..., 2] = 0
         imp = torch.zeros(B, new_cap, dtype=torch.float32, device=self.device)
         chosen = torch.zeros(B, new_cap, dtype=torch.float32, device=self.device)
         codes = None
@@ -283,9 +281,8 @@ class TierKVLayer(CacheLayerMixin):
             chosen[:, :cap] = self.chosen
             ab[..., :cap] = self.abstracts
             addr[:, :cap] = self.addr
-            on_gpu[:, :cap] = self.on_gpu
             imp[:, :cap] = self.importance
-        self.abstracts, self.addr, self.on_gpu, self.importance, self.chosen = ab, addr, on_gpu, imp, chosen
+        self.abstracts, self.addr, self.importance, self.chosen = ab, addr, imp, chosen
 
     def _ingest(self, k: torch.Tensor, v: torch.Tensor, n: int) -> None:
         lay = self.layout
@@ -379,37 +376,51 @@ class TierKVLayer(CacheLayerMixin):
 
     # --- reading chunks back -------------------------------------------------------------------------
     def refresh_addresses(self) -> None:
-        """Bring the (source, offset) table up to date with what the store moved since the last step."""
-        if not self.dirty:
-            return
-        dirty, keys, disk_only = list(self.dirty), self._keys, self.disk_only
+        """Bring the address table up to date with what the store moved since the last step."""
+        if self.dirty:
+            self._apply_rows(self._address_rows())
+
+    def _address_rows(self) -> dict:
+        """The host half of refresh_addresses: {b * cap + c: (source, offset, on gpu)} of the chunks the
+        store moved (disk_only kept up to date here), for _apply_rows."""
+        dirty, keys, disk_only, cap = list(self.dirty), self._keys, self.disk_only, self.addr.shape[1]
         self.dirty.clear()
-        rows = []  # (b, c, source, offset, on gpu): one host-to-device copy for all of them
+        rows = {}
         for (b, c), (loc, tier) in zip(dirty, self.cache.store.best_locations([keys[b][c] for b, c in dirty])):
             if loc is None:
                 disk_only.add((b, c))
-                rows.append((b, c, -1, -1, 0))
+                rows[b * cap + c] = (-1, -1, 0)
             else:
                 disk_only.discard((b, c))
-                rows.append((b, c, loc[0], loc[1], tier == "gpu"))
-        t = self.cache.host_table(rows)
-        self.addr[t[:, 0], t[:, 1]] = t[:, 2:4]
-        self.on_gpu[t[:, 0], t[:, 1]] = t[:, 4].bool()
+                rows[b * cap + c] = (loc[0], loc[1], int(tier == "gpu"))
+        return rows
 
-    def _stage_from_disk(self, chunk_idx: torch.Tensor, a: torch.Tensor, sources: List[torch.Tensor],
-                         wait: bool, every: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def _apply_rows(self, rows: dict) -> None:
+        """Write rows {b * cap + c: (source, offset, on gpu)} into the address table: one host-to-device
+        copy (the indices, then the values) and one kernel, queued without a sync."""
+        if not rows:
+            return
+        n = len(rows)
+        t = self.cache.host_table(list(rows) + [v for r in rows.values() for v in r])
+        self.addr.view(-1, 3).index_copy_(0, t[:n], t[n:].view(n, 3))
+
+    def _stage_from_disk(self, chunk_idx: torch.Tensor, rows: dict, sources: List[torch.Tensor],
+                         wait: bool, every: bool = False) -> Optional[int]:
         """Point the selected chunks that live only on disk at staged copies of them.
 
         A chunk the prefetch pipeline has staged is read from its staging slot (waited for while in
         flight). With `wait` (miss policy 'wait', and always for exact attention) the others are read
-        now, all in one read_many into a pinned buffer of the step, and the time waited is counted as
-        stall; without `wait` (policy 'skip') it is left out of this step: its rows point at a zero
-        chunk and the returned mask [B, H, k] marks it for attention to ignore, and it is queued for
-        the next step. While this layer's reads are in flight, the host installs the chunks that
-        earlier layers read from disk into the cpu tier (TierKVCache.install_direct), never evicting
-        one this layer chose: that work and the disk overlap. The chosen chunks are touched, so that
-        installs keep them. `every`: chunk_idx is every chunk for every head (exact attention), which
-        says nothing about which chunks matter: nothing is touched, and the choice need not be read back.
+        now, all in one batch into a pinned buffer of the step, and the time waited is counted as
+        stall; without `wait` (policy 'skip') it is left out of this step: it points at a zero chunk
+        (whose source index is returned, for attention to mask it out) and is queued for the next step.
+        Their places go into `rows` (the address rows refresh_addresses would write, written here with
+        them in one copy) and the chunks are marked dirty, so that the next refresh points them back at
+        wherever the store then holds them. While this layer's reads are in flight, the host installs
+        the chunks that earlier layers read from disk into the cpu tier (TierKVCache.install_direct),
+        never evicting one this layer chose: that work and the disk overlap. The chosen chunks are
+        touched, so that installs keep them. `every`: chunk_idx is every chunk for every head (exact
+        attention), which says nothing about which chunks matter: nothing is touched, and the choice
+        need not be read back.
 
         Which chosen chunks are on disk only is known on the host (disk_only, kept by
         refresh_addresses), so the one host sync here is the copy of a sparse choice.
@@ -432,7 +443,8 @@ class TierKVLayer(CacheLayerMixin):
         if not want:
             if protect:
                 cache.store.touch(protect, 1.0)
-            return a, None
+            self._apply_rows(rows)
+            return None
         nb = self.layout.nbytes
         pf = cache.prefetcher()
         # the chunks nobody staged are read on the disk tier's reader threads (the C reader holds no
@@ -443,9 +455,10 @@ class TierKVLayer(CacheLayerMixin):
 
         def start(pairs):
             buf = torch.empty(stride * len(pairs), dtype=torch.uint8, pin_memory=self.device.type == "cuda")
-            views = buf.view(len(pairs), stride).narrow(1, 0, nb).unbind(0)  # one C++ loop, not one slice each
             bkeys = [keys[b][c] for b, c in pairs]
-            batches.append((pairs, buf, views, bkeys, cache.store.disk.read_many_async(bkeys, views)))
+            wait_reads = cache.store.disk.read_into_async(bkeys, buf, stride)
+            views = buf.view(len(pairs), stride).narrow(1, 0, nb).unbind(0)  # one C++ loop, not one slice each
+            batches.append((pairs, buf, views, bkeys, wait_reads))
 
         staged = pf.staged([keys[b][c] for b, c in want])
         if wait and not all(staged):
@@ -463,44 +476,34 @@ class TierKVLayer(CacheLayerMixin):
         sources.extend(pf.sources)  # the staging arena (its segments exist once something was staged)
         zero_src = len(sources)
         sources.append(cache.zero_chunk(nb))
-        rows, cols, srcs, offs = [], [], [], []
+        cap = self.addr.shape[1]
         skipped_n = 0
         late = []  # staged, but their request was dropped or cancelled: read here after all
         for (b, c), loc in zip(ask, locs):
             if loc is not None:
-                rows.append(b), cols.append(c), srcs.append(base + loc[0]), offs.append(loc[1])
+                rows[b * cap + c] = (base + loc[0], loc[1], 0)
             elif wait:
                 late.append((b, c))
             else:
-                rows.append(b), cols.append(c), srcs.append(zero_src), offs.append(0)
+                rows[b * cap + c] = (zero_src, 0, 0)
                 skipped_n += counts[(b, c)]
         if late:  # rare
             start(late)
         for pairs, buf, *_ in batches:  # where they will be once read
             cache.keep_alive(buf)
             sources.append(buf)
+            src = len(sources) - 1
             for i, (b, c) in enumerate(pairs):
-                rows.append(b), cols.append(c), srcs.append(len(sources) - 1), offs.append(i * stride)
+                rows[b * cap + c] = (src, i * stride, 0)
+        self.dirty.update(want)  # these places hold for this step only
         cache.disk_entries += sum(counts.values())
         cache.skipped_entries += skipped_n
-        # (source, offset) per chunk of the layer, read per entry on the device (the entries outnumber the
-        # chunks on disk by the heads, and for exact attention are every chunk of every head): a table of
-        # the layer's own [B, chunks, 2] on the device, patched at this step's rows; the entries it is read
-        # at are those on disk only, every one of which is among the rows
-        table = self._stage_table
-        if table is None or table.shape[1] < self.n_chunks:
-            table = self._stage_table = torch.zeros((B, max(self.n_chunks, 2 * self.addr.shape[1]), 2),
-                                                    dtype=torch.int64, device=self.device)
-        if rows:
-            patch = cache.host_table(list(zip(rows, cols, srcs, offs)))
-            table[patch[:, 0], patch[:, 1]] = patch[:, 2:]
-        so = table.gather(1, chunk_idx.reshape(B, H * kk, 1).expand(B, H * kk, 2)).reshape(B, H, kk, 2)
-        missing = a[..., 0] < 0
-        out = torch.where(missing.unsqueeze(-1), so, a)
-        skipped = (so[..., 0] == zero_src) & missing if not wait else None
+        self._apply_rows(rows)
         if batches:
             # the host's share of the work while the disk reads: earlier layers' chunks into the cpu tier
-            cache.install_direct(protect)
+            # (not with `every`: all of this layer's chunks are about to be read, and none is protected)
+            if not every:
+                cache.install_direct(protect)
             t0 = time.perf_counter()
             for *_, wait_reads in batches:
                 wait_reads()
@@ -509,7 +512,7 @@ class TierKVLayer(CacheLayerMixin):
                 pf.stats.sync_reads += len(pairs)
                 pf.stats.bytes_read += nb * len(pairs)  # counted with the staged reads: disk bytes per step
                 cache.add_direct(zip(bkeys, views))  # offered to the memory tiers
-        return out, skipped
+        return None if wait else zero_src
 
     def _table_parts(self, kk: int, n0: int):
         """The columns of the gather table that do not change from step to step (cached per shape)."""
@@ -533,16 +536,21 @@ class TierKVLayer(CacheLayerMixin):
         """
         if self.layer_idx in self.cache._direct:  # chunks this layer read before: offered first
             self.cache.install_direct(layer=self.layer_idx)
+        rows = {}
         if self.dirty:
             with self.cache.host_part("refresh"):
-                self.refresh_addresses()
-        B, H, kk = chunk_idx.shape
-        a = self.addr.gather(1, chunk_idx.reshape(B, H * kk, 1).expand(B, H * kk, 2)).reshape(B, H, kk, 2)
+                rows = self._address_rows()
         sources = self.cache.sources()
-        skipped = None
-        if self.disk_only:
+        zero_src = None
+        if self.disk_only:  # the refreshed rows are written with the staged ones
             with self.cache.host_part("stage_from_disk"):
-                a, skipped = self._stage_from_disk(chunk_idx, a, sources, wait, every)
+                zero_src = self._stage_from_disk(chunk_idx, rows, sources, wait, every)
+        elif rows:
+            with self.cache.host_part("refresh"):
+                self._apply_rows(rows)
+        B, H, kk = chunk_idx.shape
+        a = self.addr[..., :2].gather(1, chunk_idx.reshape(B, H * kk, 1).expand(B, H * kk, 2))
+        skipped = None if zero_src is None else (a[..., 0] == zero_src).reshape(B, H, kk)
         table, hoff = self._table_parts(kk, n0)
         # the table is rewritten in place: the previous launch that read it is earlier on the same stream
         torch.add(a.reshape(-1, 2), hoff, out=table[:, :2])
@@ -591,7 +599,7 @@ class TierKVLayer(CacheLayerMixin):
         return self.gather(idx, every=True)
 
     def count_hits(self) -> None:
-        """Fold the choices since the last count into the cache's gpu-hit counter (before on_gpu changes).
+        """Fold the choices since the last count into the cache's gpu-hit counter (before residency changes).
 
         A chunk chosen n times while a copy sat in the gpu tier was n gpu hits: residency only changes
         at promotions, so counting there (and when statistics are read) needs no work per step.
@@ -600,7 +608,7 @@ class TierKVLayer(CacheLayerMixin):
         if self.chosen is None or self.n_chunks == 0:
             return
         C = self.n_chunks
-        self.cache.add_gpu_hits((self.chosen[:, :C] * self.on_gpu[:, :C]).sum())
+        self.cache.add_gpu_hits((self.chosen[:, :C] * self.addr[:, :C, 2]).sum())
         self.chosen.zero_()
 
     def promotion_candidates(self, limit: int) -> Optional[torch.Tensor]:
@@ -610,7 +618,7 @@ class TierKVLayer(CacheLayerMixin):
             return None
         self.flush_selection()
         self.refresh_addresses()
-        skip = self.on_gpu[:, :C] | (self.addr[:, :C, 0] < 0)
+        skip = (self.addr[:, :C, 2] != 0) | (self.addr[:, :C, 0] < 0)
         imp = torch.where(skip, torch.zeros_like(self.importance[:, :C]), self.importance[:, :C]).reshape(-1)
         vals, flat = torch.topk(imp, min(limit, imp.numel()))
         return torch.stack([vals, flat.to(torch.float32)], dim=1)
@@ -760,7 +768,8 @@ class TierKVCache(Cache):
         return self._prefetcher
 
     def host_table(self, rows) -> torch.Tensor:
-        """A small host table (a list of int rows) as an int64 tensor on the device, without a sync."""
+        """A small host table (a list of ints, or of int rows) as an int64 tensor on the device, without a
+        sync."""
         dev = self.store.gpu.device
         if dev.type != "cuda":
             return torch.tensor(rows, dtype=torch.int64)
