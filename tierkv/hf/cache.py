@@ -687,6 +687,7 @@ class TierKVCache(Cache):
         # which reads few chunks from disk, more host time in uploads than it saved
         self.gpu_installs = False
         self._pred = {"next_layer_hits": None, "next_layer_total": 0, "next_step_hits": None, "next_step_total": 0}
+        self._stream_rows: dict = {}  # stream name -> its batch row (None: another cache's), for _on_move
         store.add_listener(self._on_move)
 
     @property
@@ -703,10 +704,13 @@ class TierKVCache(Cache):
         return ChunkKey(f"{self.cache_id}-b{b}", layer, c)
 
     def _on_move(self, key: ChunkKey, tier: str) -> None:
-        if not key.stream.startswith(self.cache_id + "-b"):
-            return
-        b = int(key.stream[len(self.cache_id) + 2 :])
-        self.layers[key.layer].dirty.add((b, key.index))
+        b = self._stream_rows.get(key.stream, -1)  # called per chunk moved: the stream's row parsed once
+        if b == -1:
+            prefix = self.cache_id + "-b"
+            b = int(key.stream[len(prefix):]) if key.stream.startswith(prefix) else None
+            self._stream_rows[key.stream] = b
+        if b is not None:
+            self.layers[key.layer].dirty.add((b, key.index))
 
     def sources(self) -> List[torch.Tensor]:
         """The store's sources, cached until a tier adds a segment (a fresh list each call: callers append)."""
@@ -794,9 +798,9 @@ class TierKVCache(Cache):
         statistics: the guess when the next layer chooses, and "the same as last step" (importance
         persists) against this layer's choice, the latter one step in NEXT_STEP_EVERY (a statistic for
         the admission gate, sampled: counting costs a few launches per layer, on a host-bound step).
-        While the guesses are not prefetched (the gate is shut, or prediction is off), one step in
-        GATE_EVERY still makes them, for the hit rate the gate and the statistics read: a guess costs
-        a scoring pass.
+        While the guesses are not prefetched (the gate is shut), one step in GATE_EVERY still makes
+        them, for the hit rate the gate and the statistics read: a guess costs a scoring pass. With
+        prediction off (predict False: synchronous fetching) none is made.
         """
         self._guess = None  # a guess is for the layer right after this one, never a later one
         B, H, kk = idx.shape
@@ -810,7 +814,9 @@ class TierKVCache(Cache):
         nxt = self.layers[layer.layer_idx + 1] if layer.layer_idx + 1 < len(self.layers) else None
         if nxt is None or nxt.n_chunks == 0 or self.config.budget is None:
             return
-        prefetching = self.predict and self.next_layer_prefetch
+        if not self.predict:  # synchronous fetching: no guesses (a scoring pass each, for a statistic only)
+            return
+        prefetching = self.next_layer_prefetch
         if not prefetching and self.steps % GATE_EVERY:
             return
         k = min(self.config.budget // nxt.chunk_len, nxt.n_chunks)
