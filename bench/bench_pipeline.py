@@ -91,6 +91,9 @@ def time_window(st, args):
     if st["prof"] is not None:
         st["prof"].disable()
     st["seconds"] += time.perf_counter() - t0
+    # the next window is another mode's: the prefetch reads and writes this one left in flight must not
+    # run (and take the GIL and the disk) in it
+    st["cache"].wait_idle()
 
 
 def close_mode(st, args, batch):

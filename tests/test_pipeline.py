@@ -165,6 +165,35 @@ def test_prefetcher_unit(tmp_path):
     assert not prefetch_threads()
 
 
+def test_prefetcher_wait_idle(tmp_path, monkeypatch):
+    """wait_idle returns once no request is queued or being read (every one staged), and raises after
+    its timeout while a read is held up."""
+    disk = DiskTier(str(tmp_path / "d"))
+    keys = [ChunkKey("s", 0, i) for i in range(8)]
+    for i, k in enumerate(keys):
+        disk.write(k, torch.full((1000,), i, dtype=torch.uint8))
+    gate = threading.Event()
+    original = DiskTier._read_files
+
+    def held(self, *a, **kw):
+        gate.wait(10)
+        return original(self, *a, **kw)
+
+    monkeypatch.setattr(DiskTier, "_read_files", held)
+    pf = Prefetcher(disk, slot_bytes=1000, depth=16, workers=2, pinned=False)
+    try:
+        pf.request([(k, 1000) for k in keys])
+        with pytest.raises(PrefetchError, match="in flight"):
+            pf.wait_idle(timeout=0.2)
+        gate.set()
+        pf.wait_idle(timeout=10)
+        assert sorted(k for k, _ in pf.take_ready()) == keys
+    finally:
+        gate.set()
+        pf.close()
+        disk.close()
+
+
 def test_prefetcher_batched_reads_isolate_a_failure(tmp_path, monkeypatch):
     """A worker that takes several queued chunks reads them in one call; when one of them fails, that
     one is reported (and raised where it is fetched) and the others are still served, byte for byte."""

@@ -303,6 +303,19 @@ class Prefetcher:
                 if slot is not None and slot.state in ("ready", "failed", "cancelled"):
                     self._release(slot)
 
+    def wait_idle(self, timeout: float = 60.0) -> None:
+        """Wait until no request is queued or being read (the workers are idle); raises PrefetchError
+        after `timeout` seconds."""
+        deadline = time.perf_counter() + timeout
+        while True:
+            with self._lock:
+                busy = next((s for s in self._slots.values() if s.state in ("queued", "reading")), None)
+            if busy is None:
+                return
+            if time.perf_counter() > deadline:
+                raise PrefetchError(f"prefetch requests still in flight after {timeout} s (chunk {busy.key})")
+            busy.done.wait(0.05)
+
     def drop_stale(self) -> None:
         """Free the slots of finished requests from steps that are over and were never used."""
         with self._lock:

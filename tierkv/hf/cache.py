@@ -1082,6 +1082,14 @@ class TierKVCache(Cache):
                 codes += layer.codes[:, :, : layer.n_chunks].numel()
         return {"hot_set": hot, "abstracts": abstracts, "key_codes": codes, "gpu_tier": self.store.gpu.used_bytes}
 
+    def wait_idle(self) -> None:
+        """Wait until the work this cache left running in the background is done: prefetch reads in
+        flight, and chunks queued for writing to disk (before timing something else in this process,
+        say, which those threads would otherwise compete with)."""
+        if self._prefetcher is not None:
+            self._prefetcher.wait_idle()
+        self.store.flush()
+
     def close(self) -> None:
         if self.lookahead is not None:
             self.lookahead.close()
