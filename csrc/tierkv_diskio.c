@@ -317,25 +317,29 @@ static void *mt_worker(void *arg) {
     return NULL;
 }
 
-int tkv_read_chunks_mt(int n, const char *const *paths, const int64_t *nbytes, const int64_t *expect,
-                       uint8_t *const *outs, int direct, int64_t scratch_len, int32_t *status, int64_t *info,
-                       int threads) {
+static int run_mt(struct mt_job *job, int threads) {
     enum { MAX_THREADS = 64 };
     pthread_t tids[MAX_THREADS];
-    struct mt_job job = {n, direct, paths, nbytes, expect, outs, scratch_len, status, info, 0, 0};
-    for (int i = 0; i < n; i++) status[i] = -1;
-    if (threads > n) threads = n;
+    for (int i = 0; i < job->n; i++) job->status[i] = -1;
+    if (threads > job->n) threads = job->n;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
     int started = 0;
     for (int t = 1; t < threads; t++) {
-        if (pthread_create(&tids[started], NULL, mt_worker, &job)) break; /* fewer threads: still correct */
+        if (pthread_create(&tids[started], NULL, mt_worker, job)) break; /* fewer threads: still correct */
         started++;
     }
-    mt_worker(&job);
+    mt_worker(job);
     for (int t = 0; t < started; t++) pthread_join(tids[t], NULL);
-    for (int i = 0; i < n; i++)
-        if (status[i] == -1) return -1; /* no worker got a scratch buffer: entries left unread */
-    return job.failed;
+    for (int i = 0; i < job->n; i++)
+        if (job->status[i] == -1) return -1; /* no worker got a scratch buffer: entries left unread */
+    return job->failed;
+}
+
+int tkv_read_chunks_mt(int n, const char *const *paths, const int64_t *nbytes, const int64_t *expect,
+                       uint8_t *const *outs, int direct, int64_t scratch_len, int32_t *status, int64_t *info,
+                       int threads) {
+    struct mt_job job = {n, direct, paths, nbytes, expect, outs, scratch_len, status, info, 0, 0};
+    return run_mt(&job, threads);
 }
 
 /* tkv_read_chunks_mt started on a thread of its own, returning at once: the caller (a Python decode
@@ -345,21 +349,14 @@ int tkv_read_chunks_mt(int n, const char *const *paths, const int64_t *nbytes, c
  * must be called exactly once per handle. Returns NULL when the thread cannot be started (nothing was
  * read: the caller reads the batch another way). */
 struct async_read {
-    int n, direct, threads;
-    const char *const *paths;
-    const int64_t *nbytes, *expect;
-    uint8_t *const *outs;
-    int64_t scratch_len;
-    int32_t *status;
-    int64_t *info;
-    int result;
+    struct mt_job job;
+    int threads, result;
     pthread_t tid;
 };
 
 static void *async_main(void *arg) {
     struct async_read *a = (struct async_read *)arg;
-    a->result = tkv_read_chunks_mt(a->n, a->paths, a->nbytes, a->expect, a->outs, a->direct, a->scratch_len,
-                                   a->status, a->info, a->threads);
+    a->result = run_mt(&a->job, a->threads);
     return NULL;
 }
 
@@ -368,16 +365,9 @@ void *tkv_read_start(int n, const char *const *paths, const int64_t *nbytes, con
                      int threads) {
     struct async_read *a = (struct async_read *)malloc(sizeof *a);
     if (!a) return NULL;
-    a->n = n;
-    a->direct = direct;
+    struct mt_job job = {n, direct, paths, nbytes, expect, outs, scratch_len, status, info, 0, 0};
+    a->job = job;
     a->threads = threads;
-    a->paths = paths;
-    a->nbytes = nbytes;
-    a->expect = expect;
-    a->outs = outs;
-    a->scratch_len = scratch_len;
-    a->status = status;
-    a->info = info;
     a->result = -1;
     if (pthread_create(&a->tid, NULL, async_main, a)) {
         free(a);
