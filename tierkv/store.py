@@ -380,6 +380,8 @@ class ChunkStore:
         """Drop a chunk's copy from `tier`, moving it down first when that copy is the last one above disk."""
         if tier == "cpu":
             self._settle_cpu()  # a copy in flight may read or write the slot (ingest, promotion)
+            if self.disk is not None and key in self.disk:  # the common case (a decode step evicts one
+                return self._evict_copy(self.cpu, key)  # per chunk it installs): nothing to move down
         holders = self._holders(key)
         below = [t for t in holders if TIER_NAMES.index(t) > TIER_NAMES.index(tier)]
         if tier == "disk":
@@ -572,24 +574,13 @@ class ChunkStore:
                 todo.sort(key=lambda e: rank(e[0]), reverse=True)  # best first: the lowest at the end
                 protect = protect if isinstance(protect, (set, frozenset, dict)) else set(protect)
                 held, resident = [], None
-                if t is self.cpu:  # what evicting a cpu copy waits for, once for the batch
-                    self._settle_cpu()
-                    self._fence_readers()
-                disk = self.disk
                 try:
                     while need > 0 and todo:
                         if resident is None:
                             resident = self._lowest(t, protect, held)
                         k, d = todo[-1]
                         if resident is not None and rank(resident) < rank(k):
-                            if t is self.cpu and disk is not None and resident in disk:
-                                # the common case of _evict_from written out: a cpu copy with one on disk
-                                # below (a decode step evicts one per chunk it installs)
-                                need -= size(t.evict(resident))
-                                self._evictions["cpu"] += 1
-                                self._notify(resident, "cpu")
-                            else:
-                                need -= size(self._evict_from(resident, tier))
+                            need -= size(self._evict_from(resident, tier))
                             resident = None
                         else:
                             todo.pop()
@@ -599,25 +590,12 @@ class ChunkStore:
             if t is self.gpu and t.device.type == "cuda" and all(not d.is_cuda for _, d in todo):
                 return self._put_gpu_batch(todo, protect)
             n = 0
-            moved = f"disk->{tier}"
             for k, d in todo:
-                if t is self.cpu and not d.is_cuda:  # _put_memory's common case written out
-                    view = t.reserve(k, d.numel())
-                    if view is None:
-                        try:
-                            view = self._reserve_memory(t, k, d.numel(), protect)
-                        except CapacityError:
-                            break
-                    else:
-                        self._heap_add(t, k)
-                    np.copyto(view.numpy(), (d if d.dim() == 1 else d.reshape(-1)).numpy())
-                    self._notify(k, tier)
-                else:
-                    try:
-                        self._put_memory(t, k, d, protect)
-                    except CapacityError:
-                        break
-                self._moved[moved] += d.numel()
+                try:
+                    self._put_memory(t, k, d, protect)
+                except CapacityError:
+                    break
+                self._moved[f"disk->{tier}"] += d.numel()
                 n += 1
             return n
 

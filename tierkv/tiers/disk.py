@@ -504,13 +504,7 @@ class DiskTier:
     def _read_located(self, keys, outs, locs, threads: int = 1) -> list:
         """The chunks keys[j] read into outs[j] (None: a new tensor); locs[j] None: through read().
         `threads`: the C reader's threads for the batch (the Python reader reads in this thread)."""
-        got: list = [None] * len(keys)
-        mine = []
-        for j, loc in enumerate(locs):
-            if loc is None:  # queued for writing (or gone): read() serves or explains it
-                got[j] = self.read(keys[j], outs[j])
-            else:
-                mine.append(j)
+        got, mine = self._serve_queued(keys, locs, lambda j: outs[j])
         if not mine:
             return got
         ts = [_out_tensor(outs[j], locs[j].nbytes, keys[j]) for j in mine]
@@ -522,6 +516,18 @@ class DiskTier:
         for j, t in zip(mine, ts):
             got[j] = t
         return got
+
+    def _serve_queued(self, keys, locs, out_of) -> tuple:
+        """read() of the chunks _locate found no file for (queued for writing, which read() serves, or
+        gone, which it explains) into out_of(j); returns (results, None for the rest; the rest's indices)."""
+        got: list = [None] * len(keys)
+        mine = []
+        for j, loc in enumerate(locs):
+            if loc is None:
+                got[j] = self.read(keys[j], out_of(j))
+            else:
+                mine.append(j)
+        return got, mine
 
     def verify(self, keys: Optional[Sequence[ChunkKey]] = None) -> List[ChunkKey]:
         """Read every durable chunk (or those given) and return the ones that fail their checks."""
@@ -600,13 +606,7 @@ class DiskTier:
         size (built only where needed); ptr_of(j): its address (default: tensor_of(j)'s). `keep`: what
         must stay alive while the threads write. Chunks queued for writing are served from the queue
         here, before the start."""
-        got: list = [None] * len(keys)
-        mine = []
-        for j, loc in enumerate(locs):
-            if loc is None:
-                got[j] = self.read(keys[j], out_of(j))
-            else:
-                mine.append(j)
+        got, mine = self._serve_queued(keys, locs, out_of)
         if not mine:
             return lambda: got
         mkeys, mlocs = [keys[j] for j in mine], [locs[j] for j in mine]
