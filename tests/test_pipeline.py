@@ -350,6 +350,26 @@ def test_next_layer_prefetch_turned_off_when_it_slows_steps(tmp_path, monkeypatc
     assert decisions.count(False) > decisions.count(True)
 
 
+def test_gate_step_times_leave_out_pauses_between_passes(tmp_path, monkeypatch):
+    """A pause between forward passes (the caller's own work, or another model timed in between) is not
+    a step's time: the gate's windows count a step from its first layer to the end of its pass."""
+    import tierkv.hf.cache as cache_mod
+
+    monkeypatch.setattr(cache_mod, "GATE_EVERY", 4)
+    seen = []
+    monkeypatch.setattr(cache_mod.PrefetchGate, "update", lambda self, rate, seconds: seen.append(seconds) or True)
+    model = build("llama", seed=5)
+    ids = torch.randint(1, 512, (1, 400))
+    with tierkv.offload(model, sparse_cfg(cpu_budget="12KiB", disk_path=str(tmp_path / "cold"))) as cache:
+        step = gen(model, ids, cache, n=3)
+        for _ in range(6):
+            time.sleep(0.25)  # a pause before each pass (a pass of this model takes milliseconds)
+            step = gen(model, step, cache, n=1)
+    timed = [s for s in seen if s is not None]
+    assert timed, "the gate never looked at a window"
+    assert max(timed) < 0.15, timed
+
+
 def _record_selections(cache):
     """Wrap every layer's gather_into to keep the chunk ids [B, H, k] each sparse gather was asked for."""
     seen = []

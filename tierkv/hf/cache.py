@@ -136,6 +136,8 @@ class TierKVLayer(CacheLayerMixin):
                 f"batch size changed from {self.batch_size} to {key_states.shape[0]} within one tierkv cache; "
                 "use a new cache for a new batch"
             )
+        if self.layer_idx == 0:
+            self.cache._pass_start = time.perf_counter()
         q = key_states.shape[-2]
         T = self.tail_len
         buf = self._tbuf
@@ -674,7 +676,8 @@ class TierKVCache(Cache):
         self.host_seconds = dict.fromkeys(("predict", "issue_prefetch", "stage_from_disk", "install", "promote",
                                            "wait_gpu", "write_back", "refresh"), 0.0)
         self._marks: dict = {}  # per prediction, (hits, guesses) at the gates' last look
-        self._last_end: Optional[float] = None  # perf_counter at the end of the last forward pass
+        self._pass_start: Optional[float] = None  # perf_counter when layer 0 was last updated (a pass began)
+        self._end_work: Optional[float] = None  # seconds the last end_forward took
         self._window = [0.0, 0]  # decode seconds and steps since the gate's last look
         self.admit_min_prior = 0.0  # see ADMIT_PRIOR; set from the next-step hit rate every GATE_EVERY steps
         self._prefetcher = None
@@ -962,10 +965,18 @@ class TierKVCache(Cache):
     def end_forward(self) -> None:
         """After the last layer of a forward pass: age importance, now and then refresh the gpu tier."""
         now = time.perf_counter()
-        if self.selected_layers and self._last_end is not None:  # a sparse decode step: timed for the gate
-            self._window[0] += now - self._last_end
+        # a sparse decode step, timed for the gate: from its first layer to here, plus the last pass's work
+        # here (installs of what it staged). Not from the end of the last pass: a pause between passes
+        # (the caller's own work, between generate calls) would count as the state's step time
+        if self.selected_layers and self._pass_start is not None and self._end_work is not None:
+            self._window[0] += now - self._pass_start + self._end_work
             self._window[1] += 1
-        self._last_end = now
+        try:
+            self._end_forward()
+        finally:
+            self._end_work = time.perf_counter() - now
+
+    def _end_forward(self) -> None:
         self.store.tick()
         if self.lookahead is not None:
             self.lookahead.end_pass()
