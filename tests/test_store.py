@@ -250,6 +250,46 @@ def test_add_copies_admits_by_value_when_the_batch_does_not_fit(tmp_path):
         assert torch.equal(st.read(K(i)), data(1024, i))
 
 
+def test_add_copies_hands_slots_over_and_moves_last_copies_down(tmp_path):
+    """Newcomers take the slots of victims of their size that have a disk copy (no allocator work); a
+    victim whose cpu copy is its only one is moved down to disk first, and a newcomer of another size
+    is put the usual way. Every chunk reads back its own bytes, and listeners hear of every move."""
+    st = ChunkStore(TierConfig(gpu_budget=4 * 1024, cpu_budget=8 * 1024, importance_decay=0.5,
+                               disk_path=str(tmp_path)))
+    for i in range(4):  # 4 KiB of chunks with a disk copy
+        st.put(K(i), data(1024, i), tier="cpu")
+    assert st.write_back() == 4
+    st.flush()
+    for i in (4, 5):  # 4 KiB of chunks only in the cpu tier
+        st.put(K(i), data(2048, i), tier="cpu")
+    st._unwritten.clear()  # (write_back not called for them: evicting them must write them)
+    sizes = {10: 1024, 11: 1024, 12: 1024, 13: 2048, 14: 1536}
+    for i, n in sizes.items():
+        st.put(K(i), data(n, i), tier="disk")
+    st.tick()
+    st.touch([K(i) for i in sizes], 1.0)  # the newcomers outrank every resident
+    events = []
+    st.add_listener(lambda k, t: events.append((k.index, t)))
+    evictions = st.stats().evictions.get("cpu", 0)
+    allocs = []
+    alloc = st.cpu.arena.alloc
+    st.cpu.arena.alloc = lambda n: allocs.append(n) or alloc(n)
+    got = st.add_copies([(K(i), data(n, i)) for i, n in sizes.items()], "cpu")
+    assert sorted(allocs) == [1536, 2048]  # the three of 1024 bytes took their victims' slots
+    assert got == 5 and all(K(i) in st.cpu for i in sizes)
+    assert st.cpu.used_bytes <= 8 * 1024
+    gone = [i for i in range(6) if K(i) not in st.cpu]
+    assert set(gone) >= {4, 5} and all(K(i) in st.disk for i in range(6))  # the last copies went down
+    assert st.stats().evictions["cpu"] - evictions == len(gone)
+    assert {(i, "cpu") for i in gone} <= set(events) and {(i, "cpu") for i in sizes} <= set(events)
+    assert {(4, "disk"), (5, "disk")} <= set(events)
+    for i in range(6):
+        assert torch.equal(st.read(K(i)), data(2048 if i in (4, 5) else 1024, i))
+    for i, n in sizes.items():
+        assert torch.equal(st.read(K(i), "cpu"), data(n, i))
+    st.close()
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_add_copies_keeps_what_a_full_ranking_keeps(tmp_path, seed):
     """Victims come from a heap kept across calls (entries go stale as chunks are touched, evicted and

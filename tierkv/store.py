@@ -573,23 +573,38 @@ class ChunkStore:
                 rank = self._rank
                 todo.sort(key=lambda e: rank(e[0]), reverse=True)  # best first: the lowest at the end
                 protect = protect if isinstance(protect, (set, frozenset, dict)) else set(protect)
-                held, resident = [], None
+                held, resident, victims, chosen = [], None, [], set()
                 try:
                     while need > 0 and todo:
                         if resident is None:
                             resident = self._lowest(t, protect, held)
+                            if resident is not None and resident in chosen:  # a second heap entry of one
+                                resident = None
+                                continue
                         k, d = todo[-1]
                         if resident is not None and rank(resident) < rank(k):
-                            need -= size(self._evict_from(resident, tier))
+                            victims.append(resident)  # evicted below, once the newcomers are known
+                            chosen.add(resident)
+                            need -= size(meta[resident].nbytes)
                             resident = None
                         else:
                             todo.pop()
                             need -= size(d.numel())
                 finally:
                     self._heap_return(t, held + ([resident] if resident is not None else []))
+                n = 0
+                try:
+                    if t is self.cpu and self.disk is not None:
+                        n, todo, victims = self._hand_over(todo, victims)
+                    while victims:
+                        self._evict_from(victims[-1], tier)
+                        victims.pop()
+                finally:
+                    self._heap_return(t, victims)  # victims left in the tier by an error part way
+            else:
+                n = 0
             if t is self.gpu and t.device.type == "cuda" and all(not d.is_cuda for _, d in todo):
-                return self._put_gpu_batch(todo, protect)
-            n = 0
+                return n + self._put_gpu_batch(todo, protect)
             for k, d in todo:
                 try:
                     self._put_memory(t, k, d, protect)
@@ -598,6 +613,43 @@ class ChunkStore:
                 self._moved[f"disk->{tier}"] += d.numel()
                 n += 1
             return n
+
+    def _hand_over(self, todo, victims):
+        """Newcomers of add_copies (host bytes) into the cpu slots of victims of the same slot size that
+        have a disk copy: each pair is an eviction and a put without the allocator or the general paths
+        (a decode step installs dozens of chunks a layer, each evicting one). Returns (how many were put,
+        the newcomers left to put, the victims left to evict)."""
+        t, meta, size = self.cpu, self._meta, round_up
+        pools: Dict[int, list] = {}
+        rest_victims = []
+        for v in victims:
+            if v in self.disk:
+                pools.setdefault(size(meta[v].nbytes), []).append(v)
+            else:  # its only copy: moved down to disk by _evict_from
+                rest_victims.append(v)
+        if not pools:
+            return 0, todo, victims
+        self._settle_cpu()  # copies in flight may read or write the slots, and so may gathers
+        self._fence_readers()
+        rest, n, moved = [], 0, 0
+        for k, d in todo:
+            pool = None if d.is_cuda else pools.get(size(d.numel()))
+            if not pool:
+                rest.append((k, d))
+                continue
+            v = pool.pop()
+            view = t.handover(v, k, d.numel())
+            self._evictions["cpu"] += 1
+            self._notify(v, "cpu")
+            self._heap_add(t, k)
+            np.copyto(view.numpy(), (d if d.dim() == 1 else d.reshape(-1)).numpy())
+            self._notify(k, "cpu")
+            moved += d.numel()
+            n += 1
+        self._moved["disk->cpu"] += moved
+        for pool in pools.values():
+            rest_victims.extend(pool)
+        return n, rest, rest_victims
 
     def _put_gpu_batch(self, items, protect) -> int:
         """Host bytes into gpu slots, as _put_memory would, but the host-to-device copies of the whole

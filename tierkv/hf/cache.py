@@ -22,6 +22,7 @@ import time
 import uuid
 from typing import List, Optional, Tuple
 
+import numpy as np
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
@@ -61,20 +62,24 @@ class _PinnedRing:
     def __init__(self, device, elements: int = 1 << 18) -> None:
         self.device = device
         self.buf = torch.empty(elements, dtype=torch.int64, pin_memory=True)
+        self._host = self.buf.numpy()  # the same memory, written through numpy (no torch op per table)
         self.pos = 0
 
     def to_device(self, rows) -> torch.Tensor:
-        t = torch.tensor(rows, dtype=torch.int64)
-        n = t.numel()
+        """rows: a list of ints or of equal-length int rows, or an int64 numpy array."""
+        a = rows if isinstance(rows, np.ndarray) else np.asarray(rows, dtype=np.int64)
+        if a.dtype != np.int64:
+            a = a.astype(np.int64)
+        n = a.size
         if n > self.buf.numel():
-            return t.pin_memory().to(self.device, non_blocking=True)
+            return torch.from_numpy(np.ascontiguousarray(a)).pin_memory().to(self.device, non_blocking=True)
         if self.pos + n > self.buf.numel():
             torch.cuda.current_stream(self.device).synchronize()  # every copy out of the ring is done
             self.pos = 0
-        part = self.buf[self.pos : self.pos + n]
+        start = self.pos
         self.pos += n
-        part.copy_(t.view(-1))
-        return part.view(t.shape).to(self.device, non_blocking=True)
+        self._host[start : start + n] = a.reshape(-1)
+        return self.buf[start : start + n].view(a.shape).to(self.device, non_blocking=True)
 
 
 def _cat(parts) -> Optional[torch.Tensor]:
@@ -403,7 +408,8 @@ class TierKVLayer(CacheLayerMixin):
         if not rows:
             return
         n = len(rows)
-        t = self.cache.host_table(list(rows) + [v for r in rows.values() for v in r])
+        flat = np.fromiter(itertools.chain(rows, itertools.chain.from_iterable(rows.values())), np.int64, 4 * n)
+        t = self.cache.host_table(flat)
         self.addr.view(-1, 3).index_copy_(0, t[:n], t[n:].view(n, 3))
 
     def _stage_from_disk(self, chunk_idx: torch.Tensor, rows: dict, sources: List[torch.Tensor],
@@ -775,11 +781,11 @@ class TierKVCache(Cache):
         return self._prefetcher
 
     def host_table(self, rows) -> torch.Tensor:
-        """A small host table (a list of ints, or of int rows) as an int64 tensor on the device, without a
-        sync."""
+        """A small host table (a list of ints, or of int rows, or an int64 numpy array) as an int64 tensor
+        on the device, without a sync."""
         dev = self.store.gpu.device
         if dev.type != "cuda":
-            return torch.tensor(rows, dtype=torch.int64)
+            return torch.from_numpy(rows).clone() if isinstance(rows, np.ndarray) else torch.tensor(rows, dtype=torch.int64)
         if self._ring is None:
             self._ring = _PinnedRing(dev)
         return self._ring.to_device(rows)

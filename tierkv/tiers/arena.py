@@ -210,6 +210,18 @@ class MemoryTier:
         self._where[key] = (ext, nbytes)
         return self.arena.view(ext, nbytes)
 
+    def handover(self, old, new, nbytes: int) -> torch.Tensor:
+        """Give chunk `new` (nbytes) the slot chunk `old` holds, which leaves the tier: an evict and a
+        reserve in one, with no allocator work. The slot must be large enough. Returns the view to fill."""
+        if new in self._where:
+            raise KeyError(f"{new} is already in the {self.name} tier")
+        ext, _ = self._where[old]
+        if round_up(nbytes) > ext.nbytes:
+            raise ValueError(f"a slot of {ext.nbytes} bytes cannot take a chunk of {nbytes} bytes")
+        del self._where[old]
+        self._where[new] = (ext, nbytes)
+        return self.arena.view(ext, nbytes)
+
     def put(self, key, data: torch.Tensor) -> bool:
         view = self.reserve(key, data.numel())
         if view is None:

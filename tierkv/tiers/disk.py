@@ -78,11 +78,12 @@ class DiskStats:
 class _Loc:
     """Where a durable chunk lives: its file, array directory, raw size and file size."""
 
-    __slots__ = ("path", "adir", "nbytes", "size", "bpath")
+    __slots__ = ("path", "adir", "nbytes", "size", "bpath", "pptr")
 
     def __init__(self, path: str, adir: str, nbytes: int, size: int) -> None:
         self.path, self.adir, self.nbytes, self.size = path, adir, nbytes, size
-        self.bpath = os.fsencode(path)  # for the C reader
+        self.bpath = os.fsencode(path)  # for the C reader: the bytes, and the address of their buffer
+        self.pptr = ctypes.cast(ctypes.c_char_p(self.bpath), ctypes.c_void_p).value  # valid while bpath lives
 
 
 class _Entry:
@@ -620,14 +621,15 @@ class DiskTier:
         def tensors():
             return ts if ts is not None else [tensor_of(j) for j in mine]
 
-        args, status, info = self._native_args(mlocs, ptrs)
+        args, status, info, hold = self._native_args(mlocs, ptrs)
         largest = max(loc.nbytes for loc in mlocs)
-        handle = self._native.tkv_read_start(*args, self._scratch_size(largest), status, info, threads)
+        handle = self._native.tkv_read_start(*args, self._scratch_size(largest), status.ctypes.data,
+                                             info.ctypes.data, threads)
         if not handle:
             return None
         # until the reads are waited for, the C threads write into the outputs: they and the arrays stay
         # referenced by the tier (not only by the returned function), and close() waits for any left
-        entry = [handle, None, (ts, keep, args, status, info)]  # [handle not yet waited for, its result, kept]
+        entry = [handle, None, (ts, keep, hold, status, info)]  # [handle not yet waited for, its result, kept]
         with self._lock:
             self._native_reads[id(entry)] = entry
         done: list = []
@@ -661,15 +663,19 @@ class DiskTier:
         return wait
 
     def _native_args(self, locs: Sequence[_Loc], ptrs: Sequence[int]) -> tuple:
-        """The C reader's arguments for reading chunk files `locs` to addresses `ptrs` (each with room for
-        its chunk), and the status and info arrays it fills."""
+        """The C reader's leading arguments for reading chunk files `locs` to addresses `ptrs` (each with
+        room for its chunk): (count, path, size, file size and output address arrays, O_DIRECT); the
+        status and info arrays it fills (numpy); and what must stay alive until it is done. The arrays
+        are rows of one numpy array (ctypes arrays, built element by element, cost more than the call)."""
         m = len(locs)
-        i64 = ctypes.c_int64 * m
-        status, info = (ctypes.c_int32 * m)(), (ctypes.c_int64 * (3 * m))()
-        args = (m, (ctypes.c_char_p * m)(*[loc.bpath for loc in locs]), i64(*[loc.nbytes for loc in locs]),
-                i64(*[loc.size for loc in locs]), (ctypes.c_void_p * m)(*ptrs),
-                int(self._direct))
-        return args, status, info
+        a = np.empty((4, m), np.int64)
+        a[0] = [loc.pptr for loc in locs]
+        a[1] = [loc.nbytes for loc in locs]
+        a[2] = [loc.size for loc in locs]
+        a[3] = ptrs
+        status, info = np.full(m, _native.NOT_READ, np.int32), np.zeros(3 * m, np.int64)
+        d = a.ctypes.data
+        return (m, d, d + 8 * m, d + 16 * m, d + 24 * m, int(self._direct)), status, info, (a, list(locs))
 
     def _read_files(self, keys: Sequence[ChunkKey], locs: Sequence[_Loc], ts: Sequence, threads: int = 1) -> List[int]:
         """Read and check chunks into the uint8 tensors `ts` (uncounted); returns their file sizes.
@@ -678,26 +684,27 @@ class DiskTier:
         lib = self._native
         if lib is None:
             return [self._read_file(k, loc, t.numpy()) for k, loc, t in zip(keys, locs, ts)]
-        args, status, info = self._native_args(locs, [t.data_ptr() for t in ts])
+        args, status, info, hold = self._native_args(locs, [t.data_ptr() for t in ts])
         largest = max(loc.nbytes for loc in locs)
         failed = -1
+        sp, ip = status.ctypes.data, info.ctypes.data
         if threads > 1 and len(keys) > 1:  # scratch buffers of the C reader's own, sized as _scratch sizes them
-            failed = lib.tkv_read_chunks_mt(*args, self._scratch_size(largest), status, info, threads)
+            failed = lib.tkv_read_chunks_mt(*args, self._scratch_size(largest), sp, ip, threads)
         if failed < 0:  # one thread (or the threads could not get their buffers): this thread's scratch
             buf = self._scratch(largest)
-            failed = lib.tkv_read_chunks(*args, buf.ctypes.data, buf.shape[0], status, info, 1)
+            failed = lib.tkv_read_chunks(*args, buf.ctypes.data, buf.shape[0], sp, ip, 1)
+        del hold  # (alive until here: the calls above are done with it)
         return self._native_outcome(failed, keys, locs, lambda: ts, status, info, threads)
 
     def _native_outcome(self, failed: int, keys, locs, tensors, status, info, threads: int) -> List[int]:
         """The file sizes of a batch the C reader read, or the error of its first failed chunk
         (tensors(): the batch's outputs, for reading its rest again without O_DIRECT)."""
-        m = len(keys)
         if not failed:
-            return [info[3 * i] for i in range(m)]
+            return info[0::3].tolist()
         direct = self._direct
-        i = next(j for j in range(m) if status[j] != _native.OK)
-        sizes = [info[3 * j] for j in range(i)]
-        code, (a, b, c) = status[i], info[3 * i : 3 * i + 3]
+        i = int(np.flatnonzero(status != _native.OK)[0])
+        sizes = info[0 : 3 * i : 3].tolist()
+        code, (a, b, c) = int(status[i]), info[3 * i : 3 * i + 3].tolist()
         if direct and code in (_native.OPEN_FAILED, _native.READ_FAILED) and a == errno.EINVAL:
             # the filesystem (tmpfs, some FUSE mounts) refuses O_DIRECT: buffered reads from now on
             self._direct = False
