@@ -290,6 +290,32 @@ def test_add_copies_hands_slots_over_and_moves_last_copies_down(tmp_path):
     st.close()
 
 
+def test_cpu_copies_shadowed_by_gpu_copies_go_first(tmp_path):
+    """A chunk in the gpu tier is read there, so its cpu copy serves nothing: with a disk copy below it,
+    the cpu tier gives that copy up before any other, however valuable the chunk (the two tiers then
+    cache different chunks). One with no disk copy is ranked as usual (its cpu copy is its record)."""
+    st = ChunkStore(TierConfig(gpu_budget=4 * 1024, cpu_budget=4 * 1024, importance_decay=0.5,
+                               disk_path=str(tmp_path)))
+    for i in (0, 2, 3):
+        st.put(K(i), data(1024, i), tier="cpu")
+    assert st.write_back() == 3
+    st.put(K(1), data(1024, 1), tier="gpu")  # in the gpu and cpu tiers, not yet on disk
+    st._unwritten.clear()
+    st.promote(K(0), "gpu")
+    for i in (10, 11):
+        st.put(K(i), data(1024, i), tier="disk")
+    st.tick()
+    st.touch([K(i) for i in range(4)], 5.0)  # every resident outranks the newcomers
+    st.touch([K(10), K(11)], 1.0)
+    got = st.add_copies([(K(i), data(1024, i)) for i in (10, 11)], "cpu")
+    assert got == 1 and K(0) not in st.cpu and K(0) in st.gpu  # K0's cpu copy made way
+    assert sum(K(i) in st.cpu for i in (10, 11)) == 1
+    assert all(K(i) in st.cpu for i in (1, 2, 3))  # K1's cpu copy is its record: ranked as usual
+    for i in (0, 1, 2, 3, 10, 11):
+        assert torch.equal(st.read(K(i)), data(1024, i))
+    st.close()
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_add_copies_keeps_what_a_full_ranking_keeps(tmp_path, seed):
     """Victims come from a heap kept across calls (entries go stale as chunks are touched, evicted and

@@ -111,6 +111,11 @@ class ChunkStore:
         # chunks put into the cpu tier with no disk copy yet (only where there is a disk tier): write_back
         # gives them one, so that evicting them later costs no write on the path that evicts
         self._unwritten: set = set()
+        # cpu copies shadowed by a gpu copy (an insertion-ordered set): while a chunk is in the gpu tier,
+        # gathers read it there and its cpu copy serves nothing; with a disk copy below, evicting that
+        # cpu copy loses nothing, so the cpu tier gives up these first (see _shadow_victim), and caches
+        # other chunks instead of the gpu tier's hottest ones a second time
+        self._shadowed: Dict[ChunkKey, None] = {}
         self._sources: List[torch.Tensor] = []
         self._source_index: Dict[Tuple[str, int], int] = {}
         if self.disk is not None:  # a reopened disk tier brings its chunks with it
@@ -204,6 +209,28 @@ class ChunkStore:
             if key in tier and key in self._meta:
                 heapq.heappush(h, (self._meta[key].rank, next(self._heap_n), key))
 
+    def _shadow_victim(self, skip: Collection[ChunkKey]) -> Optional[ChunkKey]:
+        """The oldest cpu copy still shadowed by a gpu copy, with a disk copy below and not in `skip`
+        (taken out of _shadowed), or None. Entries no longer shadowed are dropped as they come up."""
+        sh, gpu, cpu, disk = self._shadowed, self.gpu, self.cpu, self.disk
+        if disk is None or not sh:
+            return None
+        passed = []
+        found = None
+        while sh:
+            key = next(iter(sh))
+            del sh[key]
+            if key not in gpu or key not in cpu or key not in self._meta or key not in disk:
+                continue
+            if key in skip:
+                passed.append(key)
+                continue
+            found = key
+            break
+        for key in passed:  # still shadowed: kept for a later call
+            sh[key] = None
+        return found
+
     def _make_room(self, tier, nbytes: int, protect: Collection[ChunkKey]) -> None:
         """Evict from a memory tier until an allocation of nbytes succeeds; `protect`: keys never evicted.
 
@@ -214,7 +241,9 @@ class ChunkStore:
         freed, held = 0, []
         try:
             while freed < want:
-                victim = self._lowest(tier, protect, held)
+                victim = self._shadow_victim(protect) if tier is self.cpu else None
+                if victim is None:
+                    victim = self._lowest(tier, protect, held)
                 if victim is None:
                     break
                 freed += self._evict_from(victim, tier.name)
@@ -419,6 +448,7 @@ class ChunkStore:
                 self._place(key, data, tier, "ingest")
                 if tier == "gpu":  # the gpu tier is a cache: the record goes to the cpu tier as well
                     self._place(key, data, "cpu", "gpu")
+                    self._shadowed[key] = None
                 if tier != "disk" and self.disk is not None:
                     self._unwritten.add(key)
             except BaseException:
@@ -573,16 +603,21 @@ class ChunkStore:
                 rank = self._rank
                 todo.sort(key=lambda e: rank(e[0]), reverse=True)  # best first: the lowest at the end
                 protect = protect if isinstance(protect, (set, frozenset, dict)) else set(protect)
-                held, resident, victims, chosen = [], None, [], set()
+                held, resident, victims, chosen, free = [], None, [], set(), False
                 try:
                     while need > 0 and todo:
                         if resident is None:
-                            resident = self._lowest(t, protect, held)
+                            # a cpu copy shadowed by a gpu copy goes first, whatever its rank: it serves
+                            # no read while the gpu copy is there
+                            resident = self._shadow_victim(protect) if t is self.cpu else None
+                            free = resident is not None
+                            if not free:
+                                resident = self._lowest(t, protect, held)
                             if resident is not None and resident in chosen:  # a second heap entry of one
                                 resident = None
                                 continue
                         k, d = todo[-1]
-                        if resident is not None and rank(resident) < rank(k):
+                        if resident is not None and (free or rank(resident) < rank(k)):
                             victims.append(resident)  # evicted below, once the newcomers are known
                             chosen.add(resident)
                             need -= size(meta[resident].nbytes)
@@ -591,6 +626,9 @@ class ChunkStore:
                             todo.pop()
                             need -= size(d.numel())
                 finally:
+                    if resident is not None and free:  # taken from _shadowed, not the heap: put back
+                        self._shadowed[resident] = None
+                        resident = None
                     self._heap_return(t, held + ([resident] if resident is not None else []))
                 n = 0
                 try:
@@ -674,6 +712,8 @@ class ChunkStore:
         for k, d, _ in placed:
             self._moved["disk->gpu"] += d.numel()
             self._notify(k, "gpu")
+            if k in self.cpu:
+                self._shadowed[k] = None
         return len(placed)
 
     def promote(self, key: ChunkKey, to: str = "gpu") -> None:
@@ -693,6 +733,8 @@ class ChunkStore:
             src = next(t for t in TIER_NAMES if t in holders and TIER_NAMES.index(t) > TIER_NAMES.index(to))
             data = self._tier(src).read(key)
             self._place(key, data, to, src)
+            if to == "gpu" and src == "cpu":
+                self._shadowed[key] = None
             self._meta[key].step = self._clock
             self._stamp(self._meta[key])
 
