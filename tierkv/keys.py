@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from operator import itemgetter
 
 from .errors import ConfigError
 
@@ -20,29 +20,32 @@ def check_name(name: str, what: str = "stream") -> str:
     return name
 
 
-@dataclass(frozen=True, order=True)
-class ChunkKey:
-    """Chunk `index` of layer `layer` of the KV of `stream` (a sequence or conversation id)."""
+class ChunkKey(tuple):
+    """Chunk `index` of layer `layer` of the KV of `stream` (a sequence or conversation id).
 
-    stream: str
-    layer: int
-    index: int
+    A tuple (stream, layer, index), checked when made: keys are hashed and compared in every residency
+    look-up, thousands a decode step, and a tuple's hash and equality run in C (a Python __hash__ or
+    __eq__ cost more than the look-up itself). Keys order as their tuples do.
+    """
 
-    def __post_init__(self) -> None:
-        check_name(self.stream)
-        for f in ("layer", "index"):
-            v = getattr(self, f)
+    __slots__ = ()
+
+    def __new__(cls, stream: str, layer: int, index: int) -> "ChunkKey":
+        check_name(stream)
+        for name, v in (("layer", layer), ("index", index)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ConfigError(f"ChunkKey.{f}: expected a non-negative integer, got {v!r}")
-        # keys are hashed in every residency look-up, thousands per decode step: hash once
-        object.__setattr__(self, "_hash", hash((self.stream, self.layer, self.index)))
+                raise ConfigError(f"ChunkKey.{name}: expected a non-negative integer, got {v!r}")
+        return tuple.__new__(cls, (stream, layer, index))
 
-    def __hash__(self) -> int:
-        return self._hash
+    stream = property(itemgetter(0), doc="the sequence or conversation id")
+    layer = property(itemgetter(1), doc="the model layer")
+    index = property(itemgetter(2), doc="the chunk's position in the layer")
 
-    def __reduce__(self):
-        # rebuilt (and re-hashed) on unpickling: string hashes differ between processes
-        return (ChunkKey, (self.stream, self.layer, self.index))
+    def __getnewargs__(self):
+        return tuple(self)
+
+    def __repr__(self) -> str:
+        return f"ChunkKey(stream={self[0]!r}, layer={self[1]!r}, index={self[2]!r})"
 
     def __str__(self) -> str:
-        return f"{self.stream}/L{self.layer}/{self.index}"
+        return f"{self[0]}/L{self[1]}/{self[2]}"
