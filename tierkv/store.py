@@ -789,17 +789,19 @@ class ChunkStore:
         with self._lock:
             clock, meta, add = self._clock, self._meta, float(importance)
             d = self.config.importance_decay
-            log_d = math.log(d)
+            now = clock * math.log(d)  # _stamp's step * log(d), for step = clock
+            log, lowest = math.log, -math.inf
             for key in keys:
                 m = meta.get(key)
                 if m is None:
                     self._require(key)
-                value = m.importance * d ** (clock - m.step)
+                age = clock - m.step
+                value = m.importance * d ** age if age else m.importance
                 if m.last_touch != clock:
                     m.prior, m.last_touch = value, clock
                 m.importance = imp = value + add
                 m.step = clock
-                m.rank = (math.log(imp) - clock * log_d if imp > 0 else -math.inf, clock, m.order)
+                m.rank = (log(imp) - now if imp > 0 else lowest, clock, m.order)
 
     def tick(self, steps: int = 1) -> int:
         """Advance the store's clock (one decode step): importance decays per tick."""

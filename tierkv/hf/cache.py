@@ -43,7 +43,10 @@ SELECTION_FLUSH_MAX = 32  # decode steps a layer's choices may wait before they 
 PROMOTE_EVERY = 16  # decode steps between refreshes of the gpu tier's contents (each costs a host sync)
 GATE_EVERY = 8  # decode steps between looks at the next-layer prediction's hit rate
 NEXT_STEP_EVERY = 4  # the next-step prediction is scored one decode step in this many (GATE_EVERY a multiple)
-NEXT_LAYER_MIN_HIT = 0.25  # below this share of right guesses, next-layer guesses are not prefetched
+# below this share of right guesses, next-layer guesses are not prefetched: wrong guesses' reads take the
+# disk from the reads a step waits for, and on the H200 machine guesses right 32% (bench/results/
+# pipeline_h200_45ec218.json) to 54% of the time made steps slower than reading on demand
+NEXT_LAYER_MIN_HIT = 0.5
 # when choices do not persist from step to step (next-step hit rate below ADMIT_ALL_AT), a chunk read
 # from disk gets a cpu copy only when it was chosen again within a few steps (its decayed importance
 # before this step at least ADMIT_PRIOR); when they do, at once
@@ -436,7 +439,7 @@ class TierKVLayer(CacheLayerMixin):
         cache = self.cache
         B, H, kk = chunk_idx.shape
         keys = self._keys
-        protect = ()
+        per_row = None
         if every:
             want = sorted(self.disk_only)
             counts = dict.fromkeys(want, H)  # gather entries per (b, c): one per head
@@ -444,11 +447,15 @@ class TierKVLayer(CacheLayerMixin):
             with cache.device_wait():
                 chosen = chunk_idx.reshape(B, H * kk).tolist()  # waits for the device to have chosen
             per_row = [Counter(row) for row in chosen]  # per chunk chosen, the heads that chose it
-            protect = {keys[b][c] for b in range(B) for c in per_row[b]}
             disk_only = self.disk_only
             counts = {(b, c): n for b in range(B) for c, n in per_row[b].items() if (b, c) in disk_only}
             want = sorted(counts)
+
+        def chosen_keys():  # built after the reads are started (they wait for nothing else)
+            return {keys[b][c] for b in range(B) for c in per_row[b]} if per_row is not None else ()
+
         if not want:
+            protect = chosen_keys()
             if protect:
                 cache.store.touch(protect, 1.0)
             self._apply_rows(rows)
@@ -471,6 +478,7 @@ class TierKVLayer(CacheLayerMixin):
         staged = pf.staged([keys[b][c] for b, c in want])
         if wait and not all(staged):
             start([bc for bc, st in zip(want, staged) if not st])
+        protect = chosen_keys()
         # what is chosen now is likely chosen next step: its value in the store rises, so installing
         # chunks read from disk evicts the cpu tier's unchosen chunks first
         if protect:
