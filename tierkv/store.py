@@ -632,8 +632,8 @@ class ChunkStore:
                     self._heap_return(t, held + ([resident] if resident is not None else []))
                 n = 0
                 try:
-                    if t is self.cpu and self.disk is not None:
-                        n, todo, victims = self._hand_over(todo, victims)
+                    if (t is self.cpu and self.disk is not None) or (t is self.gpu and t.device.type == "cuda"):
+                        n, todo, victims = self._hand_over(t, todo, victims)
                     while victims:
                         self._evict_from(victims[-1], tier)
                         victims.pop()
@@ -652,24 +652,27 @@ class ChunkStore:
                 n += 1
             return n
 
-    def _hand_over(self, todo, victims):
-        """Newcomers of add_copies (host bytes) into the cpu slots of victims of the same slot size that
-        have a disk copy: each pair is an eviction and a put without the allocator or the general paths
-        (a decode step installs dozens of chunks a layer, each evicting one). Returns (how many were put,
-        the newcomers left to put, the victims left to evict)."""
-        t, meta, size = self.cpu, self._meta, round_up
+    def _hand_over(self, t, todo, victims):
+        """Newcomers of add_copies (host bytes) into the slots of victims of the same slot size whose
+        copy in tier `t` is not their last (a disk copy below a cpu copy; a cpu or disk copy below a gpu
+        copy): each pair is an eviction and a put without the allocator or the general paths (a decode
+        step installs dozens of chunks a layer, each evicting one). Returns (how many were put, the
+        newcomers left to put, the victims left to evict)."""
+        meta, size, cpu, disk = self._meta, round_up, self.cpu, self.disk
+        on_gpu = t is self.gpu
         pools: Dict[int, list] = {}
         rest_victims = []
         for v in victims:
-            if v in self.disk:
+            if (disk is not None and v in disk) or (on_gpu and v in cpu):
                 pools.setdefault(size(meta[v].nbytes), []).append(v)
-            else:  # its only copy: moved down to disk by _evict_from
+            else:  # its last copy: moved down by _evict_from
                 rest_victims.append(v)
         if not pools:
             return 0, todo, victims
-        self._settle_cpu()  # copies in flight may read or write the slots, and so may gathers
-        self._fence_readers()
-        rest, n, moved = [], 0, 0
+        if not on_gpu:  # the host rewrites the slots: copies in flight may read or write them, and gathers
+            self._settle_cpu()
+            self._fence_readers()
+        rest, placed = [], []
         for k, d in todo:
             pool = None if d.is_cuda else pools.get(size(d.numel()))
             if not pool:
@@ -677,44 +680,51 @@ class ChunkStore:
                 continue
             v = pool.pop()
             view = t.handover(v, k, d.numel())
-            self._evictions["cpu"] += 1
-            self._notify(v, "cpu")
+            self._evictions[t.name] += 1
+            self._notify(v, t.name)
             self._heap_add(t, k)
-            np.copyto(view.numpy(), (d if d.dim() == 1 else d.reshape(-1)).numpy())
-            self._notify(k, "cpu")
-            moved += d.numel()
-            n += 1
-        self._moved["disk->cpu"] += moved
+            if not on_gpu:
+                np.copyto(view.numpy(), (d if d.dim() == 1 else d.reshape(-1)).numpy())
+                self._notify(k, t.name)
+            placed.append((k, d, view))
+        if on_gpu:
+            self._upload(placed)
+        self._moved[f"disk->{t.name}"] += sum(d.numel() for _, d, _ in placed)
         for pool in pools.values():
             rest_victims.extend(pool)
-        return n, rest, rest_victims
+        return len(placed), rest, rest_victims
 
     def _put_gpu_batch(self, items, protect) -> int:
         """Host bytes into gpu slots, as _put_memory would, but the host-to-device copies of the whole
-        batch go on the promotion stream under one wait and one event (a per-chunk event and stream wait
-        cost more host time than the copy). Ordered after what the compute stream has queued (a kernel
-        may still read a slot's previous chunk); gathers wait for them (wait_inflight)."""
+        batch go on the promotion stream under one wait and one event (see _upload)."""
         t, placed = self.gpu, []
         for k, d in items:
             try:
                 placed.append((k, d, self._reserve_memory(t, k, d.numel(), protect)))
             except CapacityError:
                 break
+        self._upload(placed)
+        self._moved["disk->gpu"] += sum(d.numel() for _, d, _ in placed)
+        return len(placed)
+
+    def _upload(self, placed) -> None:
+        """Copy host bytes into their gpu slots, placed = [(key, bytes, slot view)]: the whole batch on the
+        promotion stream under one wait and one event (a per-chunk event and stream wait cost more host
+        time than the copy). Ordered after what the compute stream has queued (a kernel may still read a
+        slot's previous chunk); gathers wait for them (wait_inflight)."""
         if not placed:
-            return 0
-        stream = self._upload_stream(t.device)
+            return
+        stream = self._upload_stream(self.gpu.device)
         with torch.cuda.stream(stream):
             for _, d, view in placed:
                 view.copy_(d if d.dim() == 1 else d.reshape(-1), non_blocking=True)
             ev = torch.cuda.Event()
             ev.record(stream)
         self._uploads.append((ev, [d for _, d, _ in placed]))  # the sources stay alive until copied
-        for k, d, _ in placed:
-            self._moved["disk->gpu"] += d.numel()
+        for k, _, _ in placed:
             self._notify(k, "gpu")
             if k in self.cpu:
                 self._shadowed[k] = None
-        return len(placed)
 
     def promote(self, key: ChunkKey, to: str = "gpu") -> None:
         """Copy a chunk up into `to` (gpu or cpu) from the nearest tier below that holds it."""
