@@ -316,6 +316,23 @@ def test_cpu_copies_shadowed_by_gpu_copies_go_first(tmp_path):
     st.close()
 
 
+def test_shadowed_copies_are_bounded_and_only_noted_with_a_disk_tier(tmp_path):
+    """Without a disk tier a cpu copy is a chunk's record, never shadowed: nothing is noted. With one,
+    the notes of chunks that left the gpu tier do not pile up beyond a bound of the gpu tier's size."""
+    st = ChunkStore(TierConfig(gpu_budget=4 * 1024, cpu_budget=64 * 1024))
+    for i in range(8):
+        st.put(K(i), data(1024, i), tier="cpu")
+        st.promote(K(i), "gpu")
+    assert len(st._shadowed) == 0
+    st = ChunkStore(TierConfig(gpu_budget=4 * 1024, cpu_budget=400 * 1024, disk_path=str(tmp_path)))
+    for i in range(300):  # the gpu tier holds 4 of them at a time
+        st.put(K(i), data(1024, i % 7), tier="cpu")
+        st.promote(K(i), "gpu")
+        assert len(st._shadowed) <= 2 * len(st.gpu) + 64 + 1
+    assert all(K(i) in st.gpu for i in range(296, 300)) and K(299) in st._shadowed
+    st.close()
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_add_copies_keeps_what_a_full_ranking_keeps(tmp_path, seed):
     """Victims come from a heap kept across calls (entries go stale as chunks are touched, evicted and

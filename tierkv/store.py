@@ -14,7 +14,7 @@ import heapq
 import itertools
 import math
 import threading
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
 from typing import Callable, Collection, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -115,7 +115,7 @@ class ChunkStore:
         # gathers read it there and its cpu copy serves nothing; with a disk copy below, evicting that
         # cpu copy loses nothing, so the cpu tier gives up these first (see _shadow_victim), and caches
         # other chunks instead of the gpu tier's hottest ones a second time
-        self._shadowed: Dict[ChunkKey, None] = {}
+        self._shadowed: "OrderedDict[ChunkKey, None]" = OrderedDict()
         self._sources: List[torch.Tensor] = []
         self._source_index: Dict[Tuple[str, int], int] = {}
         if self.disk is not None:  # a reopened disk tier brings its chunks with it
@@ -209,6 +209,19 @@ class ChunkStore:
             if key in tier and key in self._meta:
                 heapq.heappush(h, (self._meta[key].rank, next(self._heap_n), key))
 
+    def _shadow(self, key: ChunkKey) -> None:
+        """Note that `key` now has a gpu copy above its cpu copy (see _shadowed). Only with a disk tier
+        (without one a cpu copy is a chunk's record and never shadowed); entries no longer shadowed
+        are dropped when they pile up."""
+        if self.disk is None:
+            return
+        sh = self._shadowed
+        sh[key] = None
+        if len(sh) > 2 * len(self.gpu) + 64:
+            gpu, cpu = self.gpu, self.cpu
+            for k in [k for k in sh if k not in gpu or k not in cpu]:
+                del sh[k]
+
     def _shadow_victim(self, skip: Collection[ChunkKey]) -> Optional[ChunkKey]:
         """The oldest cpu copy still shadowed by a gpu copy, with a disk copy below and not in `skip`
         (taken out of _shadowed), or None. Entries no longer shadowed are dropped as they come up."""
@@ -218,8 +231,7 @@ class ChunkStore:
         passed = []
         found = None
         while sh:
-            key = next(iter(sh))
-            del sh[key]
+            key, _ = sh.popitem(last=False)
             if key not in gpu or key not in cpu or key not in self._meta or key not in disk:
                 continue
             if key in skip:
@@ -227,8 +239,9 @@ class ChunkStore:
                 continue
             found = key
             break
-        for key in passed:  # still shadowed: kept for a later call
+        for key in reversed(passed):  # still shadowed: kept, first in line, for a later call
             sh[key] = None
+            sh.move_to_end(key, last=False)
         return found
 
     def _make_room(self, tier, nbytes: int, protect: Collection[ChunkKey]) -> None:
@@ -448,7 +461,7 @@ class ChunkStore:
                 self._place(key, data, tier, "ingest")
                 if tier == "gpu":  # the gpu tier is a cache: the record goes to the cpu tier as well
                     self._place(key, data, "cpu", "gpu")
-                    self._shadowed[key] = None
+                    self._shadow(key)
                 if tier != "disk" and self.disk is not None:
                     self._unwritten.add(key)
             except BaseException:
@@ -628,6 +641,7 @@ class ChunkStore:
                 finally:
                     if resident is not None and free:  # taken from _shadowed, not the heap: put back
                         self._shadowed[resident] = None
+                        self._shadowed.move_to_end(resident, last=False)
                         resident = None
                     self._heap_return(t, held + ([resident] if resident is not None else []))
                 n = 0
@@ -724,7 +738,7 @@ class ChunkStore:
         for k, _, _ in placed:
             self._notify(k, "gpu")
             if k in self.cpu:
-                self._shadowed[k] = None
+                self._shadow(k)
 
     def promote(self, key: ChunkKey, to: str = "gpu") -> None:
         """Copy a chunk up into `to` (gpu or cpu) from the nearest tier below that holds it."""
@@ -744,7 +758,7 @@ class ChunkStore:
             data = self._tier(src).read(key)
             self._place(key, data, to, src)
             if to == "gpu" and src == "cpu":
-                self._shadowed[key] = None
+                self._shadow(key)
             self._meta[key].step = self._clock
             self._stamp(self._meta[key])
 

@@ -693,7 +693,7 @@ class DiskTier:
         if failed < 0:  # one thread (or the threads could not get their buffers): this thread's scratch
             buf = self._scratch(largest)
             failed = lib.tkv_read_chunks(*args, buf.ctypes.data, buf.shape[0], sp, ip, 1)
-        del hold  # (alive until here: the calls above are done with it)
+        del hold  # the argument arrays, kept alive through the calls above (args holds their addresses)
         return self._native_outcome(failed, keys, locs, lambda: ts, status, info, threads)
 
     def _native_outcome(self, failed: int, keys, locs, tensors, status, info, threads: int) -> List[int]:
