@@ -610,13 +610,14 @@ class ChunkStore:
             size = round_up  # in the arena's allocation units
 
             need = sum(size(d.numel()) for _, d in todo) - (t.budget - t.used_bytes)
+            n = 0  # newcomers put
             if need > 0:
                 # the tier's chunks and the newcomers in one eviction order: while room is short, the
                 # lowest of the tier's lowest chunk (evicted) and the lowest newcomer (not copied in) goes
                 rank = self._rank
                 todo.sort(key=lambda e: rank(e[0]), reverse=True)  # best first: the lowest at the end
                 protect = protect if isinstance(protect, (set, frozenset, dict)) else set(protect)
-                held, resident, victims, chosen, free = [], None, [], set(), False
+                held, resident, victims, taken, free = [], None, [], set(), False
                 try:
                     while need > 0 and todo:
                         if resident is None:
@@ -626,13 +627,13 @@ class ChunkStore:
                             free = resident is not None
                             if not free:
                                 resident = self._lowest(t, protect, held)
-                            if resident is not None and resident in chosen:  # a second heap entry of one
+                            if resident is not None and resident in taken:  # a second heap entry of one
                                 resident = None
                                 continue
                         k, d = todo[-1]
                         if resident is not None and (free or rank(resident) < rank(k)):
                             victims.append(resident)  # evicted below, once the newcomers are known
-                            chosen.add(resident)
+                            taken.add(resident)
                             need -= size(meta[resident].nbytes)
                             resident = None
                         else:
@@ -644,7 +645,6 @@ class ChunkStore:
                         self._shadowed.move_to_end(resident, last=False)
                         resident = None
                     self._heap_return(t, held + ([resident] if resident is not None else []))
-                n = 0
                 try:
                     if (t is self.cpu and self.disk is not None) or (t is self.gpu and t.device.type == "cuda"):
                         n, todo, victims = self._hand_over(t, todo, victims)
@@ -653,8 +653,6 @@ class ChunkStore:
                         victims.pop()
                 finally:
                     self._heap_return(t, victims)  # victims left in the tier by an error part way
-            else:
-                n = 0
             if t is self.gpu and t.device.type == "cuda" and all(not d.is_cuda for _, d in todo):
                 return n + self._put_gpu_batch(todo, protect)
             for k, d in todo:
