@@ -370,6 +370,21 @@ def test_gate_step_times_leave_out_pauses_between_passes(tmp_path, monkeypatch):
     assert max(timed) < 0.15, timed
 
 
+def test_gate_times_only_sparse_decode_steps(tmp_path, monkeypatch):
+    """The gate's windows count decode steps that attended sparsely, not a later prefill pass (a new
+    turn's prompt appended to a cache that has decoded before)."""
+    import tierkv.hf.cache as cache_mod
+
+    monkeypatch.setattr(cache_mod, "GATE_EVERY", 10**9)  # no looks: the window only accumulates
+    model = build("llama", seed=5)
+    ids = torch.randint(1, 512, (1, 400))
+    with tierkv.offload(model, sparse_cfg(cpu_budget="12KiB", disk_path=str(tmp_path / "cold"))) as cache:
+        out = gen(model, ids, cache, n=4)  # a prefill pass, then 3 decode passes
+        assert cache._window[1] == 3
+        gen(model, torch.cat([out, torch.randint(1, 512, (1, 200))], dim=1), cache, n=1)  # a prefill pass only
+        assert cache._window[1] == 3
+
+
 def _record_selections(cache):
     """Wrap every layer's gather_into to keep the chunk ids [B, H, k] each sparse gather was asked for."""
     seen = []

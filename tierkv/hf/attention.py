@@ -114,6 +114,7 @@ def sparse_attend(layer, q, padding, scaling):
                 cache.issue_prefetch()  # the next layer's guesses: read while this layer computes
         layer.note_selection(idx)
         cache.selected_layers.add(layer.layer_idx)
+        cache._sparse_pass = True
     attn_mask = None
     if skipped is not None:  # chunks left on disk this step (miss policy 'skip'): their rows are zeros
         keep = torch.ones(B, H, 1, N, dtype=torch.bool, device=q.device)

@@ -691,7 +691,8 @@ class TierKVCache(Cache):
                                            "wait_gpu", "write_back", "refresh"), 0.0)
         self._marks: dict = {}  # per prediction, (hits, guesses) at the gates' last look
         self._pass_start: Optional[float] = None  # perf_counter when layer 0 was last updated (a pass began)
-        self._end_work: Optional[float] = None  # seconds the last end_forward took
+        self._end_work = 0.0  # seconds the last end_forward took, if its pass was a sparse decode step
+        self._sparse_pass = False  # a layer of this pass attended sparsely (set by hf/attention.py)
         self._window = [0.0, 0]  # decode seconds and steps since the gate's last look
         self.admit_min_prior = 0.0  # see ADMIT_PRIOR; set from the next-step hit rate every GATE_EVERY steps
         self._prefetcher = None
@@ -979,16 +980,18 @@ class TierKVCache(Cache):
     def end_forward(self) -> None:
         """After the last layer of a forward pass: age importance, now and then refresh the gpu tier."""
         now = time.perf_counter()
-        # a sparse decode step, timed for the gate: from its first layer to here, plus the last pass's work
+        # a sparse decode step, timed for the gate: from its first layer to here, plus the last step's work
         # here (installs of what it staged). Not from the end of the last pass: a pause between passes
-        # (the caller's own work, between generate calls) would count as the state's step time
-        if self.selected_layers and self._pass_start is not None and self._end_work is not None:
+        # (the caller's own work, between generate calls) would count as the state's step time; nor a
+        # prefill pass or its end (writing its chunks back)
+        sparse, self._sparse_pass = self._sparse_pass, False
+        if sparse and self._pass_start is not None:
             self._window[0] += now - self._pass_start + self._end_work
             self._window[1] += 1
         try:
             self._end_forward()
         finally:
-            self._end_work = time.perf_counter() - now
+            self._end_work = time.perf_counter() - now if sparse else 0.0
 
     def _end_forward(self) -> None:
         self.store.tick()
