@@ -70,9 +70,7 @@ class _PinnedRing:
 
     def to_device(self, rows) -> torch.Tensor:
         """rows: a list of ints or of equal-length int rows, or an int64 numpy array."""
-        a = rows if isinstance(rows, np.ndarray) else np.asarray(rows, dtype=np.int64)
-        if a.dtype != np.int64:
-            a = a.astype(np.int64)
+        a = np.asarray(rows, dtype=np.int64)  # (no copy of an int64 array)
         n = a.size
         if n > self.buf.numel():
             return torch.from_numpy(np.ascontiguousarray(a)).pin_memory().to(self.device, non_blocking=True)
@@ -789,12 +787,12 @@ class TierKVCache(Cache):
                                           pinned=layer.device.type == "cuda")
         return self._prefetcher
 
-    def host_table(self, rows) -> torch.Tensor:
-        """A small host table (a list of ints, or of int rows, or an int64 numpy array) as an int64 tensor
+    def host_table(self, rows: np.ndarray) -> torch.Tensor:
+        """A small host table (an int64 numpy array, not used by the caller afterwards) as an int64 tensor
         on the device, without a sync."""
         dev = self.store.gpu.device
         if dev.type != "cuda":
-            return torch.from_numpy(rows).clone() if isinstance(rows, np.ndarray) else torch.tensor(rows, dtype=torch.int64)
+            return torch.from_numpy(rows)
         if self._ring is None:
             self._ring = _PinnedRing(dev)
         return self._ring.to_device(rows)
