@@ -75,7 +75,21 @@ def open_mode(stack, model, cfg, ids, mode, args, device, selection="head"):
         cache.store.flush()
     decode(model, cache, tok, 0, args.warmup)
     return dict(mode=mode, selection=selection, model=model, cache=cache, tok=tok, prefill_s=pre, kv=kv, cpu=cpu,
-                before=cache.stats(), windows=[], seconds=0.0, prof=None)
+                before=cache.stats(), windows=[], seconds=0.0, prof=None, trace=[])
+
+
+def window_trace(st, args):
+    """What one timed window of a disk mode moved (outside its timing): chunk-file bytes read per token,
+    the share of gathered entries the gpu tier served, and the gpu tier's chunk count after it; a warm-up
+    of the gpu tier shows as these moving from window to window."""
+    s = st["cache"].stats()
+    last = st.get("last_stats") or st["before"]
+    st["last_stats"] = s
+    read = (s.prefetch.get("bytes_read", 0) or 0) - (last.prefetch.get("bytes_read", 0) or 0)
+    entries = sum(s.hits[t] for t in ("gpu", "cpu", "disk")) - sum(last.hits.get(t, 0) for t in ("gpu", "cpu", "disk"))
+    gpu = s.hits["gpu"] - last.hits.get("gpu", 0)
+    return dict(disk_bytes_per_token=read / (args.steps * args.batch),
+                gpu_served=gpu / entries if entries else None, gpu_chunks=s.resident_chunks.get("gpu", 0))
 
 
 def time_window(st, args):
@@ -91,6 +105,8 @@ def time_window(st, args):
     if st["prof"] is not None:
         st["prof"].disable()
     st["seconds"] += time.perf_counter() - t0
+    if st["mode"] != "all-cpu":
+        st["trace"].append(window_trace(st, args))
     # the next window is another mode's: the prefetch reads and writes this one left in flight must not
     # run (and take the GIL and the disk) in it
     st["cache"].wait_idle()
@@ -113,12 +129,17 @@ def close_mode(st, args, batch):
                host_ms_per_step={k: (v - before.prefetch["host_seconds"][k]) / steps * 1e3
                                  for k, v in after.prefetch["host_seconds"].items()},
                disk_bytes_per_token=disk_bytes / (steps * batch),
-               resident=after.resident_chunks, prefetch=after.prefetch, decode_wall_s=st["seconds"])
+               resident=after.resident_chunks, prefetch=after.prefetch, decode_wall_s=st["seconds"],
+               windows_trace=st["trace"])
     spread = f" (windows {min(windows):.2f}-{max(windows):.2f})" if len(windows) > 1 else ""
     print(f"  {mode:9s} {selection:6s} tok/s={tps:.2f}{spread} stall/step={row['stall_s_per_step'] * 1e3:.1f} ms "
           f"disk/token={row['disk_bytes_per_token'] / 2**20:.1f} MiB resident={after.resident_chunks} "
           f"next-layer hit={after.prefetch.get('predict_next_layer_hit_rate')} "
           f"next-step hit={after.prefetch.get('predict_next_step_hit_rate')}", flush=True)
+    if st["trace"]:
+        print("            by window: disk MiB/token " + " ".join(f"{w['disk_bytes_per_token'] / 2**20:.2f}" for w in st["trace"])
+              + " | gpu-served " + " ".join("-" if w["gpu_served"] is None else f"{w['gpu_served']:.2f}" for w in st["trace"])
+              + " | gpu chunks " + " ".join(str(w["gpu_chunks"]) for w in st["trace"]), flush=True)
     if mode != "all-cpu":
         print("            host ms/step: " + " ".join(f"{k}={v:.1f}" for k, v in row["host_ms_per_step"].items()), flush=True)
     return row

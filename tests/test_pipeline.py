@@ -487,6 +487,12 @@ def test_bench_pipeline_runs_both_selections(tmp_path):
     for r in rows.values():  # three timed windows by default; tokens/s is the median one's
         assert len(r["tokens_per_s_windows"]) == 3
         assert r["tokens_per_s"] == sorted(r["tokens_per_s_windows"])[1]
+        # disk modes: what each window moved, summing to the row's figure
+        assert len(r["windows_trace"]) == (0 if r["mode"] == "all-cpu" else 3)
+        if r["windows_trace"]:
+            mean = sum(w["disk_bytes_per_token"] for w in r["windows_trace"]) / 3
+            assert mean == pytest.approx(r["disk_bytes_per_token"])
+            assert all(0 <= w["gpu_served"] <= 1 and w["gpu_chunks"] >= 0 for w in r["windows_trace"])
     with pytest.raises(SystemExit):  # argparse's error exit, before any model is built
         bench_pipeline.main(["--repeats", "0", "--disk-dir", str(tmp_path / "never")])
     assert not (tmp_path / "never").exists()
@@ -547,7 +553,7 @@ def test_promotions_into_the_gpu_tier_change_nothing_decoded(tmp_path, monkeypat
     keeps them, 'wait' decodes exactly what the same run without a gpu tier decodes."""
     from tierkv.hf.cache import TierKVCache
 
-    monkeypatch.setattr(TierKVCache, "_worth_promoting", lambda self, hits: True)  # refresh at every chance
+    monkeypatch.setattr(TierKVCache, "_worth_promoting", lambda self, hits, room=False: True)  # refresh at every chance
     model = build("llama", seed=21, layers=3).to(device)
     ids = torch.randint(1, 512, (2, 640), device=device)
     outs, promoted = [], []
@@ -560,3 +566,38 @@ def test_promotions_into_the_gpu_tier_change_nothing_decoded(tmp_path, monkeypat
         promoted.append(stats.bytes_moved.get("cpu->gpu", 0) + stats.bytes_moved.get("disk->gpu", 0))
     assert promoted[0] == 0 and promoted[1] > 4 * 1024 and promoted[2] > 0  # the small tier churns
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+def test_gpu_tier_fills_while_it_has_room(tmp_path):
+    """While the gpu tier has free room, a refresh promotes every layer's share of that room (not only
+    prefetch_depth chunks per head) and refreshes come every PROMOTE_EVERY_MIN steps, however few
+    chunks the tier has served; with no room they fall back to every PROMOTE_EVERY steps at once.
+    Decoding stays exact, and the filled tier serves entries that would have been read from disk."""
+    from tierkv.hf.cache import PROMOTE_EVERY, PROMOTE_EVERY_MIN
+
+    model = build("llama", seed=31, layers=3)
+    ids = torch.randint(1, 512, (1, 1200))
+    outs, rows = [], []
+    for gpu_budget in ("1MiB", 0):
+        cfg = sparse_cfg(gpu_budget=gpu_budget, cpu_budget="24KiB", disk_path=str(tmp_path / str(gpu_budget)))
+        with tierkv.offload(model, cfg) as cache:
+            marks = []
+            promote = cache._promote_chosen
+
+            def spy():
+                before = len(cache.store.gpu)
+                promote()
+                marks.append((cache.steps, len(cache.store.gpu) - before))
+
+            cache._promote_chosen = spy
+            outs.append(gen(model, ids, cache, n=40))
+            rows.append((marks, cache.stats()))
+            depth, heads, layers = cache.config.prefetch_depth, cache.layers[0].n_heads, len(cache.layers)
+    (fill, s_fill), (none, s_none) = rows
+    assert torch.equal(outs[0], outs[1])
+    assert [m[0] for m in fill] == list(range(PROMOTE_EVERY_MIN, 41, PROMOTE_EVERY_MIN))
+    assert fill[0][1] > depth * heads * layers and all(m[1] > 0 for m in fill)
+    assert s_fill.resident_chunks["gpu"] > 4 * depth * heads * layers
+    assert [m[0] for m in none] == [PROMOTE_EVERY_MIN] + list(range(PROMOTE_EVERY, 41, PROMOTE_EVERY))
+    assert s_none.resident_chunks["gpu"] == 0
+    assert s_fill.hits["gpu"] > 0 and s_fill.hits["disk"] < s_none.hits["disk"]

@@ -333,6 +333,63 @@ def test_shadowed_copies_are_bounded_and_only_noted_with_a_disk_tier(tmp_path):
     st.close()
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_promote_many_matches_promote_one_by_one(tmp_path, device):
+    """promote_many does what promote(key, "gpu") does for each key, best first: into free room (one
+    batch of copies on CUDA) and past it (the gpu tier's lowest chunks evicted), skipping chunks not in
+    the cpu tier and counting those already up as hits; it never evicts a chunk of its own batch, so
+    it stops where no more room can be made. The gpu copies hold their chunk's bytes even when the cpu
+    slots they were copied from are rewritten at once (the host waits for the batch's copies)."""
+    def fresh(name):
+        cfg = TierConfig(gpu_budget=6 * 1024, cpu_budget=16 * 1024, importance_decay=0.5,
+                         disk_path=str(tmp_path / name))
+        st = ChunkStore(cfg, device=device)
+        for i in range(12):
+            st.put(K(i), data(1024, i), tier="cpu")
+        st.write_back()
+        for i in (20, 21):
+            st.put(K(i), data(1024, i), tier="disk")
+        for i in (0, 10, 11):
+            st.promote(K(i), "gpu")
+        st.tick()
+        return st
+
+    keys = [K(i) for i in (1, 0, 3, 20, 4, 5)]  # K0 already up, K20 only on disk
+    vals = [1.0, 6.0, 5.0, 4.0, 3.0, 2.0]
+    one, many = fresh("one"), fresh("many")
+    for k, v in sorted(zip(keys, vals), key=lambda e: -e[1]):
+        one.touch([k], v)
+        if k in one.cpu:  # one already up counts as a gpu hit
+            one.promote(k, "gpu")
+    with pytest.raises(ConfigError, match="2 importance values"):
+        many.promote_many(keys, vals[:2])
+    assert many.promote_many(keys, vals) == 4
+    for st in (one, many):
+        st.settle()
+    for k in [K(i) for i in range(12)] + [K(20), K(21)]:
+        assert one.residency(k) == many.residency(k), k
+    assert sorted(many.gpu.keys()) == [K(i) for i in (0, 1, 3, 4, 5, 11)]  # K10 made room (lowest)
+    for name in ("hits", "misses", "bytes_moved"):
+        assert getattr(many.stats(), name) == getattr(one.stats(), name), name
+    # a batch of the tier's chunks but one, and two more: room for one, made by evicting the outsider
+    batch = [k for k in many.gpu.keys() if k != K(11)] + [K(6), K(7)]
+    assert many.promote_many(batch, [9.0] * 5 + [1.0, 8.0]) == 1
+    assert K(7) in many.gpu and K(6) not in many.gpu and K(11) not in many.gpu  # the best newcomer went up
+    assert all(k in many.gpu for k in batch[:5])
+    assert many.promote_many([k for k in many.gpu.keys()] + [K(8)]) == 0  # nothing outside the batch
+    # rewrite every cpu slot: evict the cpu copies (all on disk) and fill the tier with other chunks
+    up = list(many.gpu.keys())
+    for k in up:
+        if k in many.cpu:
+            many.evict(k, "cpu")
+    for i in range(100, 116):
+        many.put(K(i), torch.full((1024,), 255 - i, dtype=torch.uint8), tier="cpu")
+    for k in up:
+        assert torch.equal(many.read(k, "gpu").cpu(), data(1024, k.index)), k
+    one.close()
+    many.close()
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_add_copies_keeps_what_a_full_ranking_keeps(tmp_path, seed):
     """Victims come from a heap kept across calls (entries go stale as chunks are touched, evicted and

@@ -724,11 +724,12 @@ class ChunkStore:
         self._moved["disk->gpu"] += sum(d.numel() for _, d, _ in placed)
         return len(placed)
 
-    def _upload(self, placed) -> None:
+    def _upload(self, placed, from_cpu_slots: bool = False) -> None:
         """Copy host bytes into their gpu slots, placed = [(key, bytes, slot view)]: the whole batch on the
         promotion stream under one wait and one event (a per-chunk event and stream wait cost more host
         time than the copy). Ordered after what the compute stream has queued (a kernel may still read a
-        slot's previous chunk); gathers wait for them (wait_inflight)."""
+        slot's previous chunk); gathers wait for them (wait_inflight). from_cpu_slots: the bytes are cpu
+        slots, so freeing or rewriting one waits for the copies as well (_settle_cpu)."""
         if not placed:
             return
         stream = self._upload_stream(self.gpu.device)
@@ -737,7 +738,8 @@ class ChunkStore:
                 view.copy_(d if d.dim() == 1 else d.reshape(-1), non_blocking=True)
             ev = torch.cuda.Event()
             ev.record(stream)
-        self._uploads.append((ev, [d for _, d, _ in placed]))  # the sources stay alive until copied
+        # the sources stay alive until copied
+        (self._inflight if from_cpu_slots else self._uploads).append((ev, [d for _, d, _ in placed]))
         for k, _, _ in placed:
             self._notify(k, "gpu")
             if k in self.cpu:
@@ -764,6 +766,75 @@ class ChunkStore:
                 self._shadow(key)
             self._meta[key].step = self._clock
             self._stamp(self._meta[key])
+
+    def promote_many(self, keys: Sequence[ChunkKey], importance: Optional[Sequence[float]] = None) -> int:
+        """Copy chunks of the cpu tier up into the gpu tier, as promote(key, "gpu") would each, making
+        room by evicting the gpu tier's lowest chunks outside `keys`, until no more room can be made.
+        `importance`: one value per key, touched first as touch([key], value) would, and the keys go
+        up highest first. Chunks already in the gpu tier count as hits; chunks not in the cpu tier (or
+        gone from the store) are skipped. Into free room, a CUDA gpu tier fed from pinned cpu slots
+        gets the batch's host-to-device copies on the promotion stream under one event (an event per
+        chunk cost more host time than a chunk's copy). Returns how many went up."""
+        with self._lock:
+            gpu, cpu, meta = self.gpu, self.cpu, self._meta
+            if importance is not None:
+                if len(importance) != len(keys):
+                    raise ConfigError(f"promote_many: {len(keys)} keys but {len(importance)} importance values")
+                for k, v in zip(keys, importance):
+                    if k in meta:
+                        self.touch([k], v)
+                order = sorted(range(len(keys)), key=importance.__getitem__, reverse=True)
+                keys = [keys[i] for i in order]
+            todo = []
+            for k in dict.fromkeys(keys):  # once each, in order
+                if k not in meta or k not in cpu:
+                    continue
+                if k in gpu:
+                    self._hits["gpu"] += 1
+                else:
+                    todo.append(k)
+            cuda = gpu.device.type == "cuda"
+            batch = cuda and cpu.arena.pinned  # else pageable sources (copied at once) or no CUDA
+            protect = {k for k in keys if k in meta}
+            placed, n = [], 0
+            try:
+                for k in todo:
+                    nbytes = meta[k].nbytes
+                    try:
+                        view = gpu.reserve(k, nbytes)
+                        if view is None:
+                            # evictions next: the copies so far are queued (and noted in flight) before
+                            # any of them can free a slot
+                            self._upload(placed, from_cpu_slots=True)
+                            placed = []
+                            view = self._reserve_memory(gpu, k, nbytes, protect)
+                        else:
+                            self._heap_add(gpu, k)
+                    except CapacityError:  # no room can be made (or the chunk exceeds the whole tier)
+                        break
+                    if k not in cpu:  # its cpu copy was evicted to make that room (a move down into it)
+                        gpu.evict(k)  # the slot, never filled nor announced
+                        continue
+                    data = cpu.read(k)
+                    self._misses["gpu"] += 1
+                    self._moved["cpu->gpu"] += nbytes
+                    m = meta[k]
+                    m.step = self._clock
+                    self._stamp(m)
+                    n += 1
+                    if batch:
+                        placed.append((k, data, view))
+                        continue
+                    if cuda:  # a promotion may still write the slot (as in _put_memory)
+                        self.wait_inflight(torch.cuda.current_stream(view.device))
+                        view.copy_(data)
+                    else:  # a gpu tier in host memory
+                        _host_copy(view, data)
+                    self._notify(k, "gpu")
+                    self._shadow(k)
+            finally:
+                self._upload(placed, from_cpu_slots=True)
+            return n
 
     def demote(self, key: ChunkKey, to: str = "disk") -> None:
         """Make `to` (cpu or disk) the chunk's highest tier: copy it down if needed, drop the copies above."""

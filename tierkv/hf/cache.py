@@ -28,7 +28,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .. import ops
 from ..config import TierConfig
-from ..errors import CapacityError, TierKVError
+from ..errors import TierKVError
 from ..abstracts import key_codes, mass_shares
 from ..formats import ChunkLayout
 from ..keys import ChunkKey
@@ -41,6 +41,7 @@ _ids = itertools.count()
 MIN_CHUNKS_IN_BUDGET = 4  # the planner gives no layer chunks longer than budget / 4
 SELECTION_FLUSH_MAX = 32  # decode steps a layer's choices may wait before they are counted (see note_selection)
 PROMOTE_EVERY = 16  # decode steps between refreshes of the gpu tier's contents (each costs a host sync)
+PROMOTE_EVERY_MIN = 4  # the most often it is refreshed: while it fills, and while its chunks are hit
 GATE_EVERY = 8  # decode steps between looks at the next-layer prediction's hit rate
 NEXT_STEP_EVERY = 4  # the next-step prediction is scored one decode step in this many (GATE_EVERY a multiple)
 # below this share of right guesses, next-layer guesses are not prefetched: wrong guesses' reads take the
@@ -655,7 +656,8 @@ class TierKVCache(Cache):
         super().__init__(layers=[TierKVLayer(self, i) for i in range(num_layers)])
         self.selected_layers: set = set()
         self.steps = 0
-        self.promote_every = PROMOTE_EVERY
+        self.promote_every = PROMOTE_EVERY_MIN  # while the gpu tier fills (see _worth_promoting)
+        self._filling = True
         self._promoted = False
         self._hits_mark = 0.0
         self._entries_mark = 0
@@ -1017,35 +1019,43 @@ class TierKVCache(Cache):
         self.host_seconds["promote"] += time.perf_counter() - t0
 
     def _promote_chosen(self) -> None:
-        """Every promote_every steps: copy the chunks the sparse layers chose most into the gpu tier."""
+        """Every promote_every steps: copy the chunks the sparse layers chose most into the gpu tier.
+
+        Each layer offers its prefetch_depth chunks per head; while the gpu tier has free room, each
+        also offers its share of that room, so that the tier fills within a few refreshes instead of
+        a few hundred steps (a decode runs slower, reading more from the tiers below, until it does).
+        Only chunks chosen by at least one head per step on average go up, in one batch.
+        """
         per_layer = self.config.prefetch_depth
-        cands = []
-        for i in sorted(self.selected_layers):
-            layer = self.layers[i]
+        layers = [self.layers[i] for i in sorted(self.selected_layers)]
+        self.selected_layers.clear()
+        gpu = self.store.gpu
+        share = max(0, gpu.budget - gpu.used_bytes) // max(1, len(layers))
+        cands, room = [], False
+        for layer in layers:
             layer.count_hits()
-            c = layer.promotion_candidates(per_layer * layer.n_heads)
+            extra = share // round_up(layer.layout.nbytes) if layer.layout is not None else 0
+            room = room or extra > 0
+            c = layer.promotion_candidates(per_layer * layer.n_heads + extra)
             if c is not None:
                 cands.append((layer, c))
-        self.selected_layers.clear()
         if not cands:
             return
         hits = self._gpu_entries.float().view(1, 1).expand(1, 2) if self._gpu_entries is not None else None
         values = torch.cat([c for _, c in cands] + ([hits] if hits is not None else [])).tolist()  # one host sync
-        if not self._worth_promoting(values[-1][0] if hits is not None else 0.0):
+        if not self._worth_promoting(values[-1][0] if hits is not None else 0.0, room):
             return
-        pos = 0
+        keys, vals, pos = [], [], 0
         for layer, c in cands:
             rows, pos = values[pos : pos + len(c)], pos + len(c)
             for val, flat in rows:
                 if val < 1.0:  # chosen by fewer than one head per step on average: not worth a copy
                     break
                 flat = int(flat)
-                key = layer._keys[flat // layer.n_chunks][flat % layer.n_chunks]
-                self.store.touch([key], val)
-                try:
-                    self.store.promote(key, "gpu")
-                except CapacityError:
-                    break
+                keys.append(layer._keys[flat // layer.n_chunks][flat % layer.n_chunks])
+                vals.append(val)
+        if not self.store.promote_many(keys, vals) and room:
+            self._end_fill()  # room left, but no chunk worth it
         self._promoted = True
 
     def _window_rate(self, name: str) -> Optional[float]:
@@ -1079,22 +1089,34 @@ class TierKVCache(Cache):
         if rate is not None:
             self.admit_min_prior = 0.0 if rate >= ADMIT_ALL_AT else ADMIT_PRIOR
 
-    def _worth_promoting(self, gpu_hits: float) -> bool:
+    def _worth_promoting(self, gpu_hits: float, room: bool = False) -> bool:
         """Adapt how often the gpu tier is refreshed to how often it serves the chosen chunks.
 
-        When choices churn (few hits since the last refresh), copying chunks up costs host time and
-        PCIe traffic for nothing: refresh half as often (down to every 256 steps) and skip this one.
-        When they persist, refresh more often again (up to every 4 steps).
+        At first the tier fills: refreshes come every PROMOTE_EVERY_MIN steps, whatever the hit rate
+        (a refresh into free room evicts nothing, and the rate of a filling tier says little), until
+        one finds the tier without room, or finds nothing worth a copy (see _promote_chosen). From
+        then on, when choices churn (few hits since the last refresh), copying chunks up costs host
+        time and PCIe traffic for nothing: refresh half as often (down to every 256 steps) and skip
+        this one; when they persist, refresh more often again (up to every PROMOTE_EVERY_MIN steps).
         """
         entries = self.entries - self._entries_mark
         rate = (gpu_hits - self._hits_mark) / entries if entries else 0.0
         self._hits_mark, self._entries_mark = gpu_hits, self.entries
+        if self._filling:
+            if room:
+                return True
+            self._end_fill()
         if self._promoted and rate < 0.05:
             self.promote_every = min(256, self.promote_every * 2)
             return False
         if rate > 0.3:
-            self.promote_every = max(4, self.promote_every // 2)
+            self.promote_every = max(PROMOTE_EVERY_MIN, self.promote_every // 2)
         return True
+
+    def _end_fill(self) -> None:
+        """The gpu tier has filled: refresh at the usual pace from now on (adapted by _worth_promoting)."""
+        self._filling = False
+        self.promote_every = max(self.promote_every, PROMOTE_EVERY)
 
     def device_bytes(self) -> dict:
         """Bytes of KV state this cache keeps in device memory: the hot set, the abstracts, the gpu tier."""
