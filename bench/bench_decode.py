@@ -337,10 +337,14 @@ def ratios(rows):
 
 
 def _git():
+    """The commit the benchmark ran at, with "-dirty" when tracked files differ from it."""
+    here = os.path.dirname(__file__)
     try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(__file__), text=True).strip()
+        head = subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=here, text=True).strip()
+        dirty = subprocess.check_output(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, text=True)
     except Exception:
         return None
+    return head + ("-dirty" if dirty.strip() else "")
 
 
 def _dump(obj, path):
