@@ -772,9 +772,9 @@ class ChunkStore:
         room by evicting the gpu tier's lowest chunks outside `keys`, until no more room can be made.
         `importance`: one value per key, touched first as touch([key], value) would, and the keys go
         up highest first. Chunks already in the gpu tier count as hits; chunks not in the cpu tier (or
-        gone from the store) are skipped. Into free room, a CUDA gpu tier fed from pinned cpu slots
-        gets the batch's host-to-device copies on the promotion stream under one event (an event per
-        chunk cost more host time than a chunk's copy). Returns how many went up."""
+        gone from the store) are skipped. On CUDA, the host-to-device copies go on the promotion stream
+        under one event for each run of them into free room (an event per chunk cost more host time
+        than a chunk's copy). Returns how many went up."""
         with self._lock:
             gpu, cpu, meta = self.gpu, self.cpu, self._meta
             if importance is not None:
@@ -793,8 +793,7 @@ class ChunkStore:
                     self._hits["gpu"] += 1
                 else:
                     todo.append(k)
-            cuda = gpu.device.type == "cuda"
-            batch = cuda and cpu.arena.pinned  # else pageable sources (copied at once) or no CUDA
+            cuda = gpu.device.type == "cuda"  # (a CUDA store's cpu tier is pinned: see __init__)
             protect = {k for k in keys if k in meta}
             placed, n = [], 0
             try:
@@ -822,16 +821,12 @@ class ChunkStore:
                     m.step = self._clock
                     self._stamp(m)
                     n += 1
-                    if batch:
+                    if cuda:
                         placed.append((k, data, view))
-                        continue
-                    if cuda:  # a promotion may still write the slot (as in _put_memory)
-                        self.wait_inflight(torch.cuda.current_stream(view.device))
-                        view.copy_(data)
                     else:  # a gpu tier in host memory
                         _host_copy(view, data)
-                    self._notify(k, "gpu")
-                    self._shadow(k)
+                        self._notify(k, "gpu")
+                        self._shadow(k)
             finally:
                 self._upload(placed, from_cpu_slots=True)
             return n
