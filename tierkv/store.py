@@ -729,17 +729,22 @@ class ChunkStore:
         promotion stream under one wait and one event (a per-chunk event and stream wait cost more host
         time than the copy). Ordered after what the compute stream has queued (a kernel may still read a
         slot's previous chunk); gathers wait for them (wait_inflight). from_cpu_slots: the bytes are cpu
-        slots, so freeing or rewriting one waits for the copies as well (_settle_cpu)."""
+        slots, so freeing or rewriting one waits for the copies as well (_settle_cpu). A gpu tier in
+        host memory (no CUDA) gets its copies here, in this thread."""
         if not placed:
             return
-        stream = self._upload_stream(self.gpu.device)
-        with torch.cuda.stream(stream):
+        if self.gpu.device.type != "cuda":  # a gpu tier in host memory: copied here and now
             for _, d, view in placed:
-                view.copy_(d if d.dim() == 1 else d.reshape(-1), non_blocking=True)
-            ev = torch.cuda.Event()
-            ev.record(stream)
-        # the sources stay alive until copied
-        (self._inflight if from_cpu_slots else self._uploads).append((ev, [d for _, d, _ in placed]))
+                _host_copy(view, d)
+        else:
+            stream = self._upload_stream(self.gpu.device)
+            with torch.cuda.stream(stream):
+                for _, d, view in placed:
+                    view.copy_(d if d.dim() == 1 else d.reshape(-1), non_blocking=True)
+                ev = torch.cuda.Event()
+                ev.record(stream)
+            # the sources stay alive until copied
+            (self._inflight if from_cpu_slots else self._uploads).append((ev, [d for _, d, _ in placed]))
         for k, _, _ in placed:
             self._notify(k, "gpu")
             if k in self.cpu:
@@ -772,7 +777,7 @@ class ChunkStore:
         room by evicting the gpu tier's lowest chunks outside `keys`, until no more room can be made.
         `importance`: one value per key, touched first as touch([key], value) would, and the keys go
         up highest first. Chunks already in the gpu tier count as hits; chunks not in the cpu tier (or
-        gone from the store) are skipped. On CUDA, the host-to-device copies go on the promotion stream
+        gone from the store) are skipped. The copies go through _upload: on CUDA, on the promotion stream
         under one event for each run of them into free room (an event per chunk cost more host time
         than a chunk's copy). Returns how many went up."""
         with self._lock:
@@ -793,7 +798,6 @@ class ChunkStore:
                     self._hits["gpu"] += 1
                 else:
                     todo.append(k)
-            cuda = gpu.device.type == "cuda"  # (a CUDA store's cpu tier is pinned: see __init__)
             protect = {k for k in keys if k in meta}
             placed, n = [], 0
             try:
@@ -821,12 +825,7 @@ class ChunkStore:
                     m.step = self._clock
                     self._stamp(m)
                     n += 1
-                    if cuda:
-                        placed.append((k, data, view))
-                    else:  # a gpu tier in host memory
-                        _host_copy(view, data)
-                        self._notify(k, "gpu")
-                        self._shadow(k)
+                    placed.append((k, data, view))
             finally:
                 self._upload(placed, from_cpu_slots=True)
             return n
