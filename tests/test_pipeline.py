@@ -283,6 +283,55 @@ def test_next_layer_prefetch_gated_by_its_hit_rate(tmp_path, monkeypatch):
         assert cache.stats().prefetch["next_layer_prefetch_on"] is True
 
 
+def test_guesses_sampled_less_often_while_too_few_are_right(tmp_path, monkeypatch):
+    """While the gate is shut for too few right guesses, the guesses made only to be scored (a scoring
+    pass per layer) come one step in twice as many after each window that finds them too few right
+    again, up to GUESS_EVERY_MAX; windows without a sample keep the gate shut on the last one; a sample
+    with enough right brings the sampling back to every window."""
+    import tierkv.hf.cache as cache_mod
+
+    monkeypatch.setattr(cache_mod, "GATE_EVERY", 2)
+    monkeypatch.setattr(cache_mod, "GUESS_EVERY_MAX", 8)
+    monkeypatch.setattr(cache_mod, "NEXT_LAYER_MIN_HIT", 1.01)  # every window too few right
+    model = build("llama", seed=4)
+    ids = torch.randint(1, 512, (1, 400))
+    with tierkv.offload(model, sparse_cfg(cpu_budget="12KiB", disk_path=str(tmp_path / "cold"))) as cache:
+        on, requested = [], []
+        end = cache.end_forward
+
+        def rec():
+            step, total = cache.steps, cache._pred["next_layer_total"]
+            end()
+            on.append(cache.next_layer_prefetch)
+            rec.totals.append((step, total))
+            pf = cache._prefetcher
+            requested.append(pf.stats.requested if pf is not None else 0)
+
+        rec.totals = []
+        cache.end_forward = rec
+        gen(model, ids, cache, n=41)
+        totals = rec.totals
+        guessed = [s2 for (s, t), (s2, t2) in zip(totals, totals[1:]) if t2 > t]  # passes that scored guesses
+    # pass 0 is the prefill; decode pass 1 guesses (the gate is open at first); its window finds too few
+    # right and shuts the gate: one step in 4 is sampled (none in the window of steps 2, 3), then one in 8
+    assert guessed == [1, 4, 8, 16, 24, 32, 40], guessed
+    assert not any(on[1:]), on  # shut all along after the first window, sampled or not
+    assert requested[1] == requested[-1]  # nothing read ahead while shut
+    assert cache._guess_every == 8
+
+    with tierkv.offload(model, sparse_cfg()) as cache:
+        g = cache._gate
+        g.step_seconds = {True: 0.1, False: 1.0}  # were the times alone to decide, the gate would open
+        cache._guess_every, cache._guess_rate = 8, 0.2
+        cache._window = [1.0, 2]
+        cache._gate_next_layer()  # no sample in this window: the last one (too few right) holds
+        assert cache.next_layer_prefetch is False and cache._guess_every == 8
+        g.min_hit = 0.5
+        cache._pred["next_layer_hits"], cache._pred["next_layer_total"] = torch.tensor(90), 100
+        cache._gate_next_layer()  # a sample with enough right: every window again
+        assert cache._guess_every == 2 and cache._guess_rate == 0.9
+
+
 def test_prefetch_gate_keeps_the_faster_state_and_probes():
     from tierkv.pipeline import PrefetchGate
 

@@ -44,6 +44,11 @@ PROMOTE_EVERY = 16  # decode steps between refreshes of the gpu tier's contents 
 PROMOTE_EVERY_MIN = 4  # the most often it is refreshed: while it fills, and while its chunks are hit
 GATE_EVERY = 8  # decode steps between looks at the next-layer prediction's hit rate
 NEXT_STEP_EVERY = 4  # the next-step prediction is scored one decode step in this many (GATE_EVERY a multiple)
+# while the gate is shut for too few right guesses, guesses are still made and scored one step in
+# GATE_EVERY, and one step in twice as many after each window that finds them below NEXT_LAYER_MIN_HIT
+# again, up to one in GUESS_EVERY_MAX (a guess costs a scoring pass per layer on a host-bound step: on the
+# H200 machine the sampling alone cost the pipeline 0.37 ms of a 16 ms step, bench/results/pipeline_h200_991d73a.json)
+GUESS_EVERY_MAX = 64
 # below this share of right guesses, next-layer guesses are not prefetched: wrong guesses' reads take the
 # disk from the reads a step waits for, and on the H200 machine guesses right 32% (bench/results/
 # pipeline_h200_45ec218.json) to 54% of the time made steps slower than reading on demand
@@ -680,6 +685,8 @@ class TierKVCache(Cache):
         # shut they are still made and scored now and then, but not read: reading chunks nobody will use
         # only takes the disk from the ones that are asked for
         self._gate = PrefetchGate(NEXT_LAYER_MIN_HIT)
+        self._guess_every = GATE_EVERY  # steps between guesses made only to be scored (see GUESS_EVERY_MAX)
+        self._guess_rate: Optional[float] = None  # the last window's next-layer hit rate, when one was scored
         self._guess = None  # (next layer, its guessed chunks on disk, event): set by predict_next
         # host seconds spent in the disk path's parts of decode steps (the stall is counted apart, in the
         # store): where a step's time goes, without a profiler's overhead (bench_pipeline reports them).
@@ -817,7 +824,8 @@ class TierKVCache(Cache):
         persists) against this layer's choice, the latter one step in NEXT_STEP_EVERY (a statistic for
         the admission gate, sampled: counting costs a few launches per layer, on a host-bound step).
         While the guesses are not prefetched (the gate is shut), one step in GATE_EVERY still makes
-        them, for the hit rate the gate and the statistics read: a guess costs a scoring pass. With
+        them, for the hit rate the gate and the statistics read (a guess costs a scoring pass), and one
+        in up to GUESS_EVERY_MAX while those samples keep finding too few right (_gate_next_layer). With
         prediction off (predict False: synchronous fetching) none is made.
         """
         self._guess = None  # a guess is for the layer right after this one, never a later one
@@ -835,7 +843,7 @@ class TierKVCache(Cache):
         if not self.predict:  # synchronous fetching: no guesses (a scoring pass each, for a statistic only)
             return
         prefetching = self.next_layer_prefetch
-        if not prefetching and self.steps % GATE_EVERY:
+        if not prefetching and self.steps % self._guess_every:
             return
         k = min(self.config.budget // nxt.chunk_len, nxt.n_chunks)
         if k <= 0 or nxt.head_dim != layer.head_dim:
@@ -1076,6 +1084,16 @@ class TierKVCache(Cache):
         seconds, n = self._window
         self._window = [0.0, 0]
         rate = self._window_rate("next_layer")
+        if rate is not None:
+            # too few right again: sample less often (the gate stays shut on this rate until the next
+            # sample); enough: every window again
+            if rate >= self._gate.min_hit:
+                self._guess_every = GATE_EVERY
+            elif 2 * self._guess_every <= GUESS_EVERY_MAX:  # a multiple of GATE_EVERY: a window's first step
+                self._guess_every *= 2
+            self._guess_rate = rate
+        elif self._guess_every > GATE_EVERY:  # a window the sampling skipped: the last sample still holds
+            rate = self._guess_rate
         if rate is None and not n:
             return
         self._gate.update(rate, seconds / n if n else None)
