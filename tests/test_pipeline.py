@@ -45,6 +45,7 @@ def test_wait_mode_identical_to_all_in_cpu(tmp_path, seed, device):
         ref = gen(model, ids, cache)
     cfg = sparse_cfg(cpu_budget="12KiB", disk_path=str(tmp_path / "cold"))
     with tierkv.offload(model, cfg) as cache:
+        cache.next_layer_prefetch = True  # guesses read ahead until the gate's first look (step 8)
         out = gen(model, ids, cache)
         stats = cache.stats()
     assert torch.equal(out, ref)
@@ -72,6 +73,7 @@ def test_wait_mode_identical_with_gpu_installs(tmp_path, seed, device, gpu_budge
         ref = gen(model, ids, cache)
     cfg = sparse_cfg(cpu_budget="12KiB", gpu_budget=gpu_budget, disk_path=str(tmp_path / "cold"))
     with tierkv.offload(model, cfg) as cache:
+        cache.next_layer_prefetch = True  # guesses read ahead from the start (the gate starts shut)
         cache.gpu_installs = True
         out = gen(model, ids, cache)
         stats = cache.stats()
@@ -84,6 +86,7 @@ def test_skip_mode_leaves_missing_chunks_out(tmp_path):
     ids = torch.randint(1, 512, (1, 400))
     cfg = sparse_cfg(cpu_budget="8KiB", disk_path=str(tmp_path / "cold"), miss_policy="skip")
     with tierkv.offload(model, cfg) as cache:
+        cache.next_layer_prefetch = True  # guesses read ahead from the start (the gate starts shut)
         out = gen(model, ids, cache, n=10)
         stats = cache.stats()
     assert out.shape == (1, 410)
@@ -109,6 +112,7 @@ def test_worker_error_surfaces_in_decode_not_a_hang(tmp_path, monkeypatch):
     t0 = time.perf_counter()
     with pytest.raises(TierKVError, match="injected I/O error"):
         with tierkv.offload(model, cfg) as cache:
+            cache.next_layer_prefetch = True  # guesses read ahead from the start (the gate starts shut)
             gen(model, ids, cache, n=10)
     assert time.perf_counter() - t0 < 60
     assert not prefetch_threads()
@@ -312,24 +316,24 @@ def test_guesses_sampled_less_often_while_too_few_are_right(tmp_path, monkeypatc
         gen(model, ids, cache, n=41)
         totals = rec.totals
         guessed = [s2 for (s, t), (s2, t2) in zip(totals, totals[1:]) if t2 > t]  # passes that scored guesses
-    # pass 0 is the prefill; decode pass 1 guesses (the gate is open at first); its window finds too few
-    # right and shuts the gate: one step in 4 is sampled (none in the window of steps 2, 3), then one in 8
-    assert guessed == [1, 4, 8, 16, 24, 32, 40], guessed
-    assert not any(on[1:]), on  # shut all along after the first window, sampled or not
-    assert requested[1] == requested[-1]  # nothing read ahead while shut
+    # pass 0 is the prefill; the gate starts shut, and decode pass 2 is the first sampled (one step in
+    # GATE_EVERY = 2); its window finds too few right: one step in 4 (pass 4), then one in 8
+    assert guessed == [2, 4, 8, 16, 24, 32, 40], guessed
+    assert not any(on), on  # shut all along, sampled or not
+    assert not any(requested)  # nothing read ahead
     assert cache._guess_every == 8
 
     with tierkv.offload(model, sparse_cfg()) as cache:
         g = cache._gate
         g.step_seconds = {True: 0.1, False: 1.0}  # were the times alone to decide, the gate would open
-        cache._guess_every, cache._guess_rate = 8, 0.2
+        cache._guess_every, g.rate = 8, 0.2
         cache._window = [1.0, 2]
         cache._gate_next_layer()  # no sample in this window: the last one (too few right) holds
         assert cache.next_layer_prefetch is False and cache._guess_every == 8
         g.min_hit = 0.5
         cache._pred["next_layer_hits"], cache._pred["next_layer_total"] = torch.tensor(90), 100
         cache._gate_next_layer()  # a sample with enough right: every window again
-        assert cache._guess_every == 2 and cache._guess_rate == 0.9
+        assert cache._guess_every == 2 and g.rate == 0.9
 
 
 def test_prefetch_gate_keeps_the_faster_state_and_probes():
@@ -343,7 +347,21 @@ def test_prefetch_gate_keeps_the_faster_state_and_probes():
     assert g.update(0.6, 0.5) is True  # every 4th window: probe the other state again
     assert g.update(0.6, 0.4) is True  # on got faster than off's last window: keep it
     assert g.update(0.1, 0.4) is False  # too few right guesses: off whatever the times
-    assert g.update(None, None) is True  # no new figures: the faster state as last measured
+    assert g.update(None, 0.5) is False  # no guess scored: the last rate (too few right) holds
+    assert g.update(0.6, None) is True  # enough right again: the faster state as last measured
+    assert g.update(None, None) is True
+
+
+def test_prefetch_gate_opens_only_on_a_measured_hit_rate():
+    """A gate that starts shut (tierkv's caches: NEXT_LAYER_PREFETCH_AT_START) stays shut until a window
+    scores enough right guesses; then it measures the open state."""
+    from tierkv.pipeline import PrefetchGate
+
+    g = PrefetchGate(min_hit=0.5, on=False)
+    assert g.update(None, 1.0) is False  # nothing scored yet: no probe of prefetching
+    assert g.update(0.3, 1.0) is False and g.update(None, 1.0) is False
+    assert g.update(0.7, 1.0) is True  # enough right: the open state is measured
+    assert g.update(0.7, 3.0) is False  # and found slower
 
 
 def test_prefetch_gate_probes_less_often_while_probes_find_the_other_state_slower():
@@ -464,6 +482,7 @@ def test_shared_selection_reads_fewer_disk_bytes_and_stays_exact_over_its_choice
     for selection in ("head", "shared"):
         cfg = sparse_cfg(cpu_budget="12KiB", disk_path=str(tmp_path / selection), selection=selection)
         with tierkv.offload(model, cfg) as cache:
+            cache.next_layer_prefetch = True  # guesses read ahead from the start (the gate starts shut)
             out = gen(model, ids, cache)
             read[selection] = cache.stats().prefetch["bytes_read"]
         if selection == "shared":
@@ -489,6 +508,7 @@ def test_staging_full_reads_the_rest_directly(tmp_path, monkeypatch):
     with tierkv.offload(model, sparse_cfg()) as cache:
         ref = gen(model, ids, cache)
     with tierkv.offload(model, sparse_cfg(cpu_budget="12KiB", disk_path=str(tmp_path / "cold"))) as cache:
+        cache.next_layer_prefetch = True  # guesses read ahead from the start (the gate starts shut)
         read_directly, offered = set(), set()
         read_into, add_copies = cache.store.disk.read_into_async, cache.store.add_copies
 
@@ -609,6 +629,7 @@ def test_promotions_into_the_gpu_tier_change_nothing_decoded(tmp_path, monkeypat
     for gpu_budget in ("1KiB", "4KiB", "96KiB"):
         cfg = sparse_cfg(gpu_budget=gpu_budget, cpu_budget="16KiB", disk_path=str(tmp_path / gpu_budget))
         with tierkv.offload(model, cfg) as cache:
+            cache.next_layer_prefetch = True  # guesses read ahead from the start (the gate starts shut)
             cache.promote_every = 2
             outs.append(gen(model, ids, cache, n=24))
             stats = cache.stats()

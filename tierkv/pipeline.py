@@ -72,14 +72,19 @@ class PrefetchGate:
     cache warms, another process takes the disk). A probe costs a window in the slower state, so each
     probe that finds the other state slower again doubles the windows to the next one (from
     `probe_every` up to `max_probe_every`); one that finds it faster starts over at `probe_every`.
+
+    The hit rate is the gate's first test: the last one measured holds until another is (a window in
+    which no guess was scored says nothing new), and below `min_hit` the gate is shut whatever the
+    times. With no rate measured yet it stays as it is (`on`: its state at the start).
     """
 
-    def __init__(self, min_hit: float = 0.25, probe_every: int = 8, max_probe_every: int = 64) -> None:
+    def __init__(self, min_hit: float = 0.25, probe_every: int = 8, max_probe_every: int = 64, on: bool = True) -> None:
         self.min_hit = min_hit
         self.probe_every = probe_every
         self.max_probe_every = max(probe_every, max_probe_every)
         self.interval = probe_every  # windows from one probe to the next
-        self.on = True
+        self.on = bool(on)
+        self.rate: Optional[float] = None  # the last hit rate measured
         self.step_seconds = {True: None, False: None}  # mean step time of the last window in each state
         self._windows = 0
         self._last_probe = 0
@@ -95,7 +100,11 @@ class PrefetchGate:
                 slower = other is not None and step_seconds > other
                 self.interval = min(self.max_probe_every, 2 * self.interval) if slower else self.probe_every
                 self._probing = False
-        if hit_rate is not None and hit_rate < self.min_hit:
+        if hit_rate is not None:
+            self.rate = hit_rate
+        if self.rate is None:
+            return self.on
+        if self.rate < self.min_hit:
             self.on = False
             return self.on
         self._windows += 1

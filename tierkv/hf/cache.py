@@ -53,6 +53,12 @@ GUESS_EVERY_MAX = 64
 # disk from the reads a step waits for, and on the H200 machine guesses right 32% (bench/results/
 # pipeline_h200_45ec218.json) to 54% of the time made steps slower than reading on demand
 NEXT_LAYER_MIN_HIT = 0.5
+# whether next-layer guesses are read ahead from the first decode step, before any was scored: no. A
+# window of prefetching guesses that turn out wrong costs far more than reading on demand (on the H200
+# machine the first window of per-head selection ran 72 ms a step prefetching, against 16 without,
+# bench/results/pipeline_h200_991d73a.json gate_step_s_on / _off; on the CPU machine 8% of the chunks
+# it staged were used), so the gate opens only once a window's guesses were scored right often enough
+NEXT_LAYER_PREFETCH_AT_START = False
 # when choices do not persist from step to step (next-step hit rate below ADMIT_ALL_AT), a chunk read
 # from disk gets a cpu copy only when it was chosen again within a few steps (its decayed importance
 # before this step at least ADMIT_PRIOR); when they do, at once
@@ -684,9 +690,8 @@ class TierKVCache(Cache):
         # whether next-layer guesses are read from disk (next_layer_prefetch, the gate's state): while
         # shut they are still made and scored now and then, but not read: reading chunks nobody will use
         # only takes the disk from the ones that are asked for
-        self._gate = PrefetchGate(NEXT_LAYER_MIN_HIT)
+        self._gate = PrefetchGate(NEXT_LAYER_MIN_HIT, on=NEXT_LAYER_PREFETCH_AT_START)
         self._guess_every = GATE_EVERY  # steps between guesses made only to be scored (see GUESS_EVERY_MAX)
-        self._guess_rate: Optional[float] = None  # the last window's next-layer hit rate, when one was scored
         self._guess = None  # (next layer, its guessed chunks on disk, event): set by predict_next
         # host seconds spent in the disk path's parts of decode steps (the stall is counted apart, in the
         # store): where a step's time goes, without a profiler's overhead (bench_pipeline reports them).
@@ -1085,15 +1090,12 @@ class TierKVCache(Cache):
         self._window = [0.0, 0]
         rate = self._window_rate("next_layer")
         if rate is not None:
-            # too few right again: sample less often (the gate stays shut on this rate until the next
-            # sample); enough: every window again
+            # too few right again: sample less often (the gate holds this rate, and stays shut, until
+            # the next sample); enough: every window again
             if rate >= self._gate.min_hit:
                 self._guess_every = GATE_EVERY
             elif 2 * self._guess_every <= GUESS_EVERY_MAX:  # a multiple of GATE_EVERY: a window's first step
                 self._guess_every *= 2
-            self._guess_rate = rate
-        elif self._guess_every > GATE_EVERY:  # a window the sampling skipped: the last sample still holds
-            rate = self._guess_rate
         if rate is None and not n:
             return
         self._gate.update(rate, seconds / n if n else None)
