@@ -383,7 +383,7 @@ class ChunkStore:
         if tier is self.cpu and not data.is_cuda:  # the common case first (the branches below, in short)
             _host_copy(view, data)
         elif view.device.type == "cuda" and tier is self.gpu and self.cpu.arena.pinned and data.device.type == "cpu":
-            self._promote_copy(view, data)
+            self._copy_up([(key, data, view)], from_cpu_slots=True)
         elif view.device.type == "cuda":
             self.wait_inflight(torch.cuda.current_stream(view.device))  # a promotion may still write the slot
             view.copy_(data.reshape(-1))
@@ -400,17 +400,21 @@ class ChunkStore:
         self._promote_stream.wait_stream(torch.cuda.current_stream(dev))
         return self._promote_stream
 
-    def _promote_copy(self, view: torch.Tensor, data: torch.Tensor) -> None:
-        """Host-to-device from a pinned cpu slot into a gpu slot, on a stream of its own, so that it
-        overlaps the compute stream's work instead of queueing in it. The copy starts after what the
-        compute stream has queued so far (a kernel may still read the slot's previous chunk); gathers
-        wait for it (wait_inflight), and the host for it before the cpu slot is reused (_settle)."""
-        stream = self._upload_stream(view.device)
+    def _copy_up(self, placed, from_cpu_slots: bool) -> None:
+        """Queue host-to-device copies into gpu slots, placed = [(key, host bytes, slot view)], on the
+        promotion stream under one event, so that they overlap the compute stream's work instead of
+        queueing in it (a per-chunk event and stream wait cost more host time than the copy). They start
+        after what the compute stream has queued so far (a kernel may still read a slot's previous chunk);
+        gathers wait for them (wait_inflight). from_cpu_slots: the bytes are cpu slots (or may be), so
+        the host waits for the copies before it frees or rewrites one (_settle_cpu); else before it
+        lets the bytes go (_settle_uploads). The sources stay referenced until then."""
+        stream = self._upload_stream(self.gpu.device)
         with torch.cuda.stream(stream):
-            view.copy_(data.reshape(-1), non_blocking=True)
+            for _, d, view in placed:
+                view.copy_(d if d.dim() == 1 else d.reshape(-1), non_blocking=True)
             ev = torch.cuda.Event()
             ev.record(stream)
-        self._inflight.append((ev, data))
+        (self._inflight if from_cpu_slots else self._uploads).append((ev, [d for _, d, _ in placed]))
 
     def _put_disk(self, key: ChunkKey, data: torch.Tensor) -> None:
         self._tier("disk").put(key, data.cpu() if data.device.type != "cpu" else data)
@@ -725,26 +729,16 @@ class ChunkStore:
         return len(placed)
 
     def _upload(self, placed, from_cpu_slots: bool = False) -> None:
-        """Copy host bytes into their gpu slots, placed = [(key, bytes, slot view)]: the whole batch on the
-        promotion stream under one wait and one event (a per-chunk event and stream wait cost more host
-        time than the copy). Ordered after what the compute stream has queued (a kernel may still read a
-        slot's previous chunk); gathers wait for them (wait_inflight). from_cpu_slots: the bytes are cpu
-        slots, so freeing or rewriting one waits for the copies as well (_settle_cpu). A gpu tier in
-        host memory (no CUDA) gets its copies here, in this thread."""
+        """Copy host bytes into their gpu slots and announce them, placed = [(key, bytes, slot view)]: on
+        CUDA the whole batch under one event (_copy_up); a gpu tier in host memory (no CUDA) gets its
+        copies here, in this thread."""
         if not placed:
             return
         if self.gpu.device.type != "cuda":  # a gpu tier in host memory: copied here and now
             for _, d, view in placed:
                 _host_copy(view, d)
         else:
-            stream = self._upload_stream(self.gpu.device)
-            with torch.cuda.stream(stream):
-                for _, d, view in placed:
-                    view.copy_(d if d.dim() == 1 else d.reshape(-1), non_blocking=True)
-                ev = torch.cuda.Event()
-                ev.record(stream)
-            # the sources stay alive until copied
-            (self._inflight if from_cpu_slots else self._uploads).append((ev, [d for _, d, _ in placed]))
+            self._copy_up(placed, from_cpu_slots)
         for k, _, _ in placed:
             self._notify(k, "gpu")
             if k in self.cpu:
