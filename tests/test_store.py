@@ -29,7 +29,7 @@ def test_arena_first_fit_coalesces():
     assert e4 is not None and e4.offset == 0
     a.free(e3)
     a.free(e4)
-    assert a.used == 0 and a._free[0].largest == 4096
+    assert a.used == 0 and a.largest_free(0) == 4096
     with pytest.raises(CapacityError):
         a.alloc(5000)
 
@@ -262,7 +262,7 @@ def test_add_copies_hands_slots_over_and_moves_last_copies_down(tmp_path):
     st.flush()
     for i in (4, 5):  # 4 KiB of chunks only in the cpu tier
         st.put(K(i), data(2048, i), tier="cpu")
-    st._unwritten.clear()  # (write_back not called for them: evicting them must write them)
+    # (write_back not called for them: evicting them must write them)
     sizes = {10: 1024, 11: 1024, 12: 1024, 13: 2048, 14: 1536}
     for i, n in sizes.items():
         st.put(K(i), data(n, i), tier="disk")
@@ -299,8 +299,7 @@ def test_cpu_copies_shadowed_by_gpu_copies_go_first(tmp_path):
     for i in (0, 2, 3):
         st.put(K(i), data(1024, i), tier="cpu")
     assert st.write_back() == 3
-    st.put(K(1), data(1024, 1), tier="gpu")  # in the gpu and cpu tiers, not yet on disk
-    st._unwritten.clear()
+    st.put(K(1), data(1024, 1), tier="gpu")  # in the gpu and cpu tiers, not yet on disk (no write_back)
     st.promote(K(0), "gpu")
     for i in (10, 11):
         st.put(K(i), data(1024, i), tier="disk")
@@ -323,13 +322,13 @@ def test_shadowed_copies_are_bounded_and_only_noted_with_a_disk_tier(tmp_path):
     for i in range(8):
         st.put(K(i), data(1024, i), tier="cpu")
         st.promote(K(i), "gpu")
-    assert len(st._shadowed) == 0
+    assert len(st.eviction.shadowed) == 0
     st = ChunkStore(TierConfig(gpu_budget=4 * 1024, cpu_budget=400 * 1024, disk_path=str(tmp_path)))
     for i in range(300):  # the gpu tier holds 4 of them at a time
         st.put(K(i), data(1024, i % 7), tier="cpu")
         st.promote(K(i), "gpu")
-        assert len(st._shadowed) <= 2 * len(st.gpu) + 64 + 1
-    assert all(K(i) in st.gpu for i in range(296, 300)) and K(299) in st._shadowed
+        assert len(st.eviction.shadowed) <= 2 * len(st.gpu) + 64 + 1
+    assert all(K(i) in st.gpu for i in range(296, 300)) and K(299) in st.eviction.shadowed
     st.close()
 
 
@@ -411,14 +410,13 @@ def test_add_copies_keeps_what_a_full_ranking_keeps(tmp_path, seed):
         new = [K(i) for i in rng.sample(range(n), rng.randint(1, 14)) if K(i) not in before]
         protect = set(rng.sample(sorted(before), min(len(before), rng.randint(0, 4))))
         want_new = {k for k in new}
-        ranked = sorted((before - protect) | want_new, key=st._rank, reverse=True)
+        ranked = sorted((before - protect) | want_new, key=st.eviction.rank, reverse=True)
         expect = protect | set(ranked[: cap - len(protect)])
         got = st.add_copies([(k, data(1024, k.index)) for k in new], "cpu", protect=protect)
         assert set(st.cpu.keys()) == expect, step
         assert got == len(expect & want_new)
-        for m in st._meta.values():  # touch's ranks, written out there, are _stamp's to the bit
-            rank = m.rank
-            assert st._stamp(m).rank == rank
+        for m in st.eviction.records.values():  # touch's ranks, written out there, are rank_for's to the bit
+            assert st.eviction.rank_for(m.importance, m.step, m.order) == m.rank
     for i in range(n):
         assert torch.equal(st.read(K(i)), data(1024, i))
     st.close()

@@ -154,6 +154,10 @@ class Arena:
         self._free[ext.segment].free(ext.offset, ext.nbytes)
         self.used -= ext.nbytes
 
+    def largest_free(self, segment: int) -> int:
+        """Bytes of the largest free range of a segment (the largest extent it could still give)."""
+        return self._free[segment].largest
+
     def view(self, ext: Extent, nbytes: int) -> torch.Tensor:
         return self.segments[ext.segment][ext.offset : ext.offset + nbytes]
 
