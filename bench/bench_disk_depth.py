@@ -8,7 +8,7 @@ pass, a fresh random subset of files per pass):
 
   raw    O_DIRECT reads of the files by T threads (plain os.open/readv/close), batch by batch
   store  DiskTier.read_many with read_threads=T (O_DIRECT, crc32c check, lz4 decode), batch by batch,
-         with the C reader (tiers/_native.py; "store") and with the Python reader ("store_python");
+         with the C reader (tiers/disk/native.py; "store") and with the Python reader ("store_python");
          read_many gives each thread at least disk.MIN_PER_THREAD chunks, so a small batch uses fewer
          than T (results before that rule: bench/results/disk_depth_h200_a3261bf.json)
 
@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from tierkv.keys import ChunkKey  # noqa: E402
 from tierkv.profiling import _drop_pages  # noqa: E402
-from tierkv.tiers import _native  # noqa: E402
+from tierkv.tiers.disk import native as c_reader  # noqa: E402
 from tierkv.tiers.disk import DiskTier  # noqa: E402
 
 
@@ -82,8 +82,8 @@ def main(argv=None) -> int:
     rows = []
     with DiskTier(args.dir) as probe:
         keys = sorted(probe.keys())
-        paths = {k: probe._index[k].path for k in keys}
-        direct = probe._direct
+        paths = {k: probe.chunk_path(k) for k in keys}
+        direct = probe.direct_reads
     size = max(os.path.getsize(p) for p in paths.values())
     size = (size + 4095) // 4096 * 4096
     for batch in args.batches:
@@ -142,7 +142,7 @@ def main(argv=None) -> int:
                   f"({pair['store']['ms_per_batch']:.2f} ms/batch)  store/raw {r['store_over_raw']:.2f}{py}", flush=True)
     if not args.keep:
         shutil.rmtree(args.dir, ignore_errors=True)
-    out = dict(bench="disk_depth", git_commit=_git(), command=" ".join(sys.argv), date=time.strftime("%Y-%m-%d %H:%M:%S"), argv=sys.argv[1:], o_direct=direct, c_reader=_native.missing() or "in use", chunk_bytes=args.chunk_bytes, files=args.files,
+    out = dict(bench="disk_depth", git_commit=_git(), command=" ".join(sys.argv), date=time.strftime("%Y-%m-%d %H:%M:%S"), argv=sys.argv[1:], o_direct=direct, c_reader=c_reader.missing() or "in use", chunk_bytes=args.chunk_bytes, files=args.files,
                per_pass=args.per_pass, cpu_count=os.cpu_count(), torch=torch.__version__,
                device=torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", rows=rows)
     if args.json:

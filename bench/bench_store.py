@@ -41,7 +41,7 @@ sys.path.insert(0, ROOT)
 from tierkv import formats  # noqa: E402
 from tierkv.config import FORMATS  # noqa: E402
 from tierkv.keys import ChunkKey  # noqa: E402
-from tierkv.tiers import _diskio  # noqa: E402
+from tierkv.tiers.disk import layout  # noqa: E402
 from tierkv.tiers.disk import DiskTier  # noqa: E402
 
 STREAM = "bench"
@@ -83,7 +83,7 @@ def plain_write(d: str, chunks: list, durable: bool) -> None:
             os.close(fd)
         if durable:
             os.rename(tmp, final)
-            _diskio.fsync_dir(d)
+            layout.fsync_dir(d)
 
 
 def plain_read(path: str, out: np.ndarray) -> int:
@@ -177,8 +177,8 @@ def bench_size(base: str, kib: int, mib: int, repeat: int, threads: int, seed: i
     os.makedirs(pd)
     plain_write(pd, chunks, durable=True)
     plain_paths = [os.path.join(pd, f"{i}.bin") for i in range(n)]
-    adir = os.path.join(sd, STREAM, _diskio.array_name(0, nbytes))
-    store_paths = [os.path.join(adir, _diskio.chunk_name(i)) for i in range(n)]
+    adir = os.path.join(sd, STREAM, layout.array_name(0, nbytes))
+    store_paths = [os.path.join(adir, layout.chunk_name(i)) for i in range(n)]
     res["store_file_bytes"] = sum(os.path.getsize(p) for p in store_paths)
 
     out = torch.empty(nbytes, dtype=torch.uint8)
@@ -259,7 +259,7 @@ def compression(heads: int, tokens: int, dim: int, n_chunks: int, seed: int) -> 
             raw = file = shuffled = zstd = 0
             for k, v in kvs:
                 buf = formats.encode(k.to(torch.bfloat16), v.to(torch.bfloat16), layout).numpy()
-                comp, crc = _diskio.encode(buf)
+                comp, crc = layout.encode(buf)
                 raw += buf.shape[0]
                 file += len(comp) + len(crc)
                 # what other codecs would leave, for reference only (the store writes plain lz4)
@@ -286,7 +286,7 @@ def gil_release(nbytes: int = 256 * 1024, secs: float = 0.3) -> dict:
     import google_crc32c
     import numcodecs.lz4
 
-    from tierkv.tiers._diskio import crc32c_value
+    from tierkv.tiers.disk.layout import crc32c_value
 
     raw = bf16_chunks(1, nbytes, 0)[0]
     comp = numcodecs.lz4.compress(raw)

@@ -43,7 +43,8 @@ def content(seed: int, run: int, key) -> bytes:
 def _import_disk():
     # Load tierkv.tiers.disk without running the __init__.py of tierkv and tierkv.tiers: those import
     # the model side and the memory tiers and with them torch (3 s per start; this process is started
-    # 20+ times by one test). disk.py itself needs only config, errors and keys, none of them torch.
+    # 20+ times by one test). The disk package itself needs only config, errors and keys, none of them
+    # torch.
     for name, rel in (("tierkv", "tierkv"), ("tierkv.tiers", os.path.join("tierkv", "tiers"))):
         pkg_dir = os.path.join(ROOT, rel)
         spec = importlib.util.spec_from_file_location(

@@ -18,7 +18,7 @@ from tierkv.errors import (
     TierKVError,
 )
 from tierkv.keys import ChunkKey
-from tierkv.tiers import _diskio
+from tierkv.tiers.disk import layout
 from tierkv.tiers.disk import DiskTier, FlushTimeoutError, TierClosedError, WriteBehindError
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # zarr: numcodecs codecs are not in the v3 spec
@@ -43,14 +43,14 @@ def files_under(root):
 def gate(monkeypatch):
     """Hold the writer thread before it writes anything, until gate.set()."""
     ev = threading.Event()
-    real = _diskio.write_tmp
+    real = layout.write_tmp
 
     def held(*a, **kw):
         if threading.current_thread().name.startswith("tierkv-disk-writer"):
             assert ev.wait(10), "test gate never opened"
         return real(*a, **kw)
 
-    monkeypatch.setattr(_diskio, "write_tmp", held)
+    monkeypatch.setattr(layout, "write_tmp", held)
     yield ev
     ev.set()
 
@@ -204,7 +204,7 @@ def test_manifest_and_path_checks(tmp_path):
     # a creation cut short (only zarr.json and a temp file) is finished, not refused
     half = tmp_path / "half"
     half.mkdir()
-    (half / "zarr.json").write_text(json.dumps(_diskio.group_metadata()))
+    (half / "zarr.json").write_text(json.dumps(layout.group_metadata()))
     (half / ".tmp.tierkv.json.0123").write_text("{")
     DiskTier(half).close()
     assert sorted(os.listdir(half)) == ["tierkv.json", "zarr.json"]
@@ -238,7 +238,7 @@ def test_one_open_at_a_time(tmp_path):
 
 def test_budget_refuses_before_writing(tmp_path):
     n = 10000
-    bound = _diskio.max_file_size(n)
+    bound = layout.max_file_size(n)
     with DiskTier(tmp_path / "st", budget=2 * bound + 10) as t:
         assert t.budget == 2 * bound + 10 and t.free_bytes == 2 * bound + 10
         t.put(K(0), rand_bytes(n, 0))
@@ -354,14 +354,14 @@ def test_read_many_keeps_order(tmp_path, rng_seed, reader):
 
 
 def test_worker_failure_is_raised_once_then_cleared(tmp_path, monkeypatch):
-    real = _diskio.encode
+    real = layout.encode
 
     def flaky(raw):
         if raw.shape[0] == 13:
             raise RuntimeError("simulated bug")
         return real(raw)
 
-    monkeypatch.setattr(_diskio, "encode", flaky)
+    monkeypatch.setattr(layout, "encode", flaky)
     with DiskTier(tmp_path / "st") as t:
         t.put(K(0), b"a" * 100)
         t.put(K(1), b"b" * 13)

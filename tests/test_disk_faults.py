@@ -16,7 +16,7 @@ import torch
 
 from tierkv.errors import CapacityError, ChunkNotFoundError, ConfigError, CorruptChunkError
 from tierkv.keys import ChunkKey
-from tierkv.tiers import _diskio
+from tierkv.tiers.disk import layout
 from tierkv.tiers.disk import DiskTier
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -86,7 +86,7 @@ def test_truncated_or_overlong_file_is_caught(store, reader):
         with DiskTier(root) as t:
             with pytest.raises(CorruptChunkError, match="s/L0/1"):
                 t.read(k)
-    open(p, "wb").write(orig + b"\0" * (_diskio.max_file_size(want[k].numel()) + 1 - len(orig)))
+    open(p, "wb").write(orig + b"\0" * (layout.max_file_size(want[k].numel()) + 1 - len(orig)))
     with DiskTier(root) as t:
         with pytest.raises(CorruptChunkError, match="longer than any valid"):
             t.read(k)

@@ -1,4 +1,4 @@
-"""The C chunk-file reader (csrc/tierkv_diskio.c through tiers/_native.py) against the Python reader and
+"""The C chunk-file reader (csrc/tierkv_diskio.c through tiers/disk/native.py) against the Python reader and
 the libraries it stands in for: its crc32c against the crc32c package, its LZ4 block decoder against
 numcodecs' LZ4 on every kind of content and on damaged blocks (never a write outside the output), and
 DiskTier with each reader: the same bytes and the same errors."""
@@ -15,11 +15,12 @@ import torch
 
 from tierkv.errors import ConfigError, CorruptChunkError, FormatError
 from tierkv.keys import ChunkKey
-from tierkv.tiers import _diskio, _native
+from tierkv.tiers.disk import layout
+from tierkv.tiers.disk import native as c_reader
 from tierkv.tiers.disk import DiskTier
 
-lib = _native.library()
-needs_c = pytest.mark.skipif(lib is None, reason=f"the C reader cannot be built here: {_native.missing()}")
+lib = c_reader.library()
+needs_c = pytest.mark.skipif(lib is None, reason=f"the C reader cannot be built here: {c_reader.missing()}")
 crc32c = pytest.importorskip("crc32c").crc32c
 
 
@@ -66,7 +67,7 @@ def test_crc_matches_the_crc32c_package(rng_seed):
 def test_lz4_decode_matches_numcodecs(rng_seed, n):
     rng = np.random.default_rng(rng_seed + n)
     for name, raw in contents(rng, n):
-        block = np.frombuffer(numcodecs.lz4.compress(raw), np.uint8)[_diskio.HEADER :]
+        block = np.frombuffer(numcodecs.lz4.compress(raw), np.uint8)[layout.HEADER :]
         rc, out = c_decode(block, n)
         assert rc == 0 and np.array_equal(out, raw), name
         # a wrong output size is refused, never half-filled and accepted
@@ -82,7 +83,7 @@ def test_damaged_blocks_never_write_outside_and_agree_with_numcodecs(rng_seed):
     n = 2000
     agree = 0
     for name, raw in contents(rng, n):
-        block = np.frombuffer(numcodecs.lz4.compress(raw), np.uint8)[_diskio.HEADER :].copy()
+        block = np.frombuffer(numcodecs.lz4.compress(raw), np.uint8)[layout.HEADER :].copy()
         for _ in range(60):
             bad = block.copy()
             how = pyrng.randrange(3)
@@ -130,7 +131,7 @@ def test_both_readers_give_the_same_bytes(tmp_path, rng_seed):
     got = {}
     for native in (True, False):
         with DiskTier(root, native_reads=native) as t:
-            assert (t._native is not None) == native
+            assert (t.native_reads) == native
             outs = [torch.full((want[k].numel() + 5,), 0xEE, dtype=torch.uint8) for k in keys]
             res = t.read_many(keys, outs)
             for k, r, o in zip(keys, res, outs):
@@ -153,13 +154,13 @@ def test_both_readers_raise_the_same_errors(tmp_path, rng_seed):
     want = _store(root, 4, rng_seed, sizes=(5000,))
     k0, k1, k, k3 = K(0), K(1, layer=1), K(2), K(3, layer=1)
     with DiskTier(root) as t:
-        p = t._index[k].path
+        p = t.chunk_path(k)
     orig = open(p, "rb").read()
     cases = {
         "flipped": orig[:100] + bytes([orig[100] ^ 4]) + orig[101:],
         "short": orig[:6],
         "truncated": orig[: len(orig) // 2],
-        "overlong": orig + b"\0" * (_diskio.max_file_size(5000) + 1 - len(orig)),
+        "overlong": orig + b"\0" * (layout.max_file_size(5000) + 1 - len(orig)),
         "header": None,
         "block": None,
     }
@@ -210,8 +211,8 @@ def test_one_call_on_many_threads_reads_and_fails_like_one_thread(tmp_path, rng_
         for k, r, o in zip(keys, res, outs):
             assert torch.equal(r, want[k]) and (o[want[k].numel():] == 0xEE).all()
         bad = keys[29]
-        path = t._index[bad].path
-        locs = [t._index[k] for k in keys]
+        path = t.chunk_path(bad)
+        files = [(os.fsencode(t.chunk_path(k)), t.nbytes(k), os.path.getsize(t.chunk_path(k))) for k in keys]
     body = bytearray(open(path, "rb").read())
     body[50] ^= 1
     open(path, "wb").write(bytes(body))
@@ -224,14 +225,14 @@ def test_one_call_on_many_threads_reads_and_fails_like_one_thread(tmp_path, rng_
             assert torch.equal(t.read(k), want[k])
     m = len(keys)
     i64 = ctypes.c_int64 * m
-    outs = [np.zeros(loc.nbytes, np.uint8) for loc in locs]
+    outs = [np.zeros(nbytes, np.uint8) for _, nbytes, _ in files]
     status, info = (ctypes.c_int32 * m)(), (ctypes.c_int64 * (3 * m))()
-    failed = lib.tkv_read_chunks_mt(m, (ctypes.c_char_p * m)(*[loc.bpath for loc in locs]),
-                                    i64(*[loc.nbytes for loc in locs]), i64(*[loc.size for loc in locs]),
+    failed = lib.tkv_read_chunks_mt(m, (ctypes.c_char_p * m)(*[f[0] for f in files]),
+                                    i64(*[f[1] for f in files]), i64(*[f[2] for f in files]),
                                     (ctypes.c_void_p * m)(*[o.ctypes.data for o in outs]), 0,
-                                    _diskio.direct_read_size(73728), status, info, threads)
-    assert failed == 1 and [i for i in range(m) if status[i] != _native.OK] == [29]
-    assert status[29] == _native.BAD_CRC
+                                    layout.direct_read_size(73728), status, info, threads)
+    assert failed == 1 and [i for i in range(m) if status[i] != c_reader.OK] == [29]
+    assert status[29] == c_reader.BAD_CRC
     for i, k in enumerate(keys):
         if i != 29:
             assert np.array_equal(outs[i], want[k].numpy())
@@ -248,12 +249,12 @@ def test_async_reads_run_on_c_threads_and_outlive_close(tmp_path, rng_seed):
     keys = sorted(want)
     with DiskTier(root, read_threads=4) as t:
         wait = t.read_many_async(keys)
-        assert t._pool is None  # no Python thread read anything
+        assert not t.reader_pool_started  # no Python thread read anything
         first = wait()
         assert all(torch.equal(r, want[k]) for k, r in zip(keys, first))
         assert wait() is first
         bad = keys[7]
-        path = t._index[bad].path
+        path = t.chunk_path(bad)
     body = bytearray(open(path, "rb").read())
     body[60] ^= 1
     open(path, "wb").write(bytes(body))
@@ -268,7 +269,7 @@ def test_async_reads_run_on_c_threads_and_outlive_close(tmp_path, rng_seed):
         wait = t.read_many_async(good, outs)
     finally:
         t.close()  # with the last batch not waited for
-    assert t._native_reads == {}
+    assert t.native_batches_pending == 0
     res = wait()
     assert all(torch.equal(r, want[k]) and r.data_ptr() == o.data_ptr() for k, r, o in zip(good, res, outs))
 
@@ -278,7 +279,7 @@ def test_read_into_one_buffer(tmp_path, rng_seed, native):
     """read_into_async puts chunk j at j * stride of one buffer (the bytes between chunks untouched), the
     same bytes as read(), a chunk still queued for writing included; a corrupt chunk raises from the
     wait; a buffer too small, of the wrong type, or a stride a chunk does not fit in is refused."""
-    if native and _native.library() is None:
+    if native and c_reader.library() is None:
         pytest.skip("no C reader here")
     root = tmp_path / "st"
     want = _store(root, 24, rng_seed, sizes=(5000, 12345))
@@ -305,7 +306,7 @@ def test_read_into_one_buffer(tmp_path, rng_seed, native):
             t.read_into_async(keys, buf, 0)
         t.flush()
         bad = keys[5]
-        path = t._index[bad].path
+        path = t.chunk_path(bad)
     body = bytearray(open(path, "rb").read())
     body[40] ^= 1
     open(path, "wb").write(bytes(body))
@@ -339,38 +340,38 @@ def test_o_direct_refused_falls_back_to_buffered(tmp_path, rng_seed):
             keys = sorted(want)
             res = t.read_many(keys)
             assert all(torch.equal(r, want[k]) for k, r in zip(keys, res))
-            assert t._direct is False  # tmpfs refuses O_DIRECT: buffered from then on
+            assert t.direct_reads is False  # tmpfs refuses O_DIRECT: buffered from then on
 
 
 def test_native_reads_true_without_the_library_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("TIERKV_NATIVE_IO", "0")
     with pytest.raises(ConfigError, match="native_reads=True"):
         DiskTier(tmp_path / "st", native_reads=True)
-    assert _native.missing() == "TIERKV_NATIVE_IO=0"
+    assert c_reader.missing() == "TIERKV_NATIVE_IO=0"
 
 
 def test_build_failure_falls_back(tmp_path, monkeypatch):
     """A compiler that fails leaves the Python reader in place, and says why."""
-    monkeypatch.setattr(_native, "_state", None)
+    c_reader.reset()
     monkeypatch.setenv("TIERKV_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("CC", "false")  # a 'compiler' that always fails
-    monkeypatch.setattr(_native.shutil, "which", lambda c: "/bin/false" if c == "false" else None)
-    assert _native.library() is None
-    assert "failed" in _native.missing()
+    monkeypatch.setattr(c_reader.shutil, "which", lambda c: "/bin/false" if c == "false" else None)
+    assert c_reader.library() is None
+    assert "failed" in c_reader.missing()
     with DiskTier(tmp_path / "st") as t:
-        assert t._native is None
+        assert not t.native_reads
         t.write(K(0), b"x" * 100)
         assert bytes(t.read(K(0)).numpy()) == b"x" * 100
-    monkeypatch.setattr(_native, "_state", None)  # the next test builds (or finds) the real one again
+    c_reader.reset()  # the next test builds (or finds) the real one again
 
 
 @needs_c
 def test_library_is_cached_by_source_hash(tmp_path, monkeypatch):
-    monkeypatch.setattr(_native, "_state", None)
+    c_reader.reset()
     monkeypatch.setenv("TIERKV_CACHE_DIR", str(tmp_path / "cache"))
-    assert _native.library() is not None
+    assert c_reader.library() is not None
     built = os.listdir(tmp_path / "cache")
     assert len(built) == 1 and built[0].startswith("tierkv_diskio-") and built[0].endswith(".so")
-    monkeypatch.setattr(_native, "_state", None)
-    assert _native.library() is not None and os.listdir(tmp_path / "cache") == built  # found, not rebuilt
-    monkeypatch.setattr(_native, "_state", None)
+    c_reader.reset()
+    assert c_reader.library() is not None and os.listdir(tmp_path / "cache") == built  # found, not rebuilt
+    c_reader.reset()

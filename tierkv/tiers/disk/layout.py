@@ -40,7 +40,7 @@ try:  # computes without the GIL on large buffers, so reader threads check chunk
 except ImportError:  # google_crc32c (zarr's own) gives the same value but holds the GIL
     from google_crc32c import value as crc32c_value
 
-from ..errors import CapacityError, ConfigError, CorruptChunkError, TierKVError
+from ...errors import CapacityError, ConfigError, CorruptChunkError, TierKVError
 
 FORMAT_NAME = "tierkv-disk"
 FORMAT_VERSION = 1
@@ -162,8 +162,8 @@ def direct_read_size(nbytes: int) -> int:
 
 
 def native_problem(code: int, info, nbytes: int) -> str:
-    """What a failed check of the C reader (tiers/_native.py) means, in decode_into's words."""
-    from . import _native as nat
+    """What a failed check of the C reader (native.py) means, in decode_into's words."""
+    from . import native as nat
 
     if code == nat.TOO_LONG:
         return f"file is longer than any valid chunk file of {nbytes} bytes"
