@@ -18,8 +18,8 @@ from tierkv.errors import (
     TierKVError,
 )
 from tierkv.keys import ChunkKey
-from tierkv.tiers.disk import layout
-from tierkv.tiers.disk import DiskTier, FlushTimeoutError, TierClosedError, WriteBehindError
+from tierkv.tiers import ColdTier
+from tierkv.tiers.disk import DiskTier, FlushTimeoutError, TierClosedError, WriteBehindError, layout
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # zarr: numcodecs codecs are not in the v3 spec
 
@@ -435,3 +435,15 @@ def test_randomized_against_a_dict(tmp_path, rng_seed, reader):
     with DiskTier(root) as t:
         assert set(t.keys()) == set(model)
         assert all(torch.equal(t.read(k), v) for k, v in model.items())
+
+
+def test_disk_tier_is_a_cold_tier_and_says_where_its_files_are(tmp_path):
+    with DiskTier(tmp_path / "st") as t:
+        assert isinstance(t, ColdTier)
+        t.put(K(0), rand_bytes(1000, 0))
+        t.flush()
+        path = t.chunk_path(K(0))
+        assert os.path.isfile(path) and path.startswith(t.path)
+        with pytest.raises(ChunkNotFoundError):
+            t.chunk_path(K(1))
+        assert t.read_threads >= 1 and t.native_batches_pending == 0

@@ -1,4 +1,6 @@
 import random
+import threading
+import time
 
 import pytest
 import torch
@@ -6,7 +8,8 @@ import torch
 from tierkv.config import TierConfig
 from tierkv.errors import CapacityError, ChunkNotFoundError, ConfigError
 from tierkv.keys import ChunkKey
-from tierkv.store import ChunkStore, StoreStats
+from tierkv.store import ChunkStore, EvictionPolicy, StoreStats
+from tierkv.store.copies import CopyEngine
 from tierkv.tiers.arena import Arena
 
 
@@ -487,4 +490,108 @@ def test_write_back_without_a_disk_tier_or_after_delete_does_nothing(tmp_path):
     assert st.write_back() == 1
     st.flush()
     assert st.residency(K(1)) == ("cpu", "disk") and K(0) not in st
+    st.close()
+
+
+class Keys(set):
+    """A stand-in tier for the eviction policy: a set of keys with a name and a byte budget."""
+
+    def __init__(self, name, budget=6400):
+        super().__init__()
+        self.name, self.budget = name, budget
+
+
+def _policy(decay=0.5, disk=True):
+    gpu, cpu = Keys("gpu"), Keys("cpu")
+    disk = Keys("disk") if disk else None
+    return EvictionPolicy(decay, gpu, cpu, disk), gpu, cpu, disk
+
+
+def _enter(pol, tier, *keys):
+    for k in keys:
+        if k not in pol:
+            pol.admit(k, 100, 0.0)
+        tier.add(k)
+        pol.entered(tier, k)
+
+
+def test_eviction_policy_alone_evicts_lowest_decayed_value_first():
+    """With no store: value is importance decayed per tick; victims for n bytes come lowest value first,
+    then least recently used, then oldest, never a protected one, until n bytes (and at least a 64th of
+    the budget) are freed; what was passed over stays a victim for later."""
+    pol, gpu, cpu, _ = _policy()
+    _enter(pol, cpu, *[K(i) for i in range(5)])
+    pol.tick()
+    pol.touch([K(2)], 1.0)
+    pol.touch([K(0)], 4.0)
+    pol.tick(2)
+    assert pol.value(K(0)) == 1.0 and pol.value(K(2)) == 0.25 and pol.value(K(1)) == 0.0
+    assert pol.records[K(0)].prior == 0.0  # its value just before the step it was touched in
+    evicted = []
+
+    def evict(k):
+        cpu.discard(k)
+        evicted.append(k)
+        return 100
+
+    pol.evict_for(cpu, 250, protect={K(1)}, evict=evict)
+    assert evicted == [K(3), K(4), K(2)]  # never touched (oldest first), then the lowest value
+    assert pol.lowest(cpu, (), []) == K(1)  # the protected one is still in line
+    with pytest.raises(ChunkNotFoundError):
+        pol.touch([K(9)])
+
+
+def test_eviction_policy_alone_gives_up_shadowed_cpu_copies_first():
+    """A cpu copy shadowed by a gpu copy, with a disk copy below, is the cpu tier's first victim however
+    valuable its chunk; without a disk tier nothing is ever noted as shadowed."""
+    pol, gpu, cpu, disk = _policy()
+    _enter(pol, cpu, K(0), K(1))
+    pol.touch([K(0)], 9.0)
+    gpu.add(K(0))
+    disk.update({K(0), K(1)})
+    pol.shadow(K(0))
+    assert K(0) in pol.shadowed
+    evicted = []
+    pol.evict_for(cpu, 1, protect=(), evict=lambda k: evicted.append(k) or cpu.discard(k) or 100)
+    assert evicted == [K(0)]
+    pol, gpu, cpu, _ = _policy(disk=False)
+    _enter(pol, cpu, K(0))
+    gpu.add(K(0))
+    pol.shadow(K(0))
+    assert len(pol.shadowed) == 0 and pol.shadow_victim(()) is None
+
+
+def test_copy_engine_without_cuda_copies_at_once_and_waits_for_nothing():
+    eng = CopyEngine(threading.RLock(), torch.device("cpu"), pinned_cpu=False)
+    assert eng.idle
+    src = torch.arange(16, dtype=torch.uint8)
+    into_cpu, into_gpu, uploaded = (torch.zeros(16, dtype=torch.uint8) for _ in range(3))
+    eng.write(into_cpu, src, into_gpu=False)
+    eng.write(into_gpu, src, into_gpu=True)
+    eng.upload([(K(0), src, uploaded)])
+    assert all(torch.equal(v, src) for v in (into_cpu, into_gpu, uploaded))
+    eng.settle()
+    eng.fence_readers()
+    eng.wait_inflight(None)  # nothing in flight: no stream is looked at
+    assert eng.idle
+
+
+def test_settle_and_write_back_return_at_once_with_nothing_to_do(tmp_path):
+    """The end of a pass calls both unconditionally: with nothing in flight or unwritten they return
+    without waiting for the store's lock (held here by a put parked in a listener)."""
+    st = ChunkStore(TierConfig(gpu_budget=4096, cpu_budget=8192, disk_path=str(tmp_path / "d")))
+    entered, go = threading.Event(), threading.Event()
+    st.add_listener(lambda k, t: entered.set() or go.wait(10))
+    put = threading.Thread(target=st.put, args=(K(0), data(100, 0)))
+    put.start()
+    try:
+        assert entered.wait(10)
+        t0 = time.perf_counter()
+        st.settle()
+        assert st.write_back() == 0
+        assert time.perf_counter() - t0 < 1
+    finally:
+        go.set()
+        put.join()
+    assert st.write_back() == 1  # the put, done now, left one chunk to write
     st.close()
