@@ -41,7 +41,7 @@ sys.path.insert(0, ROOT)
 from tierkv import formats  # noqa: E402
 from tierkv.config import FORMATS  # noqa: E402
 from tierkv.keys import ChunkKey  # noqa: E402
-from tierkv.tiers.disk import layout  # noqa: E402
+from tierkv.tiers.disk import layout as disk_layout  # noqa: E402
 from tierkv.tiers.disk import DiskTier  # noqa: E402
 
 STREAM = "bench"
@@ -83,7 +83,7 @@ def plain_write(d: str, chunks: list, durable: bool) -> None:
             os.close(fd)
         if durable:
             os.rename(tmp, final)
-            layout.fsync_dir(d)
+            disk_layout.fsync_dir(d)
 
 
 def plain_read(path: str, out: np.ndarray) -> int:
@@ -125,8 +125,6 @@ def gbps(nbytes: int, secs: list) -> float:
 
 
 def bench_size(base: str, kib: int, mib: int, repeat: int, threads: int, seed: int, log) -> dict:
-    import zarr
-
     nbytes = kib * 1024
     n = max(8, mib * 1024 // kib)
     total = n * nbytes
@@ -137,8 +135,21 @@ def bench_size(base: str, kib: int, mib: int, repeat: int, threads: int, seed: i
     os.makedirs(d)
     res = {"chunk_bytes": nbytes, "chunks": n, "total_bytes": total, "times_s": {}}
     T = res["times_s"]
+    T.update(bench_writes(d, keys, chunks, nbytes, repeat))
+    log(f"  {kib} KiB writes done")
+    times, res["store_file_bytes"] = bench_reads(d, keys, chunks, nbytes, threads, repeat,
+                                                 lambda cache: log(f"  {kib} KiB {cache} reads done"))
+    T.update(times)
+    res.update(summary(T, total, n))
+    shutil.rmtree(d, ignore_errors=True)
+    return res
 
-    # writes: each pass into a fresh place so that every write creates its file
+
+def bench_writes(d: str, keys: list, chunks: list, nbytes: int, repeat: int) -> dict:
+    """Times of DiskTier.put + flush, plain files (durable or not) and zarr-python writing the chunks;
+    each pass into a fresh place so that every write creates its file."""
+    import zarr
+
     def store_write():
         sd = os.path.join(d, "store_w")
         shutil.rmtree(sd, ignore_errors=True)
@@ -164,12 +175,17 @@ def bench_size(base: str, kib: int, mib: int, repeat: int, threads: int, seed: i
         for i, c in enumerate(chunks):
             arr[i] = c
 
-    T.update(timed_interleaved([("write_store", store_write, None), ("write_plain_durable", plain_pass(True), None),
-                                ("write_plain_nosync", plain_pass(False), None),
-                                ("write_zarr_python", zarr_write, None)], repeat))
-    log(f"  {kib} KiB writes done")
+    return timed_interleaved([("write_store", store_write, None), ("write_plain_durable", plain_pass(True), None),
+                              ("write_plain_nosync", plain_pass(False), None),
+                              ("write_zarr_python", zarr_write, None)], repeat)
 
-    # the stores read below: one DiskTier store, one directory of plain files, same bytes
+
+def bench_reads(d: str, keys: list, chunks: list, nbytes: int, threads: int, repeat: int, done) -> tuple:
+    """(times of every read path, warm and cold; bytes of the store's chunk files) over one DiskTier store
+    and one directory of plain files holding the same bytes; done(cache) after each cache state."""
+    import zarr
+
+    n = len(keys)
     sd, pd = os.path.join(d, "store"), os.path.join(d, "plain")
     with DiskTier(sd) as t:
         for k, c in zip(keys, chunks):
@@ -177,9 +193,9 @@ def bench_size(base: str, kib: int, mib: int, repeat: int, threads: int, seed: i
     os.makedirs(pd)
     plain_write(pd, chunks, durable=True)
     plain_paths = [os.path.join(pd, f"{i}.bin") for i in range(n)]
-    adir = os.path.join(sd, STREAM, layout.array_name(0, nbytes))
-    store_paths = [os.path.join(adir, layout.chunk_name(i)) for i in range(n)]
-    res["store_file_bytes"] = sum(os.path.getsize(p) for p in store_paths)
+    adir = os.path.join(sd, STREAM, disk_layout.array_name(0, nbytes))
+    store_paths = [os.path.join(adir, disk_layout.chunk_name(i)) for i in range(n)]
+    file_bytes = sum(os.path.getsize(p) for p in store_paths)
 
     out = torch.empty(nbytes, dtype=torch.uint8)
     out_np = out.numpy()
@@ -193,55 +209,49 @@ def bench_size(base: str, kib: int, mib: int, repeat: int, threads: int, seed: i
         for p in plain_paths:
             plain_read(p, out_np)
 
-    def r_plain_par():
-        list(pool.map(plain_read, plain_paths, outs_np))
-
     def r_store():
         for k in keys:
             tier.read(k, out=out)
-
-    def r_store_many():
-        tier.read_many(keys, outs=outs)
 
     def r_zarr():
         for i in range(n):
             zarr_arr[i]
 
-    def r_zarr_slice():
-        zarr_arr[0:n]
-
+    methods = [("plain", r_plain, plain_paths), ("store", r_store, store_paths),
+               ("plain_parallel", lambda: list(pool.map(plain_read, plain_paths, outs_np)), plain_paths),
+               ("store_read_many", lambda: tier.read_many(keys, outs=outs), store_paths),
+               ("zarr_python", r_zarr, store_paths), ("zarr_python_slice", lambda: zarr_arr[0:n], store_paths)]
     # correctness first: every path returns the bytes written
     for i in (0, n - 1):
         assert np.array_equal(tier.read(keys[i]).numpy(), chunks[i]) and np.array_equal(zarr_arr[i], chunks[i])
-    methods = [("plain", r_plain, plain_paths), ("store", r_store, store_paths),
-               ("plain_parallel", r_plain_par, plain_paths), ("store_read_many", r_store_many, store_paths),
-               ("zarr_python", r_zarr, store_paths), ("zarr_python_slice", r_zarr_slice, store_paths)]
+    times = {}
     for cache in ("warm", "cold"):
         if cache == "warm":
             for _, fn, _ in methods:
                 fn()  # fill the page cache
         runs = [(f"read_{cache}_{name}", fn, (lambda p=paths: drop_pages(p)) if cache == "cold" else None)
                 for name, fn, paths in methods]
-        T.update(timed_interleaved(runs, repeat))
-        log(f"  {kib} KiB {cache} reads done")
+        times.update(timed_interleaved(runs, repeat))
+        done(cache)
     tier.close()
     pool.shutdown()
+    return times, file_bytes
 
+
+def summary(T: dict, total: int, n: int) -> dict:
+    """Throughput of every path, the ratios the questions ask about, and time per chunk."""
     thr = {k: gbps(total, v) for k, v in T.items()}
-    res["throughput_GBps"] = thr
-    res["ratios"] = {
+    ratios = {
         "write_store_over_plain_durable": thr["write_store"] / thr["write_plain_durable"],
         "write_zarr_python_over_plain_nosync": thr["write_zarr_python"] / thr["write_plain_nosync"],
     }
     for cache in ("warm", "cold"):
         p, pp = thr[f"read_{cache}_plain"], thr[f"read_{cache}_plain_parallel"]
-        res["ratios"][f"read_{cache}_store_over_plain"] = thr[f"read_{cache}_store"] / p
-        res["ratios"][f"read_{cache}_store_read_many_over_plain_parallel"] = thr[f"read_{cache}_store_read_many"] / pp
-        res["ratios"][f"read_{cache}_zarr_python_over_plain"] = thr[f"read_{cache}_zarr_python"] / p
-        res["ratios"][f"read_{cache}_zarr_python_slice_over_plain_parallel"] = thr[f"read_{cache}_zarr_python_slice"] / pp
-    res["per_chunk_us"] = {k: median(v) / n * 1e6 for k, v in T.items()}
-    shutil.rmtree(d, ignore_errors=True)
-    return res
+        ratios[f"read_{cache}_store_over_plain"] = thr[f"read_{cache}_store"] / p
+        ratios[f"read_{cache}_store_read_many_over_plain_parallel"] = thr[f"read_{cache}_store_read_many"] / pp
+        ratios[f"read_{cache}_zarr_python_over_plain"] = thr[f"read_{cache}_zarr_python"] / p
+        ratios[f"read_{cache}_zarr_python_slice_over_plain_parallel"] = thr[f"read_{cache}_zarr_python_slice"] / pp
+    return {"throughput_GBps": thr, "ratios": ratios, "per_chunk_us": {k: median(v) / n * 1e6 for k, v in T.items()}}
 
 
 # --- compression per format -----------------------------------------------------------------------
@@ -259,7 +269,7 @@ def compression(heads: int, tokens: int, dim: int, n_chunks: int, seed: int) -> 
             raw = file = shuffled = zstd = 0
             for k, v in kvs:
                 buf = formats.encode(k.to(torch.bfloat16), v.to(torch.bfloat16), layout).numpy()
-                comp, crc = layout.encode(buf)
+                comp, crc = disk_layout.encode(buf)
                 raw += buf.shape[0]
                 file += len(comp) + len(crc)
                 # what other codecs would leave, for reference only (the store writes plain lz4)
