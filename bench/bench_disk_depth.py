@@ -9,8 +9,8 @@ pass, a fresh random subset of files per pass):
   raw    O_DIRECT reads of the files by T threads (plain os.open/readv/close), batch by batch
   store  DiskTier.read_many with read_threads=T (O_DIRECT, crc32c check, lz4 decode), batch by batch,
          with the C reader (tiers/disk/native.py; "store") and with the Python reader ("store_python");
-         read_many gives each thread at least disk.MIN_PER_THREAD chunks, so a small batch uses fewer
-         than T (results before that rule: bench/results/disk_depth_h200_a3261bf.json)
+         read_many gives each thread at least DiskTuning.min_per_thread chunks, so a small batch uses fewer
+         than T
 
 for batch sizes (chunks per wait) and thread counts given; store/raw is reported per pair.
 

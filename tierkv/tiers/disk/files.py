@@ -76,7 +76,7 @@ class FileReader:
         largest = max(loc.nbytes for loc in locs)
         failed = -1
         sp, ip = status.ctypes.data, info.ctypes.data
-        if threads > 1 and len(keys) > 1:  # scratch buffers of the C reader's own, sized as _scratch sizes them
+        if threads > 1 and len(keys) > 1:  # scratch buffers of the C reader's own, sized as _scratch's
             failed = lib.tkv_read_chunks_mt(*args, self.scratch_size(largest), sp, ip, threads)
         if failed < 0:  # one thread (or the threads could not get their buffers): this thread's scratch
             buf = self._scratch(largest)
