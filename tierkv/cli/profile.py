@@ -206,14 +206,14 @@ def run(args) -> int:
 
 
 def _show(args, console: Console, err: Console) -> int:
-    from .. import profiling
+    from .. import profiles
 
     try:
-        result = profiling.load(args.show)
+        result = profiles.load(args.show)
     except ConfigError as e:
         err.print(f"tierkv profile: error: argument --show: {e}", markup=False, highlight=False)
         return 2
-    missing = [k for k in profiling.SECTIONS if k not in result]
+    missing = [k for k in profiles.SECTIONS if k not in result]
     if missing:
         err.print(f"tierkv profile: error: argument --show: {args.show!r} lacks {', '.join(missing)}",
                   markup=False, highlight=False)
