@@ -333,7 +333,7 @@ def main(argv=None):
     if not torch.cuda.is_available():
         raise SystemExit("bench_kernels needs a CUDA device")
     if "ext" not in ops.available_backends():
-        raise SystemExit(f"the extension is not built: {ops._missing('ext')}")
+        raise SystemExit(f"the extension is not built: {ops.missing('ext')}")
     if args.profile:
         fmt, L, where = args.profile.split(":")
         B, H, D, N, G = args.batch, args.heads, args.head_dim, args.tokens, args.group

@@ -15,10 +15,9 @@ import numpy as np
 import torch
 
 from .errors import BackendError
+from .kernel_abi import DTYPE_CODES, MAX_SOURCES, THREADS
 
 HEADER = "tierkv_kernels.cuh"
-THREADS = 256
-MAX_SOURCES = 64
 
 _GATHER_FIELDS = (
     [("src_ptr", "<u8", (MAX_SOURCES,)), ("src_size", "<u8", (MAX_SOURCES,))]
@@ -53,7 +52,6 @@ GATHER_KERNELS = {
     **{(b, o): f"tierkv::gather_int<{b}, {o}>" for b in (2, 4, 8) for o in (0, 1)},
 }
 INGEST_KERNELS = {(i, f): f"tierkv::ingest<{i}, {f}>" for i in (0, 1, 2) for f in (0, 1, 2, 4, 8)}
-DTYPE_CODES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 
 # the rounding the torch reference does: no contraction into FMA, IEEE division
 NVRTC_OPTIONS = ("--std=c++17", "--fmad=false", "--prec-div=true", "--ftz=false")
