@@ -38,7 +38,7 @@ from .abstracts import chunk_abstract, chunk_log_mass
 from .config import FORMATS
 from .errors import BackendError, FormatError
 from .formats import BITS, OUT_DTYPES, ChunkLayout, decode, encode, is_quantized
-from .kernel_abi import DTYPE_CODES, FMT_CODES, MAX_HEAD_DIM, MAX_SOURCES, THREADS
+from .kernel_abi import FMT_CODES, MAX_HEAD_DIM, MAX_SOURCES, THREADS  # noqa: F401  (MAX_SOURCES: read as ops.MAX_SOURCES)
 
 BACKENDS = ("ext", "cupy", "torch")
 IN_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
