@@ -13,10 +13,9 @@ and once per run the copy peaks: a 256 MiB device-to-device copy and a 256 MiB p
 
 Kernel and copy times are CUDA events around 10 back-to-back calls (so the GPU, not Python's
 dispatch of some 20 us per call, sets the pace), and for the ext kernel also CUDA-graph replays of
-the kernel alone; the bandwidth targets are judged on the latter. (The results committed as
-bench/results/kernels_h100*.json were taken before this: one isolated call per sample, which for the
-device-source rows adds Python's dispatch time, ~20 us, to kernels of 40-80 us; see
-kernels_h100_notes.md.)
+the kernel alone; the bandwidth targets are judged on the latter. (bench/results/kernels_h100.json
+predates this: one isolated call per sample, which adds Python's dispatch time, ~20 us, to
+device-source kernels of 40-80 us; docs/decisions.md.)
 
 Effective GB/s counts bytes read plus bytes written (the packed source bytes + the K/V output) over
 the time. Targets: device sources at least 80% of the D2D copy peak (both read+written); host
@@ -28,7 +27,7 @@ peak (half reads, half writes) is only its ceiling if writes alone go no faster 
 H200 they go faster: 4.35 TB/s filled as int64 against a 4.1 TB/s copy, so the ceiling of a
 quantized gather lies above the copy peak.)
 
-    python bench/bench_kernels.py --out bench/results/kernels_h100.json
+    python bench/bench_kernels.py --out bench/results/kernels_h100.json      # kernels_<machine>.json
 """
 
 from __future__ import annotations
@@ -98,8 +97,7 @@ def copy_peaks(nbytes: int, iters: int) -> dict:
     # write-only: a fill of the same bytes (a gather of a quantized format writes 2-6x what it reads, so
     # the copy peak, half reads and half writes, is not the ceiling of its traffic; see traffic_ceiling).
     # Filled as int64: torch's uint8 fill_ stores 4 bytes a thread and writes at ~3.2 TB/s on the H200,
-    # where 8- and 16-byte stores write at 3.9-4.4 TB/s (bench/results/store_paths_h200_*.json). The
-    # results up to kernels_h200_2eb2687*.json used the uint8 fill, so their traffic ceilings were too low.
+    # where 8- and 16-byte stores write at 3.9-4.4 TB/s (bench/results/store_paths_h200.json).
     wide = dst.view(torch.int64)
     t_fill = timed(lambda: wide.fill_(7), iters, reps=5)
     host = torch.randint(0, 256, (nbytes,), dtype=torch.uint8).pin_memory()

@@ -14,9 +14,9 @@ Data depend on (seed, step, row) only. GPU kernels are not deterministic by defa
 backward sums in a varying order), and this training is sensitive to that: a step-for-step replay of an
 earlier shipped run reached 65.5% kv instead of 98.5% (tierkv/models/retrieval/README.md).
 --deterministic makes runs repeat, at about half the speed; the shipped weights come from such a run.
-A rerun of the shipped command (bench/results/train_retrieval_rerun_aaa895e.json) matched it at every
-log line's param_sum (12 significant digits) and in every eval cell, but its weights file's bytes
-differed: runs repeat to within rounding, not bit for bit. tensor_sha256 in the JSON says which tensors
+A rerun of the shipped command matched it at every log line's param_sum (12 significant digits) and in
+every eval cell, but its weights file's bytes differed (docs/decisions.md): runs repeat to within
+rounding, not bit for bit. tensor_sha256 in the JSON says which tensors
 differ. --time-budget stops the loop early as a guard; the JSON then records the steps actually done, and
 `--stop-after <that>` with the same --steps replays the same data and schedule.
 

@@ -224,7 +224,7 @@ def test_shipped_weights_load_with_the_documented_config():
 @needs_weights
 @pytest.mark.parametrize("task,length,need", [("passkey", 256, 16), ("kv", 256, 12)])
 def test_shipped_model_answers_short_prompts(task, length, need):
-    # held-out accuracy on 200 prompts: passkey 97.5% and kv 97% at 256 (bench/results/train_retrieval.json);
+    # held-out accuracy on 200 prompts: passkey 97.5% and kv 97% at 256 (bench/results/train_retrieval_h200.json);
     # a broken load or wrong vocabulary scores ~0, so a loose bar still catches it
     model, _ = load_retrieval_model(device="cpu", dtype=torch.bfloat16)
     prompts = make_prompts(task, length, 16, seed=4242)
