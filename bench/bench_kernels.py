@@ -37,7 +37,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 
@@ -47,6 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tierkv import ops  # noqa: E402
 from tierkv.formats import ChunkLayout  # noqa: E402
+from tierkv.profiling import git_commit  # noqa: E402
 
 FORMATS = ("bf16", "fp16", "int8", "int4", "int2")
 
@@ -144,7 +144,7 @@ def run(args) -> dict:
         "device": dev.name, "sm_count": dev.multi_processor_count,
         "torch": torch.__version__, "cuda": torch.version.cuda,
         "python": platform.python_version(), "backends": ops.available_backends(),
-        "git_commit": _git(), "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "git_commit": git_commit(), "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "config": {"batch": args.batch, "kv_heads": args.heads, "head_dim": args.head_dim, "tokens_per_row": args.tokens,
                    "group_size": args.group, "out_dtype": "bfloat16", "iters": args.iters},
     }
@@ -157,65 +157,71 @@ def run(args) -> dict:
     results["peaks"] = peaks
     print(f"{dev.name}: D2D copy peak {peaks['d2d_GBps_read_plus_written']:.0f} GB/s (read+written), "
           f"fill {peaks['fill_GBps_written']:.0f} GB/s (written), pinned H2D peak {peaks['h2d_GBps']:.1f} GB/s", flush=True)
-    B, H, D, N, G = args.batch, args.heads, args.head_dim, args.tokens, args.group
+    B, H, D, N = args.batch, args.heads, args.head_dim, args.tokens
     k_out = torch.empty(B, H, N, D, dtype=torch.bfloat16, device="cuda")
     v_out = torch.empty_like(k_out)
-    written = 2 * k_out.numel() * k_out.element_size()
     rows = []
-    kernel_backends = ["ext"] + (["cupy"] if args.cupy and "cupy" in ops.available_backends() else [])
     for fmt in args.formats:
         for L in args.lengths:
             for where in ("device", "host"):
-                src, table, lay = scene(fmt, L, B, H, D, N, G, where)
-                E = table.shape[0]
-                hb = lay.head_bytes
-                read = E * hb
-                r = {"format": fmt, "chunk_len": L, "source": where, "entries": E, "head_block_bytes": hb,
-                     "chunk_bytes": lay.nbytes, "bytes_read": read, "bytes_written": written}
-                for name in kernel_backends:
-                    fn = lambda name=name: ops.gather([src], table, fmt, D, G, k_out, v_out, backend=name,  # noqa: E731
-                                                      chunk_tokens=L)
-                    t = timed(fn, args.iters, reps=10)
-                    r[f"{name}_s"] = t
-                    r[f"{name}_GBps"] = (read + written) / t / 1e9
-                    if name == "ext":  # the kernel alone, Python dispatch excluded
-                        tg = graph_timed(fn, args.iters)
-                        r["ext_graph_s"] = tg
-                        r["ext_graph_GBps"] = (read + written) / tg / 1e9 if tg else None
-                t_ref = timed(lambda: ops.gather([src], table, fmt, D, G, k_out, v_out, backend="torch"),
-                              args.ref_iters, warmup=1)
-                r["ref_s"] = t_ref
-                r["ref_GBps"] = (read + written) / t_ref / 1e9
-                # one cudaMemcpyAsync per entry (head block) into a staging buffer, no decode
-                staging = torch.empty(read, dtype=torch.uint8, device="cuda")
-                tc = table.cpu()
-                copies = torch.stack([tc[:, 0], tc[:, 1], torch.full_like(tc[:, 0], hb), torch.arange(E) * hb], 1).contiguous()
-                t_mc = timed(lambda: torch.ops.tierkv.copy_chunks([src], copies, staging), max(3, args.iters // 4), warmup=1)
-                r["memcpy_per_chunk_s"] = t_mc
-                r["memcpy_per_chunk_GBps"] = 2 * read / t_mc / 1e9
-                # one contiguous copy of the same number of source bytes
-                t_cp = timed(lambda: staging.copy_(src[:read], non_blocking=True), args.iters, reps=5)  # D2D or pinned H2D
-                r["copy_same_bytes_s"] = t_cp
-                r["copy_same_bytes_GBps"] = read / t_cp / 1e9
-                t = r["ext_graph_s"] or r["ext_s"]
-                if where == "device":
-                    r["frac_of_d2d_peak"] = (read + written) / t / 1e9 / peaks["d2d_GBps_read_plus_written"]
-                    r["traffic_ceiling_s"] = traffic_ceiling(read, written, peaks)
-                    r["frac_of_traffic_ceiling"] = r["traffic_ceiling_s"] / t
-                else:
-                    r["pcie_GBps"] = read / t / 1e9
-                    r["frac_of_h2d_peak"] = r["pcie_GBps"] / peaks["h2d_GBps"]
-                r["x_ref"] = t_ref / r["ext_s"]  # per call, dispatch included on both sides
-                r["x_memcpy_per_chunk"] = t_mc / r["ext_s"]
+                r = measure_scene(args, fmt, L, where, k_out, v_out, peaks)
                 rows.append(r)
                 _print_row(r)
-                src = staging = None  # free before the next scene is allocated
-                torch.cuda.empty_cache()
+                torch.cuda.empty_cache()  # free the scene before the next one is allocated
     results["rows"] = rows
     results["small"] = small_calls(args)
     if args.sweep:
         results["sweep"] = sweep(args)
     return results
+
+
+def measure_scene(args, fmt: str, L: int, where: str, k_out, v_out, peaks: dict) -> dict:
+    """One row: the kernel (ext, and cupy with --cupy), the torch reference, per-chunk memcpy and one
+    contiguous copy of the same source bytes, on one scene of `fmt` chunks of L tokens in `where`."""
+    B, H, D, N, G = args.batch, args.heads, args.head_dim, args.tokens, args.group
+    written = 2 * k_out.numel() * k_out.element_size()
+    src, table, lay = scene(fmt, L, B, H, D, N, G, where)
+    E = table.shape[0]
+    hb = lay.head_bytes
+    read = E * hb
+    r = {"format": fmt, "chunk_len": L, "source": where, "entries": E, "head_block_bytes": hb,
+         "chunk_bytes": lay.nbytes, "bytes_read": read, "bytes_written": written}
+    kernel_backends = ["ext"] + (["cupy"] if args.cupy and "cupy" in ops.available_backends() else [])
+    for name in kernel_backends:
+        fn = lambda name=name: ops.gather([src], table, fmt, D, G, k_out, v_out, backend=name,  # noqa: E731
+                                          chunk_tokens=L)
+        t = timed(fn, args.iters, reps=10)
+        r[f"{name}_s"] = t
+        r[f"{name}_GBps"] = (read + written) / t / 1e9
+        if name == "ext":  # the kernel alone, Python dispatch excluded
+            tg = graph_timed(fn, args.iters)
+            r["ext_graph_s"] = tg
+            r["ext_graph_GBps"] = (read + written) / tg / 1e9 if tg else None
+    t_ref = timed(lambda: ops.gather([src], table, fmt, D, G, k_out, v_out, backend="torch"), args.ref_iters, warmup=1)
+    r["ref_s"] = t_ref
+    r["ref_GBps"] = (read + written) / t_ref / 1e9
+    # one cudaMemcpyAsync per entry (head block) into a staging buffer, no decode
+    staging = torch.empty(read, dtype=torch.uint8, device="cuda")
+    tc = table.cpu()
+    copies = torch.stack([tc[:, 0], tc[:, 1], torch.full_like(tc[:, 0], hb), torch.arange(E) * hb], 1).contiguous()
+    t_mc = timed(lambda: torch.ops.tierkv.copy_chunks([src], copies, staging), max(3, args.iters // 4), warmup=1)
+    r["memcpy_per_chunk_s"] = t_mc
+    r["memcpy_per_chunk_GBps"] = 2 * read / t_mc / 1e9
+    # one contiguous copy of the same number of source bytes
+    t_cp = timed(lambda: staging.copy_(src[:read], non_blocking=True), args.iters, reps=5)  # D2D or pinned H2D
+    r["copy_same_bytes_s"] = t_cp
+    r["copy_same_bytes_GBps"] = read / t_cp / 1e9
+    t = r["ext_graph_s"] or r["ext_s"]
+    if where == "device":
+        r["frac_of_d2d_peak"] = (read + written) / t / 1e9 / peaks["d2d_GBps_read_plus_written"]
+        r["traffic_ceiling_s"] = traffic_ceiling(read, written, peaks)
+        r["frac_of_traffic_ceiling"] = r["traffic_ceiling_s"] / t
+    else:
+        r["pcie_GBps"] = read / t / 1e9
+        r["frac_of_h2d_peak"] = r["pcie_GBps"] / peaks["h2d_GBps"]
+    r["x_ref"] = t_ref / r["ext_s"]  # per call, dispatch included on both sides
+    r["x_memcpy_per_chunk"] = t_mc / r["ext_s"]
+    return r
 
 
 def sweep(args) -> list:
@@ -305,11 +311,8 @@ def _print_row(r):
           f"copy same bytes {r['copy_same_bytes_GBps']:6.1f}", flush=True)
 
 
-def _git() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
-    except Exception:
-        return "unknown"
+# bench_store_paths still reads this name; drop it once it calls tierkv.profiling.git_commit
+_git = git_commit
 
 
 def main(argv=None):

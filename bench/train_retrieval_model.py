@@ -308,19 +308,55 @@ def lr_at(args, step):
     return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, f))))
 
 
-def train(args, model, device, log):
+def _optimizer(args, model, device):
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
-    opt = torch.optim.AdamW(
+    return torch.optim.AdamW(
         [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=args.lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda",
     )
-    loader = torch.utils.data.DataLoader(
+
+
+def _loader(args):
+    return torch.utils.data.DataLoader(
         StepData(args), batch_size=None, shuffle=False, num_workers=args.workers,
         prefetch_factor=4 if args.workers else None, persistent_workers=False,
         # forked workers share the adaptive hold's switch with this process
         multiprocessing_context="fork" if args.workers else None,
     )
+
+
+def _hold_reached(args, step, exact, kind, kv_recent, log) -> bool:
+    """True at the step where kv rows have been exact often enough to end the adaptive hold."""
+    sel = exact[kind == TASKS.index("kv")]
+    if sel.numel():
+        kv_recent.append(sel.mean().item())
+    if len(kv_recent) >= 20 and float(np.mean(kv_recent[-20:])) >= args.hold_until:
+        _hold_end().value = step + HOLD_DELAY
+        log(json.dumps({"hold_ends": step, "ramp_starts": step + HOLD_DELAY,
+                        "kv_exact_last_20": round(float(np.mean(kv_recent[-20:])), 3)}))
+        return True
+    return False
+
+
+def _log_record(args, model, step, ids, loss, task_loss, gnorm, exact, window, t0) -> dict:
+    rec = {
+        "step": step, "length": ids.shape[1], "rows": ids.shape[0], "loss": round(loss.item(), 4),
+        **{f"loss_{t}": round(x, 4) for t, x in zip(TASKS, task_loss.tolist())},
+        "grad_norm": round(gnorm.item(), 3), "lr": round(lr_at(args, step), 6),
+        "batch_exact": round(exact.mean().item(), 3), "elapsed_s": round(time.perf_counter() - t0, 1),
+        # sum of all weights: two runs that log the same sums at the same steps trained identically
+        "param_sum": float(f"{sum(float(p.detach().double().sum()) for p in model.parameters()):.12g}"),
+    }
+    for t in TASKS:  # exact match over the recent full-length steps, per task
+        if window[t]:
+            rec[f"full_len_exact_{t}"] = round(float(np.mean(window[t][-20:])), 3)
+    return rec
+
+
+def train(args, model, device, log):
+    opt = _optimizer(args, model, device)
+    loader = _loader(args)
     amp = device.type == "cuda"
     model.train()
     history = []
@@ -346,35 +382,16 @@ def train(args, model, device, log):
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         steps_done = step + 1
-        length = ids.shape[1]
-        if args.hold_until is not None and hold_at is None:
-            sel = exact[kind == TASKS.index("kv")]
-            if sel.numel():
-                kv_recent.append(sel.mean().item())
-            if len(kv_recent) >= 20 and float(np.mean(kv_recent[-20:])) >= args.hold_until:
-                hold_at = step
-                _hold_end().value = step + HOLD_DELAY
-                log(json.dumps({"hold_ends": step, "ramp_starts": step + HOLD_DELAY,
-                                "kv_exact_last_20": round(float(np.mean(kv_recent[-20:])), 3)}))
-        if length >= args.train_length:
+        if args.hold_until is not None and hold_at is None and _hold_reached(args, step, exact, kind, kv_recent, log):
+            hold_at = step
+        if ids.shape[1] >= args.train_length:
             for ti, t in enumerate(TASKS):
                 sel = exact[kind == ti]
                 if sel.numel():
                     window[t].append(sel.mean().item())
         if step % args.log_every == 0 or step == args.steps - 1:
-            rec = {
-                "step": step, "length": length, "rows": ids.shape[0], "loss": round(loss.item(), 4),
-                **{f"loss_{t}": round(x, 4) for t, x in zip(TASKS, task_loss.tolist())},
-                "grad_norm": round(gnorm.item(), 3), "lr": round(lr_at(args, step), 6),
-                "batch_exact": round(exact.mean().item(), 3), "elapsed_s": round(time.perf_counter() - t0, 1),
-                # sum of all weights: two runs that log the same sums at the same steps trained identically
-                "param_sum": float(f"{sum(float(p.detach().double().sum()) for p in model.parameters()):.12g}"),
-            }
-            for t in TASKS:  # exact match over the recent full-length steps, per task
-                if window[t]:
-                    rec[f"full_len_exact_{t}"] = round(float(np.mean(window[t][-20:])), 3)
-            history.append(rec)
-            log(json.dumps(rec))
+            history.append(_log_record(args, model, step, ids, loss, task_loss, gnorm, exact, window, t0))
+            log(json.dumps(history[-1]))
     if device.type == "cuda":
         torch.cuda.synchronize()
     return {"steps_done": steps_done, "stopped_early": stopped_early, "hold_ended_at": hold_at,
