@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .errors import BackendError
-from .kernel_abi import DTYPE_CODES, MAX_SOURCES, THREADS
+from .kernel_abi import DTYPE_CODES, MASS_WARPS, MAX_SOURCES, THREADS
 
 HEADER = "tierkv_kernels.cuh"
 
@@ -41,7 +41,6 @@ _MASS_FIELDS = [(f, "<u8") for f in ("q", "ab", "codes", "out")] + [(f, "<i8") f
 MASS_DTYPE = np.dtype(_MASS_FIELDS)
 MASS_KERNELS = {(dt, gt): f"tierkv::mass_logits<{c}, {gt}>" for dt, c in ((torch.bfloat16, 0), (torch.float16, 1))
                 for gt in (1, 2, 4, 8)}
-MASS_WARPS = 4
 GATHER_DTYPE = np.dtype(_GATHER_FIELDS)
 INGEST_DTYPE = np.dtype(_INGEST_FIELDS)
 
