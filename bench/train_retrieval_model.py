@@ -231,8 +231,8 @@ def build_model(args, device):
         eos_token_id=VOCAB.EOS,
         pad_token_id=VOCAB.PAD,
         use_cache=True,
+        attn_implementation="sdpa",
     )
-    config._attn_implementation = "sdpa"
     torch.manual_seed(args.seed)
     model = LlamaForCausalLM(config).to(device)
     return config, model
