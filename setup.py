@@ -1,20 +1,18 @@
-"""Builds tierkv; the CUDA extension tierkv._C only where a CUDA torch and nvcc are present.
+"""Builds the CUDA extension tierkv._C where a CUDA torch and nvcc are present; the project's metadata
+is in pyproject.toml.
 
-TIERKV_NO_CUDA_EXT=1 skips the extension. Without it (CI, CPU machines) tierkv still installs and
-falls back to the cupy JIT of the same kernel source, or to the torch reference.
+TIERKV_NO_CUDA_EXT=1 skips the extension. Without it (CI, CPU machines) tierkv still installs and falls
+back to the cupy JIT of the same kernel source, or to the torch reference.
 """
 
 import glob
 import os
 import sys
 
-from setuptools import find_packages, setup
+from setuptools import setup
 from setuptools.command.build_py import build_py
 
 here = os.path.dirname(os.path.abspath(__file__))
-version = {}
-with open(os.path.join(here, "tierkv", "_version.py")) as f:
-    exec(f.read(), version)
 
 
 def cuda_extension():
@@ -33,8 +31,7 @@ def cuda_extension():
     if torch.version.cuda is None or CUDA_HOME is None:
         print("tierkv: torch has no CUDA or nvcc was not found; skipping the CUDA extension", file=sys.stderr)
         return None, {}
-    arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
-    if not arch:
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
         os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
     ext = CUDAExtension(
         name="tierkv._C",
@@ -62,36 +59,7 @@ class build_py_with_kernels(build_py):
 
 
 ext, cmdclass = cuda_extension()
-cmdclass = {**cmdclass, "build_py": build_py_with_kernels}
-
 setup(
-    name="tierkv",
-    version=version["__version__"],
-    description="Tiered GPU / CPU / disk KV-cache offloading for LLM inference",
-    long_description=open(os.path.join(here, "README.md")).read() if os.path.exists(os.path.join(here, "README.md")) else "",
-    long_description_content_type="text/markdown",
-    python_requires=">=3.10",
-    packages=find_packages(include=["tierkv", "tierkv.*"]),
-    package_data={"tierkv": ["csrc/*.cuh", "csrc/*.c", "models/*/*"]},
-    include_package_data=True,
-    install_requires=[
-        "torch>=2.4",
-        "numpy>=1.24",
-        "zarr>=3.0",
-        "numcodecs>=0.13",
-        "lz4>=4.0",
-        "google-crc32c>=1.5",
-        "crc32c>=2.3",
-        "rich>=13",
-        "transformers>=5.0",
-        "safetensors>=0.4",
-    ],
-    extras_require={
-        "test": ["pytest>=7", "hypothesis>=6"],
-        "cuda": ["cupy-cuda12x>=13"],
-        "plot": ["matplotlib>=3.6"],
-    },
-    entry_points={"console_scripts": ["tierkv=tierkv.cli.main:main"]},
     ext_modules=[ext] if ext is not None else [],
-    cmdclass=cmdclass,
+    cmdclass={**cmdclass, "build_py": build_py_with_kernels},
 )

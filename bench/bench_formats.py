@@ -20,6 +20,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from tierkv.formats import ChunkLayout, decode, encode, raw_bytes_per_token  # noqa: E402
+from tierkv.profiling import git_commit  # noqa: E402
 
 
 def kv(kind: str, gen, H=8, L=64, D=128, n=16):
@@ -56,7 +57,7 @@ def main(argv=None):
         if r["data"] == "normal":
             o = next(x for x in rows if x["format"] == r["format"] and x["group_size"] == r["group_size"] and x["data"] == "outliers")
             print(f"{r['format']:6s} {r['group_size']:5d} {r['size_vs_bf16']:6.3f} {r['value_rel_err']:12.4f} {o['value_rel_err']:12.4f}")
-    out = dict(bench="formats", date=time.strftime("%Y-%m-%d %H:%M:%S"), torch=torch.__version__,
+    out = dict(bench="formats", date=time.strftime("%Y-%m-%d %H:%M:%S"), git_commit=git_commit(), torch=torch.__version__,
                command=" ".join(sys.argv), chunk=dict(tokens=64, heads=8, head_dim=128), rows=rows)
     if args.json:
         with open(args.json, "w") as f:

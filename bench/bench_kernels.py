@@ -13,10 +13,9 @@ and once per run the copy peaks: a 256 MiB device-to-device copy and a 256 MiB p
 
 Kernel and copy times are CUDA events around 10 back-to-back calls (so the GPU, not Python's
 dispatch of some 20 us per call, sets the pace), and for the ext kernel also CUDA-graph replays of
-the kernel alone; the bandwidth targets are judged on the latter. (The results committed as
-bench/results/kernels_h100*.json were taken before this: one isolated call per sample, which for the
-device-source rows adds Python's dispatch time, ~20 us, to kernels of 40-80 us; see
-kernels_h100_notes.md.)
+the kernel alone; the bandwidth targets are judged on the latter. (bench/results/kernels_h100.json
+predates this: one isolated call per sample, which adds Python's dispatch time, ~20 us, to
+device-source kernels of 40-80 us; docs/decisions.md.)
 
 Effective GB/s counts bytes read plus bytes written (the packed source bytes + the K/V output) over
 the time. Targets: device sources at least 80% of the D2D copy peak (both read+written); host
@@ -28,7 +27,7 @@ peak (half reads, half writes) is only its ceiling if writes alone go no faster 
 H200 they go faster: 4.35 TB/s filled as int64 against a 4.1 TB/s copy, so the ceiling of a
 quantized gather lies above the copy peak.)
 
-    python bench/bench_kernels.py --out bench/results/kernels_h100.json
+    python bench/bench_kernels.py --out bench/results/kernels_h100.json      # kernels_<machine>.json
 """
 
 from __future__ import annotations
@@ -38,7 +37,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 
@@ -48,6 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tierkv import ops  # noqa: E402
 from tierkv.formats import ChunkLayout  # noqa: E402
+from tierkv.profiling import git_commit  # noqa: E402
 
 FORMATS = ("bf16", "fp16", "int8", "int4", "int2")
 
@@ -98,8 +97,7 @@ def copy_peaks(nbytes: int, iters: int) -> dict:
     # write-only: a fill of the same bytes (a gather of a quantized format writes 2-6x what it reads, so
     # the copy peak, half reads and half writes, is not the ceiling of its traffic; see traffic_ceiling).
     # Filled as int64: torch's uint8 fill_ stores 4 bytes a thread and writes at ~3.2 TB/s on the H200,
-    # where 8- and 16-byte stores write at 3.9-4.4 TB/s (bench/results/store_paths_h200_*.json). The
-    # results up to kernels_h200_2eb2687*.json used the uint8 fill, so their traffic ceilings were too low.
+    # where 8- and 16-byte stores write at 3.9-4.4 TB/s (bench/results/store_paths_h200.json).
     wide = dst.view(torch.int64)
     t_fill = timed(lambda: wide.fill_(7), iters, reps=5)
     host = torch.randint(0, 256, (nbytes,), dtype=torch.uint8).pin_memory()
@@ -146,7 +144,7 @@ def run(args) -> dict:
         "device": dev.name, "sm_count": dev.multi_processor_count,
         "torch": torch.__version__, "cuda": torch.version.cuda,
         "python": platform.python_version(), "backends": ops.available_backends(),
-        "git_commit": _git(), "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "git_commit": git_commit(), "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "config": {"batch": args.batch, "kv_heads": args.heads, "head_dim": args.head_dim, "tokens_per_row": args.tokens,
                    "group_size": args.group, "out_dtype": "bfloat16", "iters": args.iters},
     }
@@ -159,65 +157,71 @@ def run(args) -> dict:
     results["peaks"] = peaks
     print(f"{dev.name}: D2D copy peak {peaks['d2d_GBps_read_plus_written']:.0f} GB/s (read+written), "
           f"fill {peaks['fill_GBps_written']:.0f} GB/s (written), pinned H2D peak {peaks['h2d_GBps']:.1f} GB/s", flush=True)
-    B, H, D, N, G = args.batch, args.heads, args.head_dim, args.tokens, args.group
+    B, H, D, N = args.batch, args.heads, args.head_dim, args.tokens
     k_out = torch.empty(B, H, N, D, dtype=torch.bfloat16, device="cuda")
     v_out = torch.empty_like(k_out)
-    written = 2 * k_out.numel() * k_out.element_size()
     rows = []
-    kernel_backends = ["ext"] + (["cupy"] if args.cupy and "cupy" in ops.available_backends() else [])
     for fmt in args.formats:
         for L in args.lengths:
             for where in ("device", "host"):
-                src, table, lay = scene(fmt, L, B, H, D, N, G, where)
-                E = table.shape[0]
-                hb = lay.head_bytes
-                read = E * hb
-                r = {"format": fmt, "chunk_len": L, "source": where, "entries": E, "head_block_bytes": hb,
-                     "chunk_bytes": lay.nbytes, "bytes_read": read, "bytes_written": written}
-                for name in kernel_backends:
-                    fn = lambda name=name: ops.gather([src], table, fmt, D, G, k_out, v_out, backend=name,  # noqa: E731
-                                                      chunk_tokens=L)
-                    t = timed(fn, args.iters, reps=10)
-                    r[f"{name}_s"] = t
-                    r[f"{name}_GBps"] = (read + written) / t / 1e9
-                    if name == "ext":  # the kernel alone, Python dispatch excluded
-                        tg = graph_timed(fn, args.iters)
-                        r["ext_graph_s"] = tg
-                        r["ext_graph_GBps"] = (read + written) / tg / 1e9 if tg else None
-                t_ref = timed(lambda: ops.gather([src], table, fmt, D, G, k_out, v_out, backend="torch"),
-                              args.ref_iters, warmup=1)
-                r["ref_s"] = t_ref
-                r["ref_GBps"] = (read + written) / t_ref / 1e9
-                # one cudaMemcpyAsync per entry (head block) into a staging buffer, no decode
-                staging = torch.empty(read, dtype=torch.uint8, device="cuda")
-                tc = table.cpu()
-                copies = torch.stack([tc[:, 0], tc[:, 1], torch.full_like(tc[:, 0], hb), torch.arange(E) * hb], 1).contiguous()
-                t_mc = timed(lambda: torch.ops.tierkv.copy_chunks([src], copies, staging), max(3, args.iters // 4), warmup=1)
-                r["memcpy_per_chunk_s"] = t_mc
-                r["memcpy_per_chunk_GBps"] = 2 * read / t_mc / 1e9
-                # one contiguous copy of the same number of source bytes
-                t_cp = timed(lambda: staging.copy_(src[:read], non_blocking=True), args.iters, reps=5)  # D2D or pinned H2D
-                r["copy_same_bytes_s"] = t_cp
-                r["copy_same_bytes_GBps"] = read / t_cp / 1e9
-                t = r["ext_graph_s"] or r["ext_s"]
-                if where == "device":
-                    r["frac_of_d2d_peak"] = (read + written) / t / 1e9 / peaks["d2d_GBps_read_plus_written"]
-                    r["traffic_ceiling_s"] = traffic_ceiling(read, written, peaks)
-                    r["frac_of_traffic_ceiling"] = r["traffic_ceiling_s"] / t
-                else:
-                    r["pcie_GBps"] = read / t / 1e9
-                    r["frac_of_h2d_peak"] = r["pcie_GBps"] / peaks["h2d_GBps"]
-                r["x_ref"] = t_ref / r["ext_s"]  # per call, dispatch included on both sides
-                r["x_memcpy_per_chunk"] = t_mc / r["ext_s"]
+                r = measure_scene(args, fmt, L, where, k_out, v_out, peaks)
                 rows.append(r)
                 _print_row(r)
-                src = staging = None  # free before the next scene is allocated
-                torch.cuda.empty_cache()
+                torch.cuda.empty_cache()  # free the scene before the next one is allocated
     results["rows"] = rows
     results["small"] = small_calls(args)
     if args.sweep:
         results["sweep"] = sweep(args)
     return results
+
+
+def measure_scene(args, fmt: str, L: int, where: str, k_out, v_out, peaks: dict) -> dict:
+    """One row: the kernel (ext, and cupy with --cupy), the torch reference, per-chunk memcpy and one
+    contiguous copy of the same source bytes, on one scene of `fmt` chunks of L tokens in `where`."""
+    B, H, D, N, G = args.batch, args.heads, args.head_dim, args.tokens, args.group
+    written = 2 * k_out.numel() * k_out.element_size()
+    src, table, lay = scene(fmt, L, B, H, D, N, G, where)
+    E = table.shape[0]
+    hb = lay.head_bytes
+    read = E * hb
+    r = {"format": fmt, "chunk_len": L, "source": where, "entries": E, "head_block_bytes": hb,
+         "chunk_bytes": lay.nbytes, "bytes_read": read, "bytes_written": written}
+    kernel_backends = ["ext"] + (["cupy"] if args.cupy and "cupy" in ops.available_backends() else [])
+    for name in kernel_backends:
+        fn = lambda name=name: ops.gather([src], table, fmt, D, G, k_out, v_out, backend=name,  # noqa: E731
+                                          chunk_tokens=L)
+        t = timed(fn, args.iters, reps=10)
+        r[f"{name}_s"] = t
+        r[f"{name}_GBps"] = (read + written) / t / 1e9
+        if name == "ext":  # the kernel alone, Python dispatch excluded
+            tg = graph_timed(fn, args.iters)
+            r["ext_graph_s"] = tg
+            r["ext_graph_GBps"] = (read + written) / tg / 1e9 if tg else None
+    t_ref = timed(lambda: ops.gather([src], table, fmt, D, G, k_out, v_out, backend="torch"), args.ref_iters, warmup=1)
+    r["ref_s"] = t_ref
+    r["ref_GBps"] = (read + written) / t_ref / 1e9
+    # one cudaMemcpyAsync per entry (head block) into a staging buffer, no decode
+    staging = torch.empty(read, dtype=torch.uint8, device="cuda")
+    tc = table.cpu()
+    copies = torch.stack([tc[:, 0], tc[:, 1], torch.full_like(tc[:, 0], hb), torch.arange(E) * hb], 1).contiguous()
+    t_mc = timed(lambda: torch.ops.tierkv.copy_chunks([src], copies, staging), max(3, args.iters // 4), warmup=1)
+    r["memcpy_per_chunk_s"] = t_mc
+    r["memcpy_per_chunk_GBps"] = 2 * read / t_mc / 1e9
+    # one contiguous copy of the same number of source bytes
+    t_cp = timed(lambda: staging.copy_(src[:read], non_blocking=True), args.iters, reps=5)  # D2D or pinned H2D
+    r["copy_same_bytes_s"] = t_cp
+    r["copy_same_bytes_GBps"] = read / t_cp / 1e9
+    t = r["ext_graph_s"] or r["ext_s"]
+    if where == "device":
+        r["frac_of_d2d_peak"] = (read + written) / t / 1e9 / peaks["d2d_GBps_read_plus_written"]
+        r["traffic_ceiling_s"] = traffic_ceiling(read, written, peaks)
+        r["frac_of_traffic_ceiling"] = r["traffic_ceiling_s"] / t
+    else:
+        r["pcie_GBps"] = read / t / 1e9
+        r["frac_of_h2d_peak"] = r["pcie_GBps"] / peaks["h2d_GBps"]
+    r["x_ref"] = t_ref / r["ext_s"]  # per call, dispatch included on both sides
+    r["x_memcpy_per_chunk"] = t_mc / r["ext_s"]
+    return r
 
 
 def sweep(args) -> list:
@@ -307,11 +311,8 @@ def _print_row(r):
           f"copy same bytes {r['copy_same_bytes_GBps']:6.1f}", flush=True)
 
 
-def _git() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
-    except Exception:
-        return "unknown"
+# bench_store_paths still reads this name; drop it once it calls tierkv.profiling.git_commit
+_git = git_commit
 
 
 def main(argv=None):
@@ -333,7 +334,7 @@ def main(argv=None):
     if not torch.cuda.is_available():
         raise SystemExit("bench_kernels needs a CUDA device")
     if "ext" not in ops.available_backends():
-        raise SystemExit(f"the extension is not built: {ops._missing('ext')}")
+        raise SystemExit(f"the extension is not built: {ops.missing('ext')}")
     if args.profile:
         fmt, L, where = args.profile.split(":")
         B, H, D, N, G = args.batch, args.heads, args.head_dim, args.tokens, args.group

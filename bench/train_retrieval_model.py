@@ -14,9 +14,9 @@ Data depend on (seed, step, row) only. GPU kernels are not deterministic by defa
 backward sums in a varying order), and this training is sensitive to that: a step-for-step replay of an
 earlier shipped run reached 65.5% kv instead of 98.5% (tierkv/models/retrieval/README.md).
 --deterministic makes runs repeat, at about half the speed; the shipped weights come from such a run.
-A rerun of the shipped command (bench/results/train_retrieval_rerun_aaa895e.json) matched it at every
-log line's param_sum (12 significant digits) and in every eval cell, but its weights file's bytes
-differed: runs repeat to within rounding, not bit for bit. tensor_sha256 in the JSON says which tensors
+A rerun of the shipped command matched it at every log line's param_sum (12 significant digits) and in
+every eval cell, but its weights file's bytes differed (docs/decisions.md): runs repeat to within
+rounding, not bit for bit. tensor_sha256 in the JSON says which tensors
 differ. --time-budget stops the loop early as a guard; the JSON then records the steps actually done, and
 `--stop-after <that>` with the same --steps replays the same data and schedule.
 
@@ -231,8 +231,8 @@ def build_model(args, device):
         eos_token_id=VOCAB.EOS,
         pad_token_id=VOCAB.PAD,
         use_cache=True,
+        attn_implementation="sdpa",
     )
-    config._attn_implementation = "sdpa"
     torch.manual_seed(args.seed)
     model = LlamaForCausalLM(config).to(device)
     return config, model
@@ -308,19 +308,55 @@ def lr_at(args, step):
     return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, f))))
 
 
-def train(args, model, device, log):
+def _optimizer(args, model, device):
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
-    opt = torch.optim.AdamW(
+    return torch.optim.AdamW(
         [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=args.lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda",
     )
-    loader = torch.utils.data.DataLoader(
+
+
+def _loader(args):
+    return torch.utils.data.DataLoader(
         StepData(args), batch_size=None, shuffle=False, num_workers=args.workers,
         prefetch_factor=4 if args.workers else None, persistent_workers=False,
         # forked workers share the adaptive hold's switch with this process
         multiprocessing_context="fork" if args.workers else None,
     )
+
+
+def _hold_reached(args, step, exact, kind, kv_recent, log) -> bool:
+    """True at the step where kv rows have been exact often enough to end the adaptive hold."""
+    sel = exact[kind == TASKS.index("kv")]
+    if sel.numel():
+        kv_recent.append(sel.mean().item())
+    if len(kv_recent) >= 20 and float(np.mean(kv_recent[-20:])) >= args.hold_until:
+        _hold_end().value = step + HOLD_DELAY
+        log(json.dumps({"hold_ends": step, "ramp_starts": step + HOLD_DELAY,
+                        "kv_exact_last_20": round(float(np.mean(kv_recent[-20:])), 3)}))
+        return True
+    return False
+
+
+def _log_record(args, model, step, ids, loss, task_loss, gnorm, exact, window, t0) -> dict:
+    rec = {
+        "step": step, "length": ids.shape[1], "rows": ids.shape[0], "loss": round(loss.item(), 4),
+        **{f"loss_{t}": round(x, 4) for t, x in zip(TASKS, task_loss.tolist())},
+        "grad_norm": round(gnorm.item(), 3), "lr": round(lr_at(args, step), 6),
+        "batch_exact": round(exact.mean().item(), 3), "elapsed_s": round(time.perf_counter() - t0, 1),
+        # sum of all weights: two runs that log the same sums at the same steps trained identically
+        "param_sum": float(f"{sum(float(p.detach().double().sum()) for p in model.parameters()):.12g}"),
+    }
+    for t in TASKS:  # exact match over the recent full-length steps, per task
+        if window[t]:
+            rec[f"full_len_exact_{t}"] = round(float(np.mean(window[t][-20:])), 3)
+    return rec
+
+
+def train(args, model, device, log):
+    opt = _optimizer(args, model, device)
+    loader = _loader(args)
     amp = device.type == "cuda"
     model.train()
     history = []
@@ -346,35 +382,16 @@ def train(args, model, device, log):
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         steps_done = step + 1
-        length = ids.shape[1]
-        if args.hold_until is not None and hold_at is None:
-            sel = exact[kind == TASKS.index("kv")]
-            if sel.numel():
-                kv_recent.append(sel.mean().item())
-            if len(kv_recent) >= 20 and float(np.mean(kv_recent[-20:])) >= args.hold_until:
-                hold_at = step
-                _hold_end().value = step + HOLD_DELAY
-                log(json.dumps({"hold_ends": step, "ramp_starts": step + HOLD_DELAY,
-                                "kv_exact_last_20": round(float(np.mean(kv_recent[-20:])), 3)}))
-        if length >= args.train_length:
+        if args.hold_until is not None and hold_at is None and _hold_reached(args, step, exact, kind, kv_recent, log):
+            hold_at = step
+        if ids.shape[1] >= args.train_length:
             for ti, t in enumerate(TASKS):
                 sel = exact[kind == ti]
                 if sel.numel():
                     window[t].append(sel.mean().item())
         if step % args.log_every == 0 or step == args.steps - 1:
-            rec = {
-                "step": step, "length": length, "rows": ids.shape[0], "loss": round(loss.item(), 4),
-                **{f"loss_{t}": round(x, 4) for t, x in zip(TASKS, task_loss.tolist())},
-                "grad_norm": round(gnorm.item(), 3), "lr": round(lr_at(args, step), 6),
-                "batch_exact": round(exact.mean().item(), 3), "elapsed_s": round(time.perf_counter() - t0, 1),
-                # sum of all weights: two runs that log the same sums at the same steps trained identically
-                "param_sum": float(f"{sum(float(p.detach().double().sum()) for p in model.parameters()):.12g}"),
-            }
-            for t in TASKS:  # exact match over the recent full-length steps, per task
-                if window[t]:
-                    rec[f"full_len_exact_{t}"] = round(float(np.mean(window[t][-20:])), 3)
-            history.append(rec)
-            log(json.dumps(rec))
+            history.append(_log_record(args, model, step, ids, loss, task_loss, gnorm, exact, window, t0))
+            log(json.dumps(history[-1]))
     if device.type == "cuda":
         torch.cuda.synchronize()
     return {"steps_done": steps_done, "stopped_early": stopped_early, "hold_ended_at": hold_at,

@@ -21,6 +21,24 @@ def rng_seed():
     return seed
 
 
+@pytest.fixture
+def cache_kwargs():
+    """The kwargs that hand a cache to forward()/generate() under the installed transformers:
+    `model(ids, **cache_kwargs(cache))` passes `cache=` where transformers wants it (newer versions warn on
+    `past_key_values`) and `past_key_values=` where it knows only that (5.17). Same as tierkv.cache_kwargs."""
+    import tierkv
+
+    return tierkv.cache_kwargs
+
+
+@pytest.fixture
+def output_cache():
+    """The cache a forward() output carries, under either name: `cache = output_cache(out)`."""
+    import tierkv
+
+    return tierkv.output_cache
+
+
 @pytest.fixture(params=["c", "python"])
 def reader(request, monkeypatch):
     """Run a disk test with each chunk-file reader: the C reader (tiers/_native.py, skipped where it

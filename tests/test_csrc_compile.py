@@ -163,3 +163,22 @@ def test_torch_binding_compiles(tmp_path):
         cmd += ["-I", p]
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-4000:]
+
+
+def test_kernel_abi_matches_the_header():
+    """tierkv.kernel_abi's numbers are the ones csrc/tierkv_kernels.cuh compiles with."""
+    import torch
+
+    from tierkv import kernel_abi as abi
+
+    src = open(os.path.join(CSRC, "tierkv_kernels.cuh")).read()
+    defines = dict(re.findall(r"^#define (TIERKV_\w+) (\d+)", src, re.M))
+    assert int(defines["TIERKV_THREADS"]) == abi.THREADS
+    assert int(defines["TIERKV_MAX_SOURCES"]) == abi.MAX_SOURCES
+    assert int(defines["TIERKV_MAX_HEAD_DIM"]) == abi.MAX_HEAD_DIM
+    assert int(defines["TIERKV_MASS_WARPS"]) == abi.MASS_WARPS
+    fmt_enum = dict((name.lower(), int(v)) for name, v in re.findall(r"FMT_(\w+) = (\d+)", src))
+    assert fmt_enum == abi.FMT_CODES
+    dt_enum = dict(re.findall(r"DT_(\w+) = (\d+)", src))
+    names = {torch.bfloat16: "BF16", torch.float16: "FP16", torch.float32: "FP32"}
+    assert {names[t]: c for t, c in abi.DTYPE_CODES.items()} == {k: int(v) for k, v in dt_enum.items()}

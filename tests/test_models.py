@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from tierkv.compat import cache_kwarg
 from tierkv.errors import ConfigError
 from tierkv.models import load_retrieval_model, retrieval_model_dir
 from tierkv.models.tasks import (
@@ -136,16 +137,18 @@ class _Oracle(torch.nn.Module):
         self.wrong = set(wrong)
         self.calls = []
 
-    def forward(self, input_ids, past_key_values=None, use_cache=True, logits_to_keep=0):
+    def forward(self, input_ids, use_cache=True, logits_to_keep=0, **kw):
         from types import SimpleNamespace
-        if past_key_values is None:
-            past_key_values = {"rows": input_ids.tolist()}
+        cache = kw.pop(cache_kwarg())  # the name the installed transformers' models take
+        assert not kw, kw
+        if cache is None:
+            cache = {"rows": input_ids.tolist()}
         else:
-            for row, t in zip(past_key_values["rows"], input_ids.tolist()):
+            for row, t in zip(cache["rows"], input_ids.tolist()):
                 row.extend(t)
         self.calls.append(input_ids.shape)
         logits = torch.zeros(input_ids.shape[0], 1, VOCAB.SIZE)
-        for b, row in enumerate(past_key_values["rows"]):
+        for b, row in enumerate(cache["rows"]):
             for n in range(len(row), 0, -1):
                 if tuple(row[:n]) in self.by_prefix:
                     ans = self.by_prefix[tuple(row[:n])]
@@ -155,7 +158,7 @@ class _Oracle(torch.nn.Module):
                         tok = VOCAB.DIGIT0 + (tok - VOCAB.DIGIT0 + 1) % 10
                     logits[b, 0, tok] = 1.0
                     break
-        return SimpleNamespace(logits=logits, past_key_values=past_key_values)
+        return SimpleNamespace(logits=logits, **{cache_kwarg(): cache})
 
 
 def test_evaluate_decodes_through_the_cache_and_scores_exact_match():
@@ -165,7 +168,7 @@ def test_evaluate_decodes_through_the_cache_and_scores_exact_match():
 
     def factory():
         made.append(1)
-        return None  # the oracle builds its own "cache" like a model given past_key_values=None
+        return None  # the oracle builds its own "cache" like a model given none
 
     res = evaluate(oracle, prompts, cache_factory=factory, batch_size=3)
     assert (res.correct, res.total) == (7, 9) and res.accuracy == pytest.approx(7 / 9)
@@ -176,6 +179,26 @@ def test_evaluate_decodes_through_the_cache_and_scores_exact_match():
     assert sorted(s[0] for s in prefills) == [1, 2, 3, 3] and len(made) == 4
     with pytest.raises(ConfigError):
         evaluate(oracle, [])
+
+
+def test_cache_kwargs_use_the_name_transformers_wants(cache_kwargs, output_cache):
+    import warnings
+
+    from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, head_dim=16)
+    model = LlamaForCausalLM(cfg).eval()
+    ids = torch.tensor([[1, 2, 3]])
+    cache = DynamicCache(config=cfg)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = model(input_ids=ids, **cache_kwargs(cache), use_cache=True)
+    assert not [w for w in caught if "deprecated" in str(w.message)], [str(w.message) for w in caught]
+    assert output_cache(out) is cache and cache.get_seq_length() == 3
+    if cache_kwarg() == "cache":  # why the helper exists: the old name draws a warning on every call
+        with pytest.warns(FutureWarning, match="past_key_values"):
+            model(input_ids=ids, past_key_values=DynamicCache(config=cfg))
 
 
 def test_loader_reports_missing_files(tmp_path):
@@ -201,7 +224,7 @@ def test_shipped_weights_load_with_the_documented_config():
 @needs_weights
 @pytest.mark.parametrize("task,length,need", [("passkey", 256, 16), ("kv", 256, 12)])
 def test_shipped_model_answers_short_prompts(task, length, need):
-    # held-out accuracy on 200 prompts: passkey 97.5% and kv 97% at 256 (bench/results/train_retrieval.json);
+    # held-out accuracy on 200 prompts: passkey 97.5% and kv 97% at 256 (bench/results/train_retrieval_h200.json);
     # a broken load or wrong vocabulary scores ~0, so a loose bar still catches it
     model, _ = load_retrieval_model(device="cpu", dtype=torch.bfloat16)
     prompts = make_prompts(task, length, 16, seed=4242)

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from tierkv import profiling
+from tierkv import profiles, profiling
 from tierkv.cli.main import main
 from tierkv.config import DEFAULT_CHUNK_LENGTHS, DEFAULT_PREFETCH_DEPTH, TierConfig
 from tierkv.errors import ConfigError
@@ -50,13 +50,13 @@ TOP = ("schema", "schema_version", "date", "command", "versions", "git_commit", 
 
 def test_json_has_the_documented_fields(saved):
     d = saved["data"]
-    doc = profiling.__doc__
+    doc = profiles.__doc__
     assert set(d) == set(TOP)
-    assert d["schema"] == profiling.SCHEMA and d["schema_version"] == profiling.SCHEMA_VERSION
+    assert d["schema"] == profiles.SCHEMA and d["schema_version"] == profiles.SCHEMA_VERSION
 
     def documented(keys):  # every key the JSON holds is named in the module docstring's schema
         for k in keys:
-            assert k in doc, f"field {k!r} is not documented in tierkv.profiling"
+            assert k in doc, f"field {k!r} is not documented in tierkv.profiles"
 
     documented(d)
     assert set(d["versions"]) >= {"tierkv", "python", "torch", "cuda"}
@@ -123,10 +123,10 @@ def test_recommendations_follow_the_measurements(saved):
     for fmt in FORMATS:
         host = {r["chunk_tokens"]: r["gbps"] for r in d["gather"]["rows"] if r["format"] == fmt and r["source"] == "host"}
         L = rec["chunk_length"][fmt]
-        assert L == min(n for n, g in host.items() if g >= profiling.PLATEAU * max(host.values()))
-        assert 1 <= rec["prefetch_depth"][fmt] <= profiling.DEPTH_MAX
+        assert L == min(n for n, g in host.items() if g >= profiling.Rules().plateau * max(host.values()))
+        assert 1 <= rec["prefetch_depth"][fmt] <= profiling.Rules().depth_max
     assert rec["chunk_length_default"] == rec["chunk_length"]["bf16"]
-    assert profiling.load(saved["json"])["recommendations"] == rec
+    assert profiles.load(saved["json"])["recommendations"] == rec
 
 
 def test_plot_is_a_png(saved):
@@ -190,14 +190,14 @@ def test_recommended_length_is_the_knee_and_depth_follows_littles_law():
     assert disk64["gbps"] == pytest.approx(min(4.0, 27.5 / 2))
     # a slow disk with a long latency needs more chunks in flight, up to the cap
     _, rec = profiling.derive(_synthetic({16: 10.0, 64: 10.0}, disk_parallel_gbps=40.0, disk_latency_s=0.5))
-    assert rec["chunk_length"]["bf16"] == 16 and rec["prefetch_depth"]["bf16"] == profiling.DEPTH_MAX
+    assert rec["chunk_length"]["bf16"] == 16 and rec["prefetch_depth"]["bf16"] == profiling.Rules().depth_max
 
 
 def test_interpolation_is_log_log_and_clamped():
     pts = [(1 << 16, 1.0), (1 << 20, 16.0)]
-    assert profiling._interp(pts, 1 << 18) == pytest.approx(4.0)
-    assert profiling._interp(pts, 1 << 10) == 1.0 and profiling._interp(pts, 1 << 30) == 16.0
-    assert profiling._interp([], 5) is None
+    assert profiling.interpolate(pts, 1 << 18) == pytest.approx(4.0)
+    assert profiling.interpolate(pts, 1 << 10) == 1.0 and profiling.interpolate(pts, 1 << 30) == 16.0
+    assert profiling.interpolate([], 5) is None
 
 
 # --- TierConfig(profile=...) --------------------------------------------------------------------------
@@ -205,16 +205,16 @@ def _write_profile(path, chunk_length, depth, **extra):
     recs = {"default_format": "bf16", "chunk_length": chunk_length, "prefetch_depth": depth,
             "chunk_length_default": extra.pop("chunk_length_default", 64),
             "prefetch_depth_default": extra.pop("prefetch_depth_default", 2)}
-    data = {"schema": profiling.SCHEMA, "schema_version": profiling.SCHEMA_VERSION, "recommendations": recs, **extra}
+    data = {"schema": profiles.SCHEMA, "schema_version": profiles.SCHEMA_VERSION, "recommendations": recs, **extra}
     path.write_text(json.dumps(data))
     return str(path)
 
 
 def test_lengths_around():
-    assert profiling.lengths_around(64) == DEFAULT_CHUNK_LENGTHS
-    assert profiling.lengths_around(128) == (32, 64, 128, 256, 512)
-    assert profiling.lengths_around(16) == (16, 32, 64)
-    assert profiling.lengths_around(8) == (8, 16, 32)
+    assert profiles.lengths_around(64) == DEFAULT_CHUNK_LENGTHS
+    assert profiles.lengths_around(128) == (32, 64, 128, 256, 512)
+    assert profiles.lengths_around(16) == (16, 32, 64)
+    assert profiles.lengths_around(8) == (8, 16, 32)
 
 
 def test_auto_defaults_without_a_profile():
@@ -249,7 +249,7 @@ def test_saved_profile_drives_the_config(saved):
     cfg = TierConfig(profile=saved["json"], format="int4")
     assert cfg.prefetch_depth == rec["prefetch_depth"]["int4"]
     assert rec["chunk_length"]["int4"] in cfg.chunk_lengths
-    assert cfg.chunk_lengths == profiling.lengths_around(rec["chunk_length"]["int4"])
+    assert cfg.chunk_lengths == profiles.lengths_around(rec["chunk_length"]["int4"])
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ Kept light on import: the disk tier (zarr, lz4) and the transformers integration
 """
 
 from ._version import __version__
+from .compat import cache_kwarg, cache_kwargs, output_cache
 from .config import TierConfig
 from .errors import (
     BackendError,
@@ -22,6 +23,9 @@ from .offload import offload  # noqa: E402  (binds the function over the submodu
 
 __all__ = [
     "offload",
+    "cache_kwargs",
+    "cache_kwarg",
+    "output_cache",
     "__version__",
     "TierConfig",
     "TierKVError",

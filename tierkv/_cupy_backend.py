@@ -15,10 +15,9 @@ import numpy as np
 import torch
 
 from .errors import BackendError
+from .kernel_abi import DTYPE_CODES, MASS_WARPS, MAX_SOURCES, THREADS
 
 HEADER = "tierkv_kernels.cuh"
-THREADS = 256
-MAX_SOURCES = 64
 
 _GATHER_FIELDS = (
     [("src_ptr", "<u8", (MAX_SOURCES,)), ("src_size", "<u8", (MAX_SOURCES,))]
@@ -42,7 +41,6 @@ _MASS_FIELDS = [(f, "<u8") for f in ("q", "ab", "codes", "out")] + [(f, "<i8") f
 MASS_DTYPE = np.dtype(_MASS_FIELDS)
 MASS_KERNELS = {(dt, gt): f"tierkv::mass_logits<{c}, {gt}>" for dt, c in ((torch.bfloat16, 0), (torch.float16, 1))
                 for gt in (1, 2, 4, 8)}
-MASS_WARPS = 4
 GATHER_DTYPE = np.dtype(_GATHER_FIELDS)
 INGEST_DTYPE = np.dtype(_INGEST_FIELDS)
 
@@ -53,7 +51,6 @@ GATHER_KERNELS = {
     **{(b, o): f"tierkv::gather_int<{b}, {o}>" for b in (2, 4, 8) for o in (0, 1)},
 }
 INGEST_KERNELS = {(i, f): f"tierkv::ingest<{i}, {f}>" for i in (0, 1, 2) for f in (0, 1, 2, 4, 8)}
-DTYPE_CODES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 
 # the rounding the torch reference does: no contraction into FMA, IEEE division
 NVRTC_OPTIONS = ("--std=c++17", "--fmad=false", "--prec-div=true", "--ftz=false")

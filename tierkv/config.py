@@ -13,14 +13,18 @@ from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from .errors import ConfigError
+from .profiles import DEFAULT_CHUNK_LENGTHS, DEFAULT_PREFETCH_DEPTH, lengths_around, profile_defaults
 
+__all__ = ["TierConfig", "parse_size", "format_size", "FORMATS", "MISS_POLICIES", "SCORINGS", "SELECTIONS",
+           "PREDICTIONS", "DEFAULT_CHUNK_LENGTHS", "DEFAULT_PREFETCH_DEPTH"]
+
+# the values each field accepts
 FORMATS = ("bf16", "fp16", "int8", "int4", "int2")
 MISS_POLICIES = ("wait", "skip")
 SCORINGS = ("mass", "bound")
 SELECTIONS = ("head", "shared")
 PREDICTIONS = ("lookahead", "query")
-DEFAULT_CHUNK_LENGTHS = (16, 32, 64, 128, 256)
-DEFAULT_PREFETCH_DEPTH = 2
+# fields that None leaves to a saved profile, else to the defaults
 AUTO_FIELDS = ("chunk_lengths", "prefetch_depth")
 
 _UNITS = {
@@ -89,7 +93,7 @@ class TierConfig:
                   would give the chunk, estimated from 2-bit copies of its keys (KIVI int2 codes over the
                   abstract's per-channel min/max, kept on the GPU: 1/16 of the bf16 KV); 'bound': by the
                   abstract's upper bound of q . k alone (min/max only, no codes). 'mass' covers far more of
-                  the attention mass (see bench/results/quality_cpu.json), 'bound' holds less on the GPU.
+                  the attention mass (docs/decisions.md), 'bound' holds less on the GPU.
     selection:    'head': each KV head picks its own top chunks (the most attention mass per head);
                   'shared': the heads of a layer pick one set together, ranked by their summed scores
                   (the same tokens per head). A chunk on disk is one file holding every head, so with
@@ -108,7 +112,7 @@ class TierConfig:
     Auto fields (left None) are resolved here, so the rest of the code always sees concrete values:
     without a profile, chunk_lengths = DEFAULT_CHUNK_LENGTHS and prefetch_depth = DEFAULT_PREFETCH_DEPTH;
     with one, the profile's recommended prefetch depth for this format and planner lengths around its
-    recommended chunk length (profiling.lengths_around). Values set explicitly always win, and stay
+    recommended chunk length (profiles.lengths_around). Values set explicitly always win, and stay
     auto / explicit through replace().
     """
 
@@ -145,19 +149,35 @@ class TierConfig:
         _int_at_least("window", self.window, 0)
         if self.budget is not None:
             _int_at_least("budget", self.budget, 0)
-        if self.format not in FORMATS:
-            raise ConfigError(f"format: unknown format {self.format!r}; expected one of {', '.join(FORMATS)}")
+        _one_of("format", self.format, FORMATS)
         _int_at_least("group_size", self.group_size, 8)
         if self.group_size & (self.group_size - 1) or self.group_size % 8:
             raise ConfigError(f"group_size: expected a power of two >= 8, got {self.group_size}")
+        self._resolve_auto(set_)
+        if self.chunk_length is not None:
+            _int_at_least("chunk_length", self.chunk_length, 1)
+        if not isinstance(self.importance_decay, (int, float)) or not 0.0 < self.importance_decay <= 1.0:
+            raise ConfigError(f"importance_decay: expected a number in (0, 1], got {self.importance_decay!r}")
+        _one_of("miss_policy", self.miss_policy, MISS_POLICIES)
+        _one_of("scoring", self.scoring, SCORINGS)
+        _one_of("selection", self.selection, SELECTIONS)
+        _one_of("prediction", self.prediction, PREDICTIONS)
+        _int_at_least("write_queue", self.write_queue, 1)
+        _int_at_least("prefetch_depth", self.prefetch_depth, 0)
+        if self.disk_path is not None:
+            path = os.fspath(self.disk_path)
+            if os.path.exists(path) and not os.path.isdir(path):
+                raise ConfigError(f"disk_path: expected a directory, but {path!r} is a file")
+            set_("disk_path", path)
+
+    def _resolve_auto(self, set_) -> None:
+        """Fill the auto fields from the profile (or the defaults) and check chunk_lengths."""
         if self.profile is not None and not os.path.isfile(self.profile):
             raise ConfigError(f"profile: no saved profile at {self.profile!r}")
         auto = frozenset(n for n in AUTO_FIELDS if getattr(self, n) is None)
         set_("_auto", auto)
         lengths, depth = DEFAULT_CHUNK_LENGTHS, DEFAULT_PREFETCH_DEPTH
         if self.profile is not None:  # read even when nothing is auto: a broken profile is an error
-            from .profiling import lengths_around, profile_defaults  # reads JSON only; no torch
-
             length, depth = profile_defaults(self.profile, self.format)
             lengths = lengths_around(length)
         if "chunk_lengths" in auto:
@@ -172,30 +192,16 @@ class TierConfig:
         for n in lengths:
             _int_at_least("chunk_lengths", n, 1)
         set_("chunk_lengths", tuple(sorted(set(lengths))))
-        if self.chunk_length is not None:
-            _int_at_least("chunk_length", self.chunk_length, 1)
-        if not isinstance(self.importance_decay, (int, float)) or not 0.0 < self.importance_decay <= 1.0:
-            raise ConfigError(f"importance_decay: expected a number in (0, 1], got {self.importance_decay!r}")
-        if self.miss_policy not in MISS_POLICIES:
-            raise ConfigError(f"miss_policy: expected one of {', '.join(MISS_POLICIES)}, got {self.miss_policy!r}")
-        if self.scoring not in SCORINGS:
-            raise ConfigError(f"scoring: expected one of {', '.join(SCORINGS)}, got {self.scoring!r}")
-        if self.selection not in SELECTIONS:
-            raise ConfigError(f"selection: expected one of {', '.join(SELECTIONS)}, got {self.selection!r}")
-        if self.prediction not in PREDICTIONS:
-            raise ConfigError(f"prediction: expected one of {', '.join(PREDICTIONS)}, got {self.prediction!r}")
-        _int_at_least("write_queue", self.write_queue, 1)
-        _int_at_least("prefetch_depth", self.prefetch_depth, 0)
-        if self.disk_path is not None:
-            path = os.fspath(self.disk_path)
-            if os.path.exists(path) and not os.path.isdir(path):
-                raise ConfigError(f"disk_path: expected a directory, but {path!r} is a file")
-            set_("disk_path", path)
 
     def replace(self, **changes) -> "TierConfig":
         for name in self._auto:
             changes.setdefault(name, None)
         return dataclasses.replace(self, **changes)
+
+
+def _one_of(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name}: expected one of {', '.join(choices)}, got {value!r}")
 
 
 def _int_at_least(name: str, value, lo: int) -> None:

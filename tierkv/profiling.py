@@ -1,4 +1,4 @@
-"""What `tierkv profile` measures, the JSON it saves, and the defaults a saved profile gives TierConfig.
+"""What `tierkv profile` measures, and the chunk length and prefetch depth it derives from that.
 
 Measured (every figure is bytes per second over the whole operation, wall clock, GPU work synchronized):
   transfers  host <-> device copies of one buffer, pinned and pageable, per transfer size.
@@ -21,41 +21,17 @@ Derived (`effective`, `recommendations`), with the kernel backend in use (ops.ba
           with prefetching overlapping the disk read and the gather. Disk rates at a chunk size between
           two measured sizes are interpolated in log-log space (clamped at the ends).
   chunk_length[fmt]   the smallest measured chunk length whose host-source gather reaches
-                      PLATEAU (90%) of the best host-source gather of that format (its plateau).
+                      `plateau` (90%) of the best host-source gather of that format (its plateau).
   prefetch_depth[fmt] chunks in flight to hide disk latency (Little's law), at that chunk length:
-                          depth = clamp(ceil(min(R_cpu, R_disk) * W), 1, DEPTH_MAX)
+                          depth = clamp(ceil(min(R_cpu, R_disk) * W), 1, depth_max)
                       W = cold latency of one store read (sequential cold read time per chunk),
                       R_cpu = chunks/s the host-source gather consumes, R_disk = chunks/s the store's
                       parallel cold reads deliver. Without a disk measurement: DEFAULT_PREFETCH_DEPTH.
   Without any measurement of a format the defaults are DEFAULT_CHUNK_LENGTH and DEFAULT_PREFETCH_DEPTH.
+  `plateau` and `depth_max` are the fields of Rules.
 
-JSON schema (schema "tierkv-profile", schema_version 1); sizes in bytes, times in seconds, rates in GB/s
-(1e9 bytes/s):
-  schema, schema_version, date (ISO 8601, local time with offset), command (argv),
-  versions: {tierkv, python, torch, cuda (torch.version.cuda or null), cupy (or null), numpy, platform}
-  git_commit: HEAD of the source tree, or null
-  device: {name ("cpu" | "cuda:N"), cuda (bool), gpu_name, gpu_memory_bytes, host_cpus}
-  backend: kernel backend in use for CUDA tensors ("ext" | "cupy" | "torch"), or "torch" on the CPU
-  backends: {ext, cupy, torch: null if available, else why not}
-  settings: {sizes, chunk_lengths, formats, heads, head_dim, group_size, tokens, torch_tokens, disk_dir,
-             disk_bytes, min_time_s, max_reps, quick}
-  transfers: {available, reason, rows: [{direction ("h2d"|"d2h"), memory ("pinned"|"pageable"), bytes,
-             seconds, gbps}]}
-  gather: {rows: [{format, backend, source ("device"|"host"), device, chunk_tokens, chunk_bytes, chunks,
-           bytes_read, bytes_written, seconds, gbps, read_gbps, tokens_per_s}],
-           skipped: [{backend, source, reason}]}
-  disk: {available, reason, path, o_direct (null if usable, else why not), rows: [{path ("raw"|"store"),
-         op ("write"|"read_warm"|"read_cold"|"read_direct"|"read_cold_parallel"), chunk_bytes, chunks,
-         bytes, seconds, gbps, latency_s}]}
-  effective: [{format, chunk_tokens, chunk_bytes, tier ("gpu"|"cpu"|"disk"), gbps (null if not
-              measured), tokens_per_s, via}]
-  recommendations: {default_format, chunk_length: {fmt: int}, prefetch_depth: {fmt: int},
-                    chunk_length_default, prefetch_depth_default, plateau_fraction, depth_max,
-                    basis: {fmt: {plateau_gbps, chunk_bytes, latency_s, consume_chunks_per_s,
-                    disk_chunks_per_s, note}}}
-
-TierConfig(profile=path) reads only `recommendations` (profile_defaults()); this module imports torch
-only inside the measurements so that reading a profile stays cheap.
+The JSON it saves, and how TierConfig reads it back, are tierkv.profiles' (no torch there); this module
+imports torch only inside the measurements.
 """
 
 from __future__ import annotations
@@ -75,16 +51,16 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from .config import FORMATS
-from .errors import ConfigError
+from .profiles import (
+    DEFAULT_CHUNK_LENGTH,
+    DEFAULT_FORMAT,
+    DEFAULT_PREFETCH_DEPTH,
+    SCHEMA,
+    SCHEMA_VERSION,
+)
 
-SCHEMA = "tierkv-profile"
-SCHEMA_VERSION = 1
-PLATEAU = 0.9
-DEPTH_MAX = 64
-DEFAULT_CHUNK_LENGTH = 64
-DEFAULT_PREFETCH_DEPTH = 2
-DEFAULT_FORMAT = "bf16"
-MIN_PLANNER_LENGTH = 16  # planner.BLOCK: shorter chunks than its skew blocks are never planned
+__all__ = ["Settings", "Rules", "build_settings", "run_profile", "derive", "save", "total_steps",
+           "backend_in_use", "backends_status", "drop_pages", "interpolate"]
 
 FULL_SIZES = tuple(1 << s for s in (16, 18, 20, 22, 24, 26, 28))  # 64 KiB .. 256 MiB
 QUICK_SIZES = (1 << 16, 1 << 20, 1 << 24)
@@ -92,7 +68,19 @@ FULL_LENGTHS = (16, 32, 64, 128, 256, 512, 1024)
 QUICK_LENGTHS = (16, 64, 256)
 
 Tick = Callable[[str], None]
-SECTIONS = ("device", "backend", "backends", "settings", "transfers", "gather", "disk", "effective", "recommendations")
+
+
+@dataclass(frozen=True)
+class Rules:
+    """How measurements become recommendations.
+
+    plateau:   a format's recommended chunk length is the smallest whose host-source gather reaches this
+               share of that format's best host-source gather (shorter chunks cost more per byte).
+    depth_max: the most chunks per head a recommendation keeps in flight, whatever Little's law says.
+    """
+
+    plateau: float = 0.9
+    depth_max: int = 64
 
 
 @dataclass(frozen=True)
@@ -180,7 +168,7 @@ def backends_status() -> Dict[str, Optional[str]]:
     """{backend: None if it can run here, else why not}."""
     from . import ops
 
-    return {name: ops._missing(name) for name in ops.BACKENDS}
+    return {name: ops.missing(name) for name in ops.BACKENDS}
 
 
 def backend_in_use(device: str) -> str:
@@ -307,6 +295,23 @@ def _chunks(fmt: str, L: int, n_chunks: int, s: Settings):
     return packed.repeat(reps, 1)[:n_chunks].reshape(-1).contiguous(), layout.nbytes
 
 
+def _gather_buffers(fmt: str, L: int, n_chunks: int, s: Settings, dev):
+    """(host source, device source or None, table, k_out, v_out, chunk bytes) for one gather measurement."""
+    import torch
+
+    from . import ops
+
+    flat, nbytes = _chunks(fmt, L, n_chunks, s)
+    host = flat.pin_memory() if dev.type == "cuda" else flat
+    device_src = flat.to(dev) if dev.type == "cuda" else None
+    c = torch.arange(n_chunks, dtype=torch.int64).repeat_interleave(s.heads)
+    h = torch.arange(s.heads, dtype=torch.int64).repeat(n_chunks)
+    table = ops.make_table(0, c * nbytes, L, 0, h, c * L, n_kv_heads=s.heads, fmt=fmt,
+                           head_dim=s.head_dim, group_size=s.group_size, device=dev)
+    k_out = torch.empty(1, s.heads, n_chunks * L, s.head_dim, dtype=torch.bfloat16, device=dev)
+    return host, device_src, table, k_out, torch.empty_like(k_out), nbytes
+
+
 def measure_gather(s: Settings, tick: Tick) -> dict:
     import torch
 
@@ -322,20 +327,10 @@ def measure_gather(s: Settings, tick: Tick) -> dict:
         for L in s.chunk_lengths:
             by_tokens: Dict[int, tuple] = {}  # one set of buffers per token count, shared by the backends
             for backend, source in cases:
-                tokens = s.torch_tokens if backend == "torch" else s.tokens
-                n_chunks = max(1, tokens // L)
+                n_chunks = max(1, (s.torch_tokens if backend == "torch" else s.tokens) // L)
                 if n_chunks not in by_tokens:
                     by_tokens.clear()
-                    flat, nbytes = _chunks(fmt, L, n_chunks, s)
-                    host = flat.pin_memory() if dev.type == "cuda" else flat
-                    device_src = flat.to(dev) if dev.type == "cuda" else None
-                    c = torch.arange(n_chunks, dtype=torch.int64).repeat_interleave(s.heads)
-                    h = torch.arange(s.heads, dtype=torch.int64).repeat(n_chunks)
-                    table = ops.make_table(0, c * nbytes, L, 0, h, c * L, n_kv_heads=s.heads, fmt=fmt,
-                                           head_dim=s.head_dim, group_size=s.group_size, device=dev)
-                    k_out = torch.empty(1, s.heads, n_chunks * L, s.head_dim, dtype=torch.bfloat16, device=dev)
-                    v_out = torch.empty_like(k_out)
-                    by_tokens[n_chunks] = (host, device_src, table, k_out, v_out, nbytes)
+                    by_tokens[n_chunks] = _gather_buffers(fmt, L, n_chunks, s, dev)
                 host, device_src, table, k_out, v_out, nbytes = by_tokens[n_chunks]
                 src = device_src if source == "device" else host
 
@@ -370,7 +365,7 @@ def disk_steps(s: Settings) -> int:
     return len(disk_sizes(s))
 
 
-def _drop_pages(paths: Sequence[str]) -> None:
+def drop_pages(paths: Sequence[str]) -> None:
     """Push clean (fsynced) files out of the page cache so the next read goes to the device."""
     for p in paths:
         fd = os.open(p, os.O_RDONLY)
@@ -378,6 +373,10 @@ def _drop_pages(paths: Sequence[str]) -> None:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
+
+
+# the benches bench_pipeline and bench_disk_depth still import the old name; drop it once they do not
+_drop_pages = drop_pages
 
 
 def _files_under(root: str) -> List[str]:
@@ -402,116 +401,124 @@ def _o_direct_problem(path: str, size: int) -> Optional[str]:
     return None
 
 
-def measure_disk(s: Settings, tick: Tick) -> dict:
+def _read_files(paths: Sequence[str], buf, flags: int = 0) -> None:
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY | flags)
+        try:
+            os.preadv(fd, [buf], 0)
+        finally:
+            os.close(fd)
+
+
+def _measure_raw(rdir: str, data: list, size: int, s: Settings, row, out: dict) -> None:
+    """Plain files: each written and fsynced, the directory fsynced once; read warm, cold and O_DIRECT."""
     import numpy as np
+
+    os.makedirs(rdir)
+    paths = [os.path.join(rdir, f"{i}.bin") for i in range(len(data))]
+    t0 = time.perf_counter()
+    for p, d in zip(paths, data):
+        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.write(fd, d)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    dfd = os.open(rdir, os.O_RDONLY)
+    os.fsync(dfd)
+    os.close(dfd)
+    row("raw", "write", time.perf_counter() - t0)
+    buf = np.empty(size, np.uint8)
+    row("raw", "read_warm", _timed(lambda: _read_files(paths, buf), lambda: None, s.min_time_s, s.max_reps))
+    drop_pages(paths)
+    t0 = time.perf_counter()
+    _read_files(paths, buf)
+    row("raw", "read_cold", time.perf_counter() - t0)
+    if out["o_direct"] is None:
+        out["o_direct"] = _o_direct_problem(paths[0], size)
+    if out["o_direct"] is None:
+        abuf = mmap.mmap(-1, size)  # page-aligned, as O_DIRECT needs
+        t0 = time.perf_counter()
+        _read_files(paths, abuf, os.O_DIRECT)
+        row("raw", "read_direct", time.perf_counter() - t0)
+        abuf.close()
+    shutil.rmtree(rdir)
+
+
+def _measure_store(sdir: str, data: list, size: int, s: Settings, row) -> None:
+    """DiskTier: put + flush; read() one chunk after another warm and cold; read_many() cold."""
     import torch
 
-    sizes = disk_sizes(s)
-    out = {"available": True, "reason": None, "path": s.disk_dir, "o_direct": None, "rows": []}
+    from .keys import ChunkKey
+    from .tiers.disk import DiskTier
+
+    n = len(data)
+    keys = [ChunkKey("profile", 0, i) for i in range(n)]
+    with DiskTier(sdir, queue_depth=64) as tier:
+        t0 = time.perf_counter()
+        for k, d in zip(keys, data):
+            tier.put(k, d)
+        tier.flush()
+        row("store", "write", time.perf_counter() - t0)
+        big = torch.empty(n * size, dtype=torch.uint8, pin_memory=s.device != "cpu")
+        outs = [big[i * size:(i + 1) * size] for i in range(n)]
+
+        def store_read():
+            for k, o in zip(keys, outs):
+                tier.read(k, o)
+
+        row("store", "read_warm", _timed(store_read, lambda: None, s.min_time_s, s.max_reps))
+        files = _files_under(sdir)
+        drop_pages(files)
+        t0 = time.perf_counter()
+        store_read()
+        row("store", "read_cold", time.perf_counter() - t0)
+        drop_pages(files)
+        t0 = time.perf_counter()
+        tier.read_many(keys, outs)
+        row("store", "read_cold_parallel", time.perf_counter() - t0)
+        del big, outs
+    shutil.rmtree(sdir)
+
+
+def _store_problem() -> Optional[str]:
     try:
-        from .keys import ChunkKey
-        from .tiers.disk import DiskTier
+        from .tiers.disk import DiskTier  # noqa: F401  (importable is what is asked)
     except ImportError as e:
-        DiskTier = None
-        out["reason"] = f"the disk tier cannot be imported ({e}); store rows skipped"
+        return f"the disk tier cannot be imported ({e}); store rows skipped"
+    return None
+
+
+def measure_disk(s: Settings, tick: Tick) -> dict:
+    import torch
+
+    out = {"available": True, "reason": _store_problem(), "path": s.disk_dir, "o_direct": None, "rows": []}
     rows = out["rows"]
-    pin = s.device != "cpu"
     root = tempfile.mkdtemp(prefix="tierkv-profile-", dir=s.disk_dir)
     try:
-        for size in sizes:
+        for size in disk_sizes(s):
             n = max(8 if not s.quick else 4, min(128 if not s.quick else 64, s.disk_bytes // size))
             g = torch.Generator().manual_seed(size)
             # random-normal bf16: what a raw chunk of K/V looks like to lz4 (it barely compresses)
             data = [torch.randn(size // 2, generator=g).to(torch.bfloat16).view(torch.uint8).numpy() for _ in range(n)]
 
-            def row(path, op, sec, chunks=n):
+            def row(path, op, sec, size=size, chunks=n):
                 rows.append({"path": path, "op": op, "chunk_bytes": size, "chunks": chunks, "bytes": chunks * size,
                              "seconds": sec, "gbps": _gbps(chunks * size, sec), "latency_s": sec / chunks})
 
-            # raw: plain files, each written and fsynced, the directory fsynced once
-            rdir = os.path.join(root, f"raw{size}")
-            os.makedirs(rdir)
-            paths = [os.path.join(rdir, f"{i}.bin") for i in range(n)]
-            t0 = time.perf_counter()
-            for p, d in zip(paths, data):
-                fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-                try:
-                    os.write(fd, d)
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            dfd = os.open(rdir, os.O_RDONLY)
-            os.fsync(dfd)
-            os.close(dfd)
-            row("raw", "write", time.perf_counter() - t0)
-            buf = np.empty(size, np.uint8)
-
-            def raw_read(paths=paths, buf=buf):
-                for p in paths:
-                    fd = os.open(p, os.O_RDONLY)
-                    try:
-                        os.preadv(fd, [buf], 0)
-                    finally:
-                        os.close(fd)
-
-            row("raw", "read_warm", _timed(raw_read, lambda: None, s.min_time_s, s.max_reps))
-            _drop_pages(paths)
-            t0 = time.perf_counter()
-            raw_read()
-            row("raw", "read_cold", time.perf_counter() - t0)
-            if out["o_direct"] is None:
-                out["o_direct"] = _o_direct_problem(paths[0], size)
-            if out["o_direct"] is None:
-                abuf = mmap.mmap(-1, size)  # page-aligned, as O_DIRECT needs
-                t0 = time.perf_counter()
-                for p in paths:
-                    fd = os.open(p, os.O_RDONLY | os.O_DIRECT)
-                    try:
-                        os.preadv(fd, [abuf], 0)
-                    finally:
-                        os.close(fd)
-                row("raw", "read_direct", time.perf_counter() - t0)
-                abuf.close()
-            shutil.rmtree(rdir)
-
-            if DiskTier is not None:
-                sdir = os.path.join(root, f"store{size}")
-                keys = [ChunkKey("profile", 0, i) for i in range(n)]
-                with DiskTier(sdir, queue_depth=64) as tier:
-                    t0 = time.perf_counter()
-                    for k, d in zip(keys, data):
-                        tier.put(k, d)
-                    tier.flush()
-                    row("store", "write", time.perf_counter() - t0)
-                    big = torch.empty(n * size, dtype=torch.uint8, pin_memory=pin)
-                    outs = [big[i * size:(i + 1) * size] for i in range(n)]
-
-                    def store_read(tier=tier, keys=keys, outs=outs):
-                        for k, o in zip(keys, outs):
-                            tier.read(k, o)
-
-                    row("store", "read_warm", _timed(store_read, lambda: None, s.min_time_s, s.max_reps))
-                    files = _files_under(sdir)
-                    _drop_pages(files)
-                    t0 = time.perf_counter()
-                    store_read()
-                    row("store", "read_cold", time.perf_counter() - t0)
-                    _drop_pages(files)
-                    t0 = time.perf_counter()
-                    tier.read_many(keys, outs)
-                    row("store", "read_cold_parallel", time.perf_counter() - t0)
-                    del big, outs
-                shutil.rmtree(sdir)
+            _measure_raw(os.path.join(root, f"raw{size}"), data, size, s, row, out)
+            if out["reason"] is None:
+                _measure_store(os.path.join(root, f"store{size}"), data, size, s, row)
             tick(f"disk {_size(size)} x {n}")
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    if DiskTier is None:
+    if out["reason"] is not None:
         out["available"] = bool(rows)
     return out
 
 
 # --- derived figures -------------------------------------------------------------------------------
-def _interp(points: Sequence[Tuple[float, float]], x: float) -> Optional[float]:
+def interpolate(points: Sequence[Tuple[float, float]], x: float) -> Optional[float]:
     """y at x, linear in log-log between the measured (x, y) points, clamped to the end points."""
     pts = sorted((px, py) for px, py in points if px > 0 and py and py > 0 and math.isfinite(py))
     if not pts:
@@ -542,11 +549,58 @@ def _gather_curve(rows: list, fmt: str, source: str, backend: str) -> Dict[int, 
     return best
 
 
-def derive(result: dict) -> Tuple[list, dict]:
+def _effective_rows(fmt: str, lengths, gpu: dict, cpu: dict, parallel: list, cuda: bool) -> list:
+    """The effective fetch rate of packed chunk bytes from each tier, per chunk length."""
+    out = []
+    for L in lengths:
+        c = cpu.get(L)
+        nbytes = c["chunk_bytes"] if c else (gpu[L]["chunk_bytes"] if L in gpu else None)
+        per_tier = {
+            "gpu": (gpu[L]["read_gbps"] if L in gpu else None,
+                    f"device-source gather ({gpu[L]['backend']})" if L in gpu else "no CUDA device" if not cuda else "not measured"),
+            "cpu": (c["read_gbps"] if c else None,
+                    f"host-source gather ({c['backend']}{', UVA' if cuda else ', CPU'})" if c else "not measured"),
+        }
+        disk_gbps = interpolate(parallel, nbytes) if nbytes else None
+        if disk_gbps is not None and c:
+            per_tier["disk"] = (min(disk_gbps, c["read_gbps"]), "min(store cold read_many, cpu tier)")
+        else:
+            per_tier["disk"] = (None, "not measured")
+        for tier, (gbps, via) in per_tier.items():
+            tps = gbps * 1e9 / nbytes * L if gbps and nbytes else None
+            out.append({"format": fmt, "chunk_tokens": L, "chunk_bytes": nbytes, "tier": tier,
+                        "gbps": gbps, "tokens_per_s": tps, "via": via})
+    return out
+
+
+def _recommend(cpu: dict, latency: list, parallel: list, rules: Rules) -> Tuple[int, int, dict]:
+    """(chunk length, prefetch depth, basis) of one format from its host-source gather curve."""
+    b = {"plateau_gbps": None, "chunk_bytes": None, "latency_s": None, "consume_chunks_per_s": None,
+         "disk_chunks_per_s": None, "note": ""}
+    if not cpu:
+        b["note"] = "no host-source gather measured: defaults"
+        return DEFAULT_CHUNK_LENGTH, DEFAULT_PREFETCH_DEPTH, b
+    plateau = max(r["gbps"] for r in cpu.values())
+    rec = min(L for L, r in cpu.items() if r["gbps"] >= rules.plateau * plateau)
+    nbytes = cpu[rec]["chunk_bytes"]
+    b.update(plateau_gbps=plateau, chunk_bytes=nbytes)
+    W = interpolate(latency, nbytes)
+    R_cpu = cpu[rec]["read_gbps"] * 1e9 / nbytes
+    disk_gbps = interpolate(parallel, nbytes)
+    if W is None or disk_gbps is None:
+        b.update(consume_chunks_per_s=R_cpu, note="no disk measurement: default prefetch depth")
+        return rec, DEFAULT_PREFETCH_DEPTH, b
+    R_disk = disk_gbps * 1e9 / nbytes
+    depth = max(1, min(rules.depth_max, math.ceil(min(R_cpu, R_disk) * W)))
+    b.update(latency_s=W, consume_chunks_per_s=R_cpu, disk_chunks_per_s=R_disk,
+             note="depth = clamp(ceil(min(R_cpu, R_disk) * W), 1, depth_max)")
+    return rec, depth, b
+
+
+def derive(result: dict, rules: Rules = Rules()) -> Tuple[list, dict]:
     """(effective rows, recommendations) from the measurements in `result` (see the module docstring)."""
     s = result["settings"]
     rows = result["gather"]["rows"]
-    backend = result["backend"]
     disk_rows = result["disk"]["rows"]
 
     def disk_curve(op, key="gbps"):
@@ -556,49 +610,10 @@ def derive(result: dict) -> Tuple[list, dict]:
     latency = disk_curve("read_cold", "latency_s")
     effective, chunk_length, depth, basis = [], {}, {}, {}
     for fmt in s["formats"]:
-        gpu = _gather_curve(rows, fmt, "device", backend)
-        cpu = _gather_curve(rows, fmt, "host", backend)
-        for L in s["chunk_lengths"]:
-            c = cpu.get(L)
-            nbytes = c["chunk_bytes"] if c else (gpu[L]["chunk_bytes"] if L in gpu else None)
-            per_tier = {
-                "gpu": (gpu[L]["read_gbps"] if L in gpu else None,
-                        f"device-source gather ({gpu[L]['backend']})" if L in gpu else "no CUDA device" if not result["device"]["cuda"] else "not measured"),
-                "cpu": (c["read_gbps"] if c else None,
-                        f"host-source gather ({c['backend']}{', UVA' if result['device']['cuda'] else ', CPU'})" if c else "not measured"),
-            }
-            disk_gbps = _interp(parallel, nbytes) if nbytes else None
-            if disk_gbps is not None and c:
-                per_tier["disk"] = (min(disk_gbps, c["read_gbps"]), "min(store cold read_many, cpu tier)")
-            else:
-                per_tier["disk"] = (None, "not measured")
-            for tier, (gbps, via) in per_tier.items():
-                tps = gbps * 1e9 / nbytes * L if gbps and nbytes else None
-                effective.append({"format": fmt, "chunk_tokens": L, "chunk_bytes": nbytes, "tier": tier,
-                                  "gbps": gbps, "tokens_per_s": tps, "via": via})
-        b = {"plateau_gbps": None, "chunk_bytes": None, "latency_s": None, "consume_chunks_per_s": None,
-             "disk_chunks_per_s": None, "note": ""}
-        if cpu:
-            plateau = max(r["gbps"] for r in cpu.values())
-            rec = min(L for L, r in cpu.items() if r["gbps"] >= PLATEAU * plateau)
-            b["plateau_gbps"] = plateau
-            nbytes = cpu[rec]["chunk_bytes"]
-            b["chunk_bytes"] = nbytes
-            W = _interp(latency, nbytes)
-            R_cpu = cpu[rec]["read_gbps"] * 1e9 / nbytes
-            disk_gbps = _interp(parallel, nbytes)
-            if W is not None and disk_gbps is not None:
-                R_disk = disk_gbps * 1e9 / nbytes
-                d = max(1, min(DEPTH_MAX, math.ceil(min(R_cpu, R_disk) * W)))
-                b.update(latency_s=W, consume_chunks_per_s=R_cpu, disk_chunks_per_s=R_disk,
-                         note="depth = clamp(ceil(min(R_cpu, R_disk) * W), 1, DEPTH_MAX)")
-            else:
-                d = DEFAULT_PREFETCH_DEPTH
-                b.update(consume_chunks_per_s=R_cpu, note="no disk measurement: default prefetch depth")
-        else:
-            rec, d = DEFAULT_CHUNK_LENGTH, DEFAULT_PREFETCH_DEPTH
-            b["note"] = "no host-source gather measured: defaults"
-        chunk_length[fmt], depth[fmt], basis[fmt] = rec, d, b
+        gpu = _gather_curve(rows, fmt, "device", result["backend"])
+        cpu = _gather_curve(rows, fmt, "host", result["backend"])
+        effective += _effective_rows(fmt, s["chunk_lengths"], gpu, cpu, parallel, result["device"]["cuda"])
+        chunk_length[fmt], depth[fmt], basis[fmt] = _recommend(cpu, latency, parallel, rules)
     default = DEFAULT_FORMAT if DEFAULT_FORMAT in chunk_length else (next(iter(chunk_length), None))
     recs = {
         "default_format": default,
@@ -606,8 +621,8 @@ def derive(result: dict) -> Tuple[list, dict]:
         "prefetch_depth": depth,
         "chunk_length_default": chunk_length.get(default, DEFAULT_CHUNK_LENGTH),
         "prefetch_depth_default": depth.get(default, DEFAULT_PREFETCH_DEPTH),
-        "plateau_fraction": PLATEAU,
-        "depth_max": DEPTH_MAX,
+        "plateau_fraction": rules.plateau,
+        "depth_max": rules.depth_max,
         "basis": basis,
     }
     return effective, recs
@@ -619,7 +634,7 @@ def total_steps(s: Settings) -> int:
 
 
 def run_profile(s: Settings, tick: Optional[Tick] = None, command: Optional[Sequence[str]] = None) -> dict:
-    """Every measurement of `s`, in the JSON schema of the module docstring (tick(label) after each step)."""
+    """Every measurement of `s`, in the JSON schema of tierkv.profiles (tick(label) after each step)."""
     tick = tick or (lambda label: None)
     import torch
 
@@ -657,56 +672,6 @@ def save(result: dict, path: str) -> None:
 
 def _json_default(x):
     raise TypeError(f"profile: cannot save {type(x).__name__} {x!r} as JSON")
-
-
-# --- reading a saved profile --------------------------------------------------------------------------
-def load(path: str) -> dict:
-    """A saved profile, checked to be one; ConfigError naming `profile` otherwise."""
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"profile: {path!r} is not valid JSON ({e}); expected a file saved by `tierkv profile --json`") from None
-    except OSError as e:
-        raise ConfigError(f"profile: cannot read {path!r}: {e}") from None
-    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
-        raise ConfigError(f"profile: {path!r} is not a tierkv profile (expected \"schema\": \"{SCHEMA}\")")
-    if data.get("schema_version") != SCHEMA_VERSION:
-        raise ConfigError(
-            f"profile: {path!r} has schema_version {data.get('schema_version')!r}; this build reads version {SCHEMA_VERSION}"
-        )
-    recs = data.get("recommendations")
-    if not isinstance(recs, dict):
-        raise ConfigError(f"profile: {path!r} lacks the \"recommendations\" object")
-    for name in ("chunk_length_default", "prefetch_depth_default"):
-        _check_int(recs.get(name), f"recommendations.{name}", path, 1 if name.startswith("chunk") else 0)
-    for name in ("chunk_length", "prefetch_depth"):
-        per = recs.get(name)
-        if not isinstance(per, dict):
-            raise ConfigError(f"profile: {path!r} lacks recommendations.{name} (an object of format -> integer)")
-        for fmt, v in per.items():
-            _check_int(v, f"recommendations.{name}.{fmt}", path, 1 if name == "chunk_length" else 0)
-    return data
-
-
-def _check_int(v, what: str, path: str, lo: int) -> None:
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-        raise ConfigError(f"profile: {path!r} has {what} = {v!r}; expected an integer >= {lo}")
-
-
-def profile_defaults(path: str, fmt: str) -> Tuple[int, int]:
-    """(recommended chunk length, prefetch depth) of the saved profile at `path` for chunk format `fmt`
-    (the profile's defaults where it did not measure that format)."""
-    recs = load(path)["recommendations"]
-    return (recs["chunk_length"].get(fmt, recs["chunk_length_default"]),
-            recs["prefetch_depth"].get(fmt, recs["prefetch_depth_default"]))
-
-
-def lengths_around(length: int) -> Tuple[int, ...]:
-    """Planner chunk lengths around a recommended one: length/4 .. 4*length by doubling, none below
-    MIN_PLANNER_LENGTH unless the recommendation itself is (64 gives TierConfig's defaults)."""
-    lo = min(length, MIN_PLANNER_LENGTH)
-    return tuple(sorted(x for x in {length >> 2, length >> 1, length, length << 1, length << 2} if x >= lo))
 
 
 def _size(n: int) -> str:

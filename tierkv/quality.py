@@ -30,6 +30,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from .compat import cache_kwargs
 from .errors import ConfigError
 
 KV = List[Tuple[torch.Tensor, torch.Tensor]]  # per layer: K, V [B, H, T, D]
@@ -68,7 +69,7 @@ def prefill(model, input_ids: torch.Tensor) -> Tuple[KV, torch.Tensor]:
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
-    out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    out = model(input_ids=input_ids, **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
     kv = [(layer.keys, layer.values) for layer in cache.layers]
     return kv, out.logits[:, -1].argmax(-1, keepdim=True)
 
@@ -107,7 +108,7 @@ def continue_greedy(model, cache, first: torch.Tensor, n_new: int) -> torch.Tens
     """Greedy tokens [B, n_new] after a (replayed) prefill whose greedy next token is `first` [B, 1]."""
     tok, gen = first, [first]
     for _ in range(n_new - 1):
-        out = model(input_ids=tok, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=tok, **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
         tok = out.logits[:, -1].argmax(-1, keepdim=True)
         gen.append(tok)
     return torch.cat(gen, dim=1)

@@ -206,14 +206,14 @@ def run(args) -> int:
 
 
 def _show(args, console: Console, err: Console) -> int:
-    from .. import profiling
+    from .. import profiles
 
     try:
-        result = profiling.load(args.show)
+        result = profiles.load(args.show)
     except ConfigError as e:
         err.print(f"tierkv profile: error: argument --show: {e}", markup=False, highlight=False)
         return 2
-    missing = [k for k in profiling.SECTIONS if k not in result]
+    missing = [k for k in profiles.SECTIONS if k not in result]
     if missing:
         err.print(f"tierkv profile: error: argument --show: {args.show!r} lacks {', '.join(missing)}",
                   markup=False, highlight=False)
@@ -385,12 +385,18 @@ def plot(r: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    dev = r["device"]
     fig, axes = plt.subplots(2, 2, figsize=(13, 9))
-    title = f"tierkv profile: {dev['gpu_name'] or 'CPU only'} - backend {r['backend']} - {r['date']}"
-    fig.suptitle(title)
+    fig.suptitle(f"tierkv profile: {r['device']['gpu_name'] or 'CPU only'} - backend {r['backend']} - {r['date']}")
+    _plot_transfers(axes[0][0], r)
+    _plot_gather(axes[0][1], r)
+    _plot_disk(axes[1][0], r)
+    _plot_effective(axes[1][1], r)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, format="png")
+    plt.close(fig)
 
-    ax = axes[0][0]
+
+def _plot_transfers(ax, r: dict) -> None:
     tr = r["transfers"]
     if tr["available"]:
         for d in ("h2d", "d2h"):
@@ -405,7 +411,8 @@ def plot(r: dict, path: str) -> None:
         ax.set_yticks([])
     ax.set(title="host <-> device copies", xlabel="transfer size (bytes)", ylabel="GB/s")
 
-    ax = axes[0][1]
+
+def _plot_gather(ax, r: dict) -> None:
     for x_src, style in (("device", "-"), ("host", "--")):
         for fmt in r["settings"]["formats"]:
             pts = sorted((x["chunk_bytes"], x["gbps"]) for x in r["gather"]["rows"]
@@ -416,7 +423,8 @@ def plot(r: dict, path: str) -> None:
            xscale="log", yscale="log")
     ax.legend(fontsize=7, ncol=2)
 
-    ax = axes[1][0]
+
+def _plot_disk(ax, r: dict) -> None:
     for p, o in DISK_COLS:
         pts = sorted((x["chunk_bytes"], x["gbps"]) for x in r["disk"]["rows"] if x["path"] == p and x["op"] == o)
         if pts:
@@ -424,7 +432,8 @@ def plot(r: dict, path: str) -> None:
     ax.set(title="disk (store = lz4 + crc32c)", xlabel="chunk size (bytes)", ylabel="GB/s", xscale="log", yscale="log")
     ax.legend(fontsize=7)
 
-    ax = axes[1][1]
+
+def _plot_effective(ax, r: dict) -> None:
     fmt = r["recommendations"]["default_format"]
     for f in dict.fromkeys([fmt, "int4"]):
         for tier, style in (("gpu", "-"), ("cpu", "--"), ("disk", ":")):
@@ -444,6 +453,3 @@ def plot(r: dict, path: str) -> None:
     ax.minorticks_off()
     if ax.has_data():
         ax.legend(fontsize=7, loc="center right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, format="png")
-    plt.close(fig)

@@ -9,6 +9,7 @@ and the safetensors state dict is loaded into it.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -40,11 +41,11 @@ def load_retrieval_model(device: str | torch.device = "cpu", dtype: torch.dtype 
         if not f.is_file():
             raise ConfigError(f"retrieval model file {f} is missing; expected config.json and model.safetensors "
                               "(written by bench/train_retrieval_model.py)")
-    config = LlamaConfig.from_json_file(str(cfg_file))
+    with open(cfg_file) as f:
+        config = LlamaConfig.from_dict(json.load(f), attn_implementation=attn_implementation)
     if config.vocab_size != VOCAB.SIZE:
         raise UnsupportedModelError(f"retrieval model vocab_size {config.vocab_size} does not match the "
                                     f"vocabulary in tierkv.models.tasks ({VOCAB.SIZE})")
-    config._attn_implementation = attn_implementation
     # built on the CPU with a throwaway random init (a few million parameters: milliseconds), then
     # overwritten; the rotary inv_freq buffer is not persistent, so it comes from the config, not the file
     model = LlamaForCausalLM(config)

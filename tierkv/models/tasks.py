@@ -31,6 +31,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from tierkv.compat import cache_kwargs, output_cache
 from tierkv.errors import ConfigError
 
 TASKS = ("passkey", "kv")
@@ -287,7 +288,7 @@ def generate_answers(model, prompts: Sequence[Prompt], cache_factory: Callable[[
                      max_new_tokens: int | None = None, batch_size: int = 16) -> list[tuple[int, ...]]:
     """Greedy decoding of each prompt's answer, one prefill then token by token through a cache.
 
-    `cache_factory()` makes a fresh `past_key_values` object per batch (tierkv's cache, a DynamicCache,
+    `cache_factory()` makes a fresh cache object per batch (tierkv's cache, a DynamicCache,
     ...); None lets the model make its own DynamicCache. Prompts are batched only with prompts of the same
     length, so no padding or attention mask is ever needed (pass batch_size=1 for single-sequence caches).
     """
@@ -305,13 +306,13 @@ def generate_answers(model, prompts: Sequence[Prompt], cache_factory: Callable[[
         n_new = max_new_tokens if max_new_tokens is not None else max(len(p.answer_ids) for p in batch)
         ids = torch.tensor([p.input_ids for p in batch], dtype=torch.long, device=device)
         cache = cache_factory() if cache_factory is not None else None
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
+        out = model(input_ids=ids, **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
+        cache = output_cache(out)
         tok = out.logits[:, -1].argmax(-1, keepdim=True)
         gen = [tok]
         for _ in range(n_new - 1):
-            out = model(input_ids=tok, past_key_values=cache, use_cache=True, logits_to_keep=1)
-            cache = out.past_key_values
+            out = model(input_ids=tok, **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
+            cache = output_cache(out)
             tok = out.logits[:, -1].argmax(-1, keepdim=True)
             gen.append(tok)
         rows = torch.cat(gen, dim=1).tolist()

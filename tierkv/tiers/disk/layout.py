@@ -35,10 +35,8 @@ from typing import Iterable, Sequence
 import numcodecs.lz4
 import numpy as np
 
-try:  # computes without the GIL on large buffers, so reader threads check chunks side by side
-    from crc32c import crc32c as crc32c_value
-except ImportError:  # google_crc32c (zarr's own) gives the same value but holds the GIL
-    from google_crc32c import value as crc32c_value
+# computes without the GIL on large buffers, so reader threads check chunks side by side
+from crc32c import crc32c as crc32c_value
 
 from ...errors import CapacityError, ConfigError, CorruptChunkError, TierKVError
 
