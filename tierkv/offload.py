@@ -19,6 +19,7 @@ import torch
 
 from .config import TierConfig
 from .errors import ConfigError, UnsupportedModelError
+from .pipeline.policies import PipelineTuning
 from .store import ChunkStore
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
@@ -66,8 +67,12 @@ def _model_device(model) -> torch.device:
 
 
 @contextmanager
-def offload(model, config: Optional[TierConfig] = None, *, store: Optional[ChunkStore] = None) -> Iterator:
-    """Yield a TierKVCache for `model`; pass it to generate()/forward() as past_key_values."""
+def offload(model, config: Optional[TierConfig] = None, *, store: Optional[ChunkStore] = None,
+            tuning: Optional[PipelineTuning] = None) -> Iterator:
+    """Yield a TierKVCache for `model`; pass it to generate()/forward() as past_key_values.
+
+    store: a ChunkStore to use (kept open on exit); tuning: the decode pipeline's cadences and thresholds
+    (tierkv.pipeline.PipelineTuning; None: the defaults)."""
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
     from transformers.modeling_utils import AttentionInterface
 
@@ -78,6 +83,8 @@ def offload(model, config: Optional[TierConfig] = None, *, store: Optional[Chunk
         config = TierConfig()
     if not isinstance(config, TierConfig):
         raise ConfigError(f"config: expected a TierConfig, got {type(config).__name__}")
+    if tuning is not None and not isinstance(tuning, PipelineTuning):
+        raise ConfigError(f"tuning: expected a tierkv.pipeline.PipelineTuning, got {type(tuning).__name__}")
     _check_model(model)
     original_impl = model.config._attn_implementation or "eager"
     if original_impl.startswith("tierkv"):
@@ -90,7 +97,7 @@ def offload(model, config: Optional[TierConfig] = None, *, store: Optional[Chunk
         store = ChunkStore(config, device=_model_device(model))
         if store.cpu.arena.pinned:  # page-locking is slow: a setup cost, not one of the first request
             store.preallocate()
-    cache = TierKVCache(config, model.config.num_hidden_layers, store)
+    cache = TierKVCache(config, model.config.num_hidden_layers, store, tuning=tuning)
     name = f"tierkv_{next(_names)}"
     AttentionInterface.register(name, make_attention_function(lambda: cache, original_fn))
     AttentionMaskInterface.register(name, make_mask_function(original_mask_fn))
@@ -105,6 +112,7 @@ def offload(model, config: Optional[TierConfig] = None, *, store: Optional[Chunk
         try:
             model.set_attn_implementation(original_impl)
         finally:
+            # transformers has no way to unregister a function but its class-wide mapping
             AttentionInterface._global_mapping.pop(name, None)
             AttentionMaskInterface._global_mapping.pop(name, None)
             cache.close()

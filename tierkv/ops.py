@@ -79,10 +79,6 @@ def missing(name: str) -> Optional[str]:
     return None
 
 
-# tests/test_ops.py still reads the old name; drop it once it calls missing()
-_missing = missing
-
-
 def backend() -> str:
     """The kernel backend used for CUDA tensors: "ext", "cupy" or "torch" (TIERKV_BACKEND forces one)."""
     forced = os.environ.get("TIERKV_BACKEND", "").strip().lower()
@@ -120,7 +116,7 @@ def _pick(device: torch.device, requested: Optional[str]) -> str:
 
 # --- layout helpers -------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=256)
-def _group(fmt: str, head_dim: int, group_size: int) -> int:
+def value_group(fmt: str, head_dim: int, group_size: int) -> int:
     """Channels per value group as the kernels use it (ChunkLayout.group; head_dim for raw formats).
     Cached: gather runs once per layer per decode step, and this validation is the same every time."""
     layout = ChunkLayout(fmt, 1, 1, head_dim, group_size)  # validates fmt, head_dim, group_size
@@ -133,7 +129,7 @@ def _pad16(x: IntOrTensor) -> IntOrTensor:
 
 def head_bytes(n_tokens: IntOrTensor, fmt: str, head_dim: int, group_size: int = 32) -> IntOrTensor:
     """ChunkLayout(fmt, n_tokens, 1, head_dim, group_size).head_bytes, for an int or element-wise for a tensor."""
-    g = _group(fmt, head_dim, group_size)
+    g = value_group(fmt, head_dim, group_size)
     if not is_quantized(fmt):
         return 4 * n_tokens * head_dim
     codes = n_tokens * head_dim * BITS[fmt] // 8
@@ -194,7 +190,7 @@ def _check_gather(sources, table, fmt, head_dim, group_size, k_out, v_out, kerne
         raise FormatError(f"head_dim: expected a multiple of 8 in [8, {MAX_HEAD_DIM}], got {head_dim!r}")
     if isinstance(group_size, bool) or not isinstance(group_size, int):
         raise FormatError(f"group_size: expected an integer, got {group_size!r}")
-    g = _group(fmt, head_dim, group_size)
+    g = value_group(fmt, head_dim, group_size)
     for name, t in (("k_out", k_out), ("v_out", v_out)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.shape[-1] != head_dim:
             raise FormatError(f"{name}: expected a tensor [B, H_kv, N, {head_dim}], got {getattr(t, 'shape', t)!r}")
@@ -429,7 +425,7 @@ def _check_ingest(k, v, chunk_len, fmt, group_size) -> int:
         raise FormatError(f"head_dim: expected a multiple of 8 in [8, {MAX_HEAD_DIM}], got {D}")
     if isinstance(chunk_len, bool) or not isinstance(chunk_len, int) or chunk_len < 1 or T % chunk_len:
         raise FormatError(f"chunk_len: expected a positive divisor of T={T}, got {chunk_len!r}")
-    return _group(fmt, D, group_size)
+    return value_group(fmt, D, group_size)
 
 
 def ingest(

@@ -11,9 +11,10 @@ Two shortcuts make a grid of (format x budget) cells affordable on a CPU, and bo
   compact, then end of the forward pass). tests/test_quality.py checks that a replayed cache decodes
   the same tokens as one filled by a real forward pass.
 - Recall is read off the real decode path. `SelectionProbe` wraps, on one cache's layers only (instance
-  attributes, nothing global), `update` (to keep the exact keys of every position), `score` (the
-  query the selection was made for) and `gather_into` (the chunks it chose), and compares the chosen
-  set with the full softmax of that query over the exact keys.
+  attributes, nothing global), `update` (to keep the exact keys of every position), listens to the
+  cache's choices (the query each selection was made for and the chunks it chose:
+  TierKVCache.add_choice_listener), and compares the chosen set with the full softmax of that query
+  over the exact keys.
 
 Attention-mass recall of one query head at one decode step of one layer:
     p      = softmax(q . K_exact / sqrt(d))       over every position of the sequence so far
@@ -187,7 +188,7 @@ class SelectionProbe:
     around the decode; `stats` then holds the sums. Wrapping is per layer instance and undone on exit.
 
     lowbit=True also measures the int2-mass ranking (RecallStats.lowbit); rescore=True makes the cache
-    select by it (the runtime's `score` is replaced on these layers). This experiment is what led to
+    select by it (set as these layers' `scorer`). This experiment is what led to
     TierConfig(scoring="mass"), the runtime's default since, which ranks the same way from the int2 codes
     it keeps on the GPU (with the hot set exact in the denominator)."""
 
@@ -201,43 +202,42 @@ class SelectionProbe:
         self.needles = needles  # per sequence of the batch: token range [start, end) holding the answer
         self.stats = RecallStats(len(cache.layers))
         self._keys: List[Optional[torch.Tensor]] = [None] * len(cache.layers)
-        self._pending: List[Optional[tuple]] = [None] * len(cache.layers)
 
     def __enter__(self) -> "SelectionProbe":
         for layer in self.cache.layers:
-            self._wrap(layer)
+            self._wrap_update(layer)
+            if self.rescore:
+                layer.scorer = self._rescore
+        self.cache.add_choice_listener(self._on_choice)
         return self
 
     def __exit__(self, *exc) -> None:
+        self.cache.remove_choice_listener(self._on_choice)
         for layer in self.cache.layers:
-            for name in ("update", "score", "gather_into"):
-                layer.__dict__.pop(name, None)
+            layer.__dict__.pop("update", None)
+            if self.rescore:
+                layer.scorer = None
 
-    def _wrap(self, layer) -> None:
-        i = layer.layer_idx
-        update, score, gather_into = layer.update, layer.score, layer.gather_into
+    def _wrap_update(self, layer) -> None:
+        i, update = layer.layer_idx, layer.update
 
         def probe_update(key_states, value_states, *args, **kwargs):
             k = key_states.detach()
             self._keys[i] = k.clone() if self._keys[i] is None else torch.cat([self._keys[i], k], dim=-2)
             return update(key_states, value_states, *args, **kwargs)
 
-        def probe_score(q, **kwargs):
-            # geometry as sparse_attend sees it, before it picks chunks
-            C = layer.n_chunks
-            self._pending[i] = (q.detach(), layer.sink_len, layer.chunk_len, C, layer.tail_len, layer.length,
-                                layer.abstracts[..., :C].clone())
-            if self.rescore:
-                return self._int2_mass(i, q, self._keys[i], layer.sink_len, layer.chunk_len, C)
-            return score(q, **kwargs)
+        layer.update = probe_update  # on this instance only
 
-        def probe_gather_into(chunk_idx, *args, **kwargs):
-            if self._pending[i] is not None:
-                self._record(i, chunk_idx)
-                self._pending[i] = None
-            return gather_into(chunk_idx, *args, **kwargs)
+    def _rescore(self, layer, q, hot_keys) -> torch.Tensor:
+        return self._int2_mass(layer.layer_idx, q, self._keys[layer.layer_idx], layer.sink_len, layer.chunk_len,
+                               layer.n_chunks)
 
-        layer.update, layer.score, layer.gather_into = probe_update, probe_score, probe_gather_into
+    def _on_choice(self, layer, q, chunk_idx) -> None:
+        # the geometry as the sparse step saw it: the layer compacts only after attending
+        C = layer.n_chunks
+        step = (q.detach(), layer.sink_len, layer.chunk_len, C, layer.tail_len, layer.length,
+                layer.table.abstracts[..., :C])
+        self._record(layer.layer_idx, chunk_idx, step)
 
     def _int2_keys(self, i: int, keys: torch.Tensor, S: int, L: int, C: int) -> torch.Tensor:
         """The chunks' keys as the int2 format stores them (per chunk, per channel), cached per layer."""
@@ -264,8 +264,8 @@ class SelectionProbe:
         p = torch.softmax(logits, dim=-1)[..., S : S + C * L]
         return p.reshape(B, H, -1, C, L).sum(-1).sum(2)
 
-    def _record(self, i: int, chunk_idx: torch.Tensor) -> None:
-        q, S, L, C, T, length, abstracts = self._pending[i]
+    def _record(self, i: int, chunk_idx: torch.Tensor, step: tuple) -> None:
+        q, S, L, C, T, length, abstracts = step
         keys = self._keys[i]
         if keys is None or keys.shape[-2] != length:
             raise ConfigError(f"SelectionProbe: layer {i} saw {0 if keys is None else keys.shape[-2]} keys but holds "

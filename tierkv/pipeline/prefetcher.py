@@ -1,4 +1,4 @@
-"""The prefetch pipeline: disk -> pinned staging -> (kernel reads it, then the cpu tier keeps it).
+"""Prefetcher: worker threads staging chunks from disk into pinned slots, ahead of the step that needs them.
 
 Worker threads read chunks that live only on disk into slots of a pinned staging arena of their own,
 ahead of the decode step that will need them. They never touch the store: the decode thread is the
@@ -24,12 +24,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .errors import TierKVError
-from .keys import ChunkKey
-from .tiers.arena import Arena, Extent, round_up
+from ..errors import TierKVError
+from ..keys import ChunkKey
+from ..tiers.arena import Arena, Extent, round_up
 
 _STOP = object()
-REQUEST_GROUPS = 4  # a request's chunks are queued in at most this many groups
 
 
 class PrefetchError(TierKVError):
@@ -60,71 +59,19 @@ class PrefetchStats:
     wait_seconds: float = 0.0
 
 
-class PrefetchGate:
-    """Whether the next layer's guesses are read ahead from disk: only while enough of them are right,
-    and only while reading them ahead makes decode steps faster than not reading them.
+class Prefetcher:
+    """Worker threads staging chunks from `disk` into slots of `slot_bytes`, at most `depth` at a time.
 
-    Guesses that miss cost disk reads that compete with the reads a step waits for, so a hit rate
-    alone does not say whether prefetching pays (on the H200 machine, 54% right guesses still made steps
-    slower than reading on demand: bench/results/pipeline_h200_*). So the gate measures: it keeps the
-    mean step time of the last window spent in each state, runs the faster one, and now and then spends
-    one window in the other state to measure it again (conditions change: the context grows, the page
-    cache warms, another process takes the disk). A probe costs a window in the slower state, so each
-    probe that finds the other state slower again doubles the windows to the next one (from
-    `probe_every` up to `max_probe_every`); one that finds it faster starts over at `probe_every`.
-
-    The hit rate is the gate's first test: the last one measured holds until another is (a window in
-    which no guess was scored says nothing new), and below `min_hit` the gate is shut whatever the
-    times. With no rate measured yet it stays as it is (`on`: its state at the start).
+    `groups`: a request's chunks are queued in at most this many groups (PipelineTuning.request_groups).
     """
 
-    def __init__(self, min_hit: float = 0.25, probe_every: int = 8, max_probe_every: int = 64, on: bool = True) -> None:
-        self.min_hit = min_hit
-        self.probe_every = probe_every
-        self.max_probe_every = max(probe_every, max_probe_every)
-        self.interval = probe_every  # windows from one probe to the next
-        self.on = bool(on)
-        self.rate: Optional[float] = None  # the last hit rate measured
-        self.step_seconds = {True: None, False: None}  # mean step time of the last window in each state
-        self._windows = 0
-        self._last_probe = 0
-        self._probing = False  # the window under way measures the state the gate does not prefer
-
-    def update(self, hit_rate: Optional[float], step_seconds: Optional[float]) -> bool:
-        """After a window of steps spent in state `on`: its guesses' hit rate (None: none scored) and
-        mean step time (None: not measured). Returns the state for the next window."""
-        if step_seconds is not None:
-            self.step_seconds[self.on] = step_seconds
-            if self._probing:
-                other = self.step_seconds[not self.on]
-                slower = other is not None and step_seconds > other
-                self.interval = min(self.max_probe_every, 2 * self.interval) if slower else self.probe_every
-                self._probing = False
-        if hit_rate is not None:
-            self.rate = hit_rate
-        if self.rate is None:
-            return self.on
-        if self.rate < self.min_hit:
-            self.on = False
-            return self.on
-        self._windows += 1
-        other = not self.on
-        if self.step_seconds[other] is None or self._windows - self._last_probe >= self.interval:
-            if self.step_seconds[other] is not None:
-                self._last_probe = self._windows
-            self.on, self._probing = other, True
-        else:
-            self.on = self.step_seconds[True] <= self.step_seconds[False]
-        return self.on
-
-
-class Prefetcher:
     def __init__(self, disk, slot_bytes: int, depth: int = 64, workers: int = 4, pinned: Optional[bool] = None,
-                 wait_timeout: float = 60.0) -> None:
+                 wait_timeout: float = 60.0, groups: int = 4) -> None:
         if pinned is None:
             pinned = torch.cuda.is_available()
         self.disk = disk
         self.depth = depth
+        self.groups = groups
         self.wait_timeout = wait_timeout
         self.arena = Arena(depth * round_up(slot_bytes), "cpu", pinned=pinned, segment_bytes=depth * round_up(slot_bytes))
         self.stats = PrefetchStats()
@@ -212,7 +159,7 @@ class Prefetcher:
     def request(self, keys: Sequence[Tuple[ChunkKey, int]]) -> int:
         """Ask for chunks (key, nbytes) to be staged; returns how many were newly queued.
 
-        A request of many chunks is queued in at most REQUEST_GROUPS groups, each read by one worker
+        A request of many chunks is queued in at most `groups` groups, each read by one worker
         in one call: the Python work per chunk, which competes with the decode thread for the GIL,
         shrinks with the group, and a few groups still keep several reads in flight on the disk.
         """
@@ -230,7 +177,7 @@ class Prefetcher:
                 slot = _Slot(key, nbytes, self._step, ext)
                 self._slots[key] = slot
                 new.append(slot)
-        size = -(-len(new) // REQUEST_GROUPS) if new else 1
+        size = -(-len(new) // self.groups) if new else 1
         for i in range(0, len(new), size):
             self._queue.put(new[i : i + size])
         return len(new)
