@@ -1,9 +1,21 @@
+"""Abstracts and key codes (tierkv.abstracts) and the scoring and choosing made from them (tierkv.selection)."""
+
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tierkv.abstracts import chunk_abstract, score, select
+from tierkv import selection
+from tierkv.abstracts import as_rows, chunk_abstract, chunk_log_mass, key_codes, unpack_codes
+from tierkv.errors import FormatError
 
+
+def rows_of(lo, hi):
+    """Per-chunk min and max [B, H, C, D] -> the layout a layer keeps [B, H, 2D, C]."""
+    return as_rows(torch.stack([lo, hi], dim=-2).transpose(1, 2))
+
+
+# --- the bound ---------------------------------------------------------------------------------------------
 
 @settings(max_examples=60, deadline=None)
 @given(
@@ -16,57 +28,90 @@ def test_bound_holds(B, Hkv, g, T, C, L, D, scale, seed):
     keys = torch.randn(B, C, Hkv, L, D, generator=gen, dtype=torch.float64) * scale
     keys += torch.randn(B, C, Hkv, 1, D, generator=gen, dtype=torch.float64) * scale  # offsets per chunk
     q = torch.randn(B, Hkv * g, T, D, generator=gen, dtype=torch.float64)
-    ab = chunk_abstract(keys)  # [B, C, Hkv, 2, D]
-    bound = score(q.float(), ab.float())  # [B, Hkv, C], float32 as used at run time
+    ab = as_rows(chunk_abstract(keys).float())  # [B, Hkv, 2D, C], float32 as the runtime's arithmetic
+    bound = selection.score(q.float(), ab, None, C, scoring="bound")  # [B, Hkv, C]
     # true max of q.k over keys of the chunk, over the group's query heads and tokens
     qg = q.reshape(B, Hkv, g * T, D)
     dots = torch.einsum("bhqd,bchld->bhcql", qg, keys)
     true = dots.amax(dim=(-1, -2))
     slack = 1e-4 * (qg.abs().sum(-1).amax(-1, keepdim=True) * keys.abs().amax() + 1)
+    assert bound.shape == (B, Hkv, C)
     assert (bound.double() >= true - slack).all()
 
 
 def test_bound_tight_for_single_key():
     k = torch.randn(1, 1, 2, 1, 16)
-    q = torch.randn(1, 2, 16)
-    b = score(q, chunk_abstract(k))
-    assert torch.allclose(b[0, :, 0], (q[0] * k[0, 0, :, 0]).sum(-1), atol=1e-5)
+    q = torch.randn(1, 2, 1, 16)
+    b = selection.bound_scores(q, as_rows(chunk_abstract(k)), 1)
+    assert torch.allclose(b[0, :, 0], (q[0, :, 0] * k[0, 0, :, 0]).sum(-1), atol=1e-5)
 
 
-def test_select_respects_budget_and_order():
-    scores = torch.tensor([[[5.0, 1.0, 4.0, 3.0, 2.0]]])
-    lengths = torch.tensor([16, 16, 16, 16, 7])
-    chosen = select(scores, lengths, budget=48)
-    assert chosen[0, 0].tolist() == [True, False, True, True, False]
-    chosen = select(scores, lengths, budget=47)
-    assert chosen[0, 0].tolist() == [True, False, True, False, False]
-    assert not select(scores, lengths, budget=0).any()
-    eligible = torch.tensor([[False, True, True, True, True]])
-    assert select(scores, lengths, 32, eligible)[0, 0].tolist() == [False, False, True, True, False]
+def test_bound_reads_only_the_chunks_held():
+    """A layer's abstracts have room beyond its chunks: scores cover the first n_chunks columns only."""
+    ab = as_rows(chunk_abstract(torch.randn(2, 5, 2, 4, 8)))
+    q = torch.randn(2, 4, 1, 8)
+    full = selection.bound_scores(q, ab, 5)
+    assert torch.equal(selection.bound_scores(q, ab, 3), full[..., :3])
 
 
-def test_select_random_properties():
+def test_score_checks_its_shapes_and_falls_back_to_the_bound():
+    ab = as_rows(chunk_abstract(torch.randn(1, 3, 2, 4, 8)))
+    q = torch.randn(1, 4, 1, 8)
+    # 'mass' without key codes (a layer made under scoring 'bound') ranks by the bound
+    assert torch.equal(selection.score(q, ab, None, 3, scoring="mass"), selection.bound_scores(q, ab, 3))
+    with pytest.raises(FormatError, match="abstracts"):
+        selection.score(torch.randn(1, 3, 1, 8), ab, None, 3)  # 3 query heads over 2 KV heads
+    with pytest.raises(FormatError, match="abstracts"):
+        selection.score(torch.randn(1, 4, 1, 16), ab, None, 3)  # head dim 16 against abstracts of 8
+
+
+# --- choosing ----------------------------------------------------------------------------------------------
+
+def test_chunks_in_budget():
+    assert selection.chunks_in_budget(48, 16, 5) == 3
+    assert selection.chunks_in_budget(47, 16, 5) == 2  # a chunk that would overflow is not taken
+    assert selection.chunks_in_budget(0, 16, 5) == 0
+    assert selection.chunks_in_budget(10**6, 16, 5) == 5
+
+
+def test_choose_per_head_takes_each_heads_best():
+    scores = torch.tensor([[[5.0, 1.0, 4.0, 3.0, 2.0], [0.0, 9.0, 1.0, 8.0, 7.0]]])
+    idx = selection.choose(scores, 3, "head")
+    assert idx.shape == (1, 2, 3)
+    assert sorted(idx[0, 0].tolist()) == [0, 2, 3] and sorted(idx[0, 1].tolist()) == [1, 3, 4]
+
+
+def test_choose_shared_takes_the_best_of_the_summed_scores_for_every_head():
+    scores = torch.tensor([[[5.0, 1.0, 4.0, 3.0, 2.0], [0.0, 9.0, 1.0, 8.0, 7.0]]])  # sums 5 10 5 11 9
+    idx = selection.choose(scores, 3, "shared")
+    assert idx.shape == (1, 2, 3) and idx.is_contiguous()
+    assert sorted(idx[0, 0].tolist()) == [1, 3, 4] and torch.equal(idx[0, 0], idx[0, 1])
+
+
+def test_choose_random_properties():
     for _ in range(20):
         B, H, C = 2, 3, 50
         s = torch.randn(B, H, C)
-        lens = torch.randint(1, 65, (B, C))
-        budget = int(torch.randint(0, 2000, ()))
-        ch = select(s, lens, budget)
-        used = (ch * lens.unsqueeze(1)).sum(-1)
-        assert (used <= budget).all()
-        # every chosen chunk outranks every unchosen one
-        for b in range(B):
-            for h in range(H):
-                if ch[b, h].any() and (~ch[b, h]).any():
-                    assert s[b, h][ch[b, h]].min() >= s[b, h][~ch[b, h]].max()
+        k = int(torch.randint(0, C + 1, ()))
+        for how, ranked in (("head", s), ("shared", s.sum(1, keepdim=True).expand(B, H, C))):
+            idx = selection.choose(s, k, how)
+            assert idx.shape == (B, H, k)
+            chosen = torch.zeros(B, H, C, dtype=torch.bool).scatter_(2, idx, True)
+            assert (chosen.sum(-1) == k).all()  # k distinct chunks
+            # every chosen chunk outranks every unchosen one
+            for b in range(B):
+                for h in range(H):
+                    if 0 < k < C:
+                        assert ranked[b, h][chosen[b, h]].min() >= ranked[b, h][~chosen[b, h]].max()
+
+
+def test_overlap_counts_the_shared_choices():
+    a = torch.tensor([[[0, 1, 2], [3, 4, 5]]])
+    b = torch.tensor([[[2, 1, 7], [5, 6, 0]]])
+    assert int(selection.overlap(a, b, 8)) == 3  # head 0: 1 and 2; head 1: 5
 
 
 # --- mass scoring from 2-bit key codes ---------------------------------------------------------------------
-import pytest  # noqa: E402
-
-from tierkv.abstracts import chunk_log_mass, key_codes, mass_score, unpack_codes  # noqa: E402
-from tierkv.errors import FormatError  # noqa: E402
-
 
 def _grid_keys(gen, B, H, C, L, D):
     """Keys that lie exactly on their chunk's 2-bit grid (lo + code * (hi - lo) / 3, both ends present)."""
@@ -115,7 +160,8 @@ def test_mass_score_is_softmax_share_summed_over_group():
     k, _ = _grid_keys(gen, B, H, C, L, D)
     hot = torch.randn(B, H, S, D, generator=gen)
     q = torch.randn(B, H * g, 1, D, generator=gen)
-    got = mass_score(q, k.amin(-2), k.amax(-2), key_codes(k, k.amin(-2), k.amax(-2)), 0.5, hot)
+    lo, hi = k.amin(-2), k.amax(-2)
+    got = selection.score(q, rows_of(lo, hi), key_codes(k, lo, hi), C, scoring="mass", scaling=0.5, hot_keys=hot)
     allk = torch.cat([hot, k.reshape(B, H, C * L, D)], dim=2)  # [B, H, S + C*L, D]
     p = torch.softmax(torch.einsum("bhgd,bhnd->bhgn", q.reshape(B, H, g, D), allk) * 0.5, dim=-1)
     want = p[..., S:].reshape(B, H, g, C, L).sum(-1).sum(2)
@@ -135,10 +181,12 @@ def test_mass_ranks_a_heavy_chunk_the_bound_misses():
     spike[0, 0], spike[1:, 0] = 3.0, -8.0  # one key scores 3, the rest -8
     k = torch.stack([spread, spike]).view(1, 1, 2, L, D)
     lo, hi = k.amin(-2), k.amax(-2)
-    m = mass_score(q, lo, hi, key_codes(k, lo, hi), 1.0)
-    ab = torch.stack([lo, hi], dim=-2).permute(0, 2, 1, 3, 4)  # [B, C, H, 2, D]
+    ab, codes = rows_of(lo, hi), key_codes(k, lo, hi)
+    m = selection.score(q, ab, codes, 2, scoring="mass", scaling=1.0)
+    bound = selection.score(q, ab, codes, 2, scoring="bound")
     assert m[0, 0, 0] > m[0, 0, 1]
-    assert score(q, ab)[0, 0, 1] > score(q, ab)[0, 0, 0]
+    assert bound[0, 0, 1] > bound[0, 0, 0]
+    assert selection.choose(m, 1).item() == 0 and selection.choose(bound, 1).item() == 1
 
 
 def test_key_codes_need_head_dim_multiple_of_4():

@@ -8,8 +8,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import tierkv
 from tierkv import TierConfig
 from tierkv.errors import ConfigError
-from tierkv.hf.cache import TierKVCache
 from tierkv.hf.lookahead import decoder_layers
+from tierkv.pipeline import AdmissionGate, HitCounter, PipelineTuning, Predictor
 
 from test_offload import build
 from test_pipeline import gen, prefetch_threads
@@ -28,32 +28,32 @@ def test_lookahead_query_is_the_layers_own_query(tmp_path, family, monkeypatch):
     the attention receives (input norm, projection, q_norm where the model has one, rotary embedding)."""
     model = build(family, seed=5)
     seen = []
-    original = TierKVCache.predict_next
+    original = Predictor.after_choice
 
-    def record(self, layer, q, idx):
+    def record(self, layer, nxt, q, idx, *args):
         guess = self.lookahead.query(layer.layer_idx, layer.layer_idx)
         seen.append((q.clone(), None if guess is None else guess.clone()))
-        return original(self, layer, q, idx)
+        return original(self, layer, nxt, q, idx, *args)
 
-    monkeypatch.setattr(TierKVCache, "predict_next", record)
+    monkeypatch.setattr(Predictor, "after_choice", record)
     ids = torch.randint(1, 512, (2, 300))
     with tierkv.offload(model, cfg(tmp_path)) as cache:
-        assert cache.lookahead is not None
+        lookahead = cache.lookahead
+        assert lookahead is not None
         gen(model, ids, cache, n=6)
     assert len(seen) >= 5 * model.config.num_hidden_layers
     for q, guess in seen:
         assert guess is not None and guess.shape == q.shape
         torch.testing.assert_close(guess, q, rtol=0, atol=0)
-    assert all(len(h._forward_pre_hooks) == 0 for h in decoder_layers(model))  # hooks gone on exit
+    with torch.no_grad():
+        model(ids[:, :1])  # a one-token pass: the hooks, were they still there, would keep its hidden states
+    assert all(h is None for h in lookahead.hidden) and lookahead.rope is None  # hooks gone on exit
 
 
-def test_lookahead_predicts_the_next_layer_better(tmp_path, monkeypatch):
+def test_lookahead_predicts_the_next_layer_better(tmp_path):
     """On a random-weight model the current layer's query says nothing about the next layer's choice
     (different projections); the look-ahead guess, from the residual stream, hits far more often.
     (Guesses made and scored every step: the gate held open.)"""
-    import tierkv.hf.cache as cache_mod
-
-    monkeypatch.setattr(cache_mod, "GATE_EVERY", 10**9)
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=6,
                                          num_attention_heads=8, num_key_value_heads=4, head_dim=32,
@@ -61,8 +61,8 @@ def test_lookahead_predicts_the_next_layer_better(tmp_path, monkeypatch):
     ids = torch.randint(1, 512, (1, 1024))
     rates = {}
     for mode in ("query", "lookahead"):
-        with tierkv.offload(model, cfg(tmp_path / mode, prediction=mode, budget=64, selection="shared")) as cache:
-            cache.next_layer_prefetch = True
+        tuning = PipelineTuning(gate_every=10**9, next_layer_prefetch_at_start=True)
+        with tierkv.offload(model, cfg(tmp_path / mode, prediction=mode, budget=64, selection="shared"), tuning=tuning) as cache:
             gen(model, ids, cache, n=10)
             rates[mode] = cache.stats().prefetch["predict_next_layer_hit_rate"]
     chance = 64 / 1024
@@ -84,15 +84,20 @@ def test_lookahead_off_and_unsupported(tmp_path):
 
 def test_admission_follows_the_next_step_hit_rate(tmp_path):
     """Chunks read from disk go into the cpu tier at once while choices persist from step to step, and
-    only when chosen again within a few steps while they do not (hf.cache ADMIT_ALL_AT)."""
-    from tierkv.hf import cache as hc
-
+    only when chosen again within a few steps while they do not (PipelineTuning.admit_all_at); the gate
+    reads the next-step hit rate of the last window."""
+    tuning = PipelineTuning()
+    gate, hits = AdmissionGate(tuning.admit_prior, tuning.admit_all_at), HitCounter()
+    assert gate.min_prior == 0.0  # nothing measured yet: every chunk
+    gate.update(hits.window_rate())
+    assert gate.min_prior == 0.0  # no rate: nothing changes
+    hits.add(torch.tensor(5), 100)
+    gate.update(hits.window_rate())
+    assert gate.min_prior == tuning.admit_prior  # 5% persist
+    hits.add(torch.tensor(60), 100)
+    gate.update(hits.window_rate())
+    assert gate.min_prior == 0.0  # 60% of the last window persisted
+    assert hits.rate() == 65 / 200
     model = build("llama", seed=2)
-    with tierkv.offload(model, cfg(tmp_path)) as cache:
-        assert cache.admit_min_prior == 0.0  # nothing measured yet: as before
-        cache._pred["next_step_hits"], cache._pred["next_step_total"] = torch.tensor(5), 100
-        cache._gate_admission()
-        assert cache.admit_min_prior == hc.ADMIT_PRIOR  # 5% persist
-        cache._pred["next_step_hits"], cache._pred["next_step_total"] = torch.tensor(5 + 60), 200
-        cache._gate_admission()
-        assert cache.admit_min_prior == 0.0  # 60% of the last window persisted
+    with tierkv.offload(model, cfg(tmp_path)) as cache:  # the cache's fetcher admits by such a gate
+        assert isinstance(cache.fetcher.admission, AdmissionGate) and cache.fetcher.admission.min_prior == 0.0

@@ -128,17 +128,10 @@ def test_sparse_decode_attends_within_budget():
     seen = []
     with tierkv.offload(model, cfg) as cache:
         cache.promote_every = 2
-        layer0 = cache.layers[0]
-        original = layer0.gather_into
-
-        def spy(idx, *args, **kwargs):
-            seen.append(tuple(idx.shape))
-            return original(idx, *args, **kwargs)
-
-        layer0.gather_into = spy
+        cache.add_choice_listener(lambda layer, q, idx: layer.layer_idx == 0 and seen.append(tuple(idx.shape)))
         out = gen(model, ids, cache, max_new_tokens=16)
         stats = cache.stats()
-        entries_seen = cache.entries
+        entries_seen = cache.passes.counts.entries
     assert out.shape == (2, 416)
     entries = 15 * 2 * 2 * 2 * 4  # decode steps x layers x batch x KV heads x chunks
     assert entries_seen == entries and stats.hits["gpu"] > 0 and stats.hits["cpu"] > 0
@@ -165,7 +158,7 @@ def test_sparse_left_padded_batch_masks_the_padding():
     ref = gen(model, ids, DynamicCache(config=model.config), attention_mask=mask, max_new_tokens=24)
     with tierkv.offload(model, EXACT.replace(budget=100000)) as cache:
         out = gen(model, ids, cache, attention_mask=mask, max_new_tokens=24)
-        assert cache.entries > 0  # the sparse path ran (chunks were gathered by selection)
+        assert cache.passes.counts.entries > 0  # the sparse path ran (chunks were gathered by selection)
     assert torch.equal(out, ref)
 
 
@@ -179,7 +172,7 @@ def test_restores_attention_implementation_even_on_error():
     assert model.config._attn_implementation == before
     from transformers.modeling_utils import AttentionInterface
 
-    assert not any(k.startswith("tierkv") for k in AttentionInterface._global_mapping)
+    assert not any(k.startswith("tierkv") for k in AttentionInterface())
     # and the model still generates normally afterwards
     gen(model, torch.randint(1, 512, (1, 10)), DynamicCache(config=model.config), max_new_tokens=2)
 
@@ -235,29 +228,34 @@ def test_planner_gives_layers_different_lengths():
 
 
 def test_layer_scores_equal_reference_bounds():
-    """The decode path's scores (stored abstracts, one matmul) equal abstracts.score on the chunks' keys."""
-    from tierkv.abstracts import chunk_abstract, score
+    """The decode path's scores (stored abstracts, one matmul) equal the bound computed from the chunks'
+    own keys: relu(q) . max + min(q, 0) . min, max over the KV head's query heads."""
+    from tierkv.abstracts import as_rows, chunk_abstract
 
     model = build("qwen2", seed=9)
     ids = torch.randint(1, 512, (2, 300))
     with tierkv.offload(model, EXACT.replace(scoring="bound")) as cache, torch.no_grad():
         model(ids, past_key_values=cache)
         layer = cache.layers[1]
-        assert layer.codes is None and cache.device_bytes()["key_codes"] == 0
+        assert layer.table.codes is None and cache.device_bytes()["key_codes"] == 0
         k, _ = layer.gather_all()  # [B, H, C*L, D], exact in bf16
         B, H, _, D = k.shape
         C, L = layer.n_chunks, layer.chunk_len
         ref_ab = chunk_abstract(k.reshape(B, H, C, L, D).permute(0, 2, 1, 3, 4))  # [B, C, H, 2, D]
+        assert torch.equal(layer.table.abstracts[..., :C], as_rows(ref_ab))
         q = torch.randn(B, 4, 1, D, dtype=torch.bfloat16)
         got = layer.score(q)
-        want = score(q, ref_ab)
+    lo, hi = ref_ab[:, :, :, 0].float(), ref_ab[:, :, :, 1].float()  # [B, C, H, D]
+    qg = q.float().reshape(B, H, -1, D)
+    want = (torch.einsum("bhgd,bchd->bhgc", qg.clamp(min=0), hi) + torch.einsum("bhgd,bchd->bhgc", qg.clamp(max=0), lo)).amax(2)
     torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
 
 
 def test_layer_mass_scores_equal_reference():
-    """scoring='mass': the decode path's scores equal abstracts.mass_score over the chunks' keys (codes
-    made from the exact keys), with the sink and tail as the exact hot set; codes are counted on the GPU."""
-    from tierkv.abstracts import key_codes, mass_score
+    """scoring='mass': the decode path's scores equal the reference mass arithmetic (abstracts.chunk_log_mass,
+    mass_shares) over the chunks' keys (codes made from the exact keys), with the sink and tail as the exact
+    hot set; codes are counted on the GPU."""
+    from tierkv.abstracts import chunk_log_mass, key_codes, mass_shares
 
     model = build("llama", seed=10)
     ids = torch.randint(1, 512, (2, 300))
@@ -270,13 +268,14 @@ def test_layer_mass_scores_equal_reference():
         kc = k.reshape(B, H, C, L, D)
         lo, hi = kc.amin(-2), kc.amax(-2)
         codes = key_codes(kc, lo, hi)
-        assert torch.equal(layer.codes[:, :, :C], codes)
+        assert torch.equal(layer.table.codes[:, :, :C], codes)
         assert cache.device_bytes()["key_codes"] == len(cache.layers) * B * H * C * L * D // 4
         q = torch.randn(B, 4, 1, D, dtype=torch.bfloat16)
         layer.scaling = 0.25
         got = layer.score(q)
         hot = torch.cat([layer.sink_k, layer.tail_k], dim=-2)
-        want = mass_score(q, lo, hi, codes, 0.25, hot)
+        qg = q.float().reshape(B, H, -1, D)
+        want = mass_shares(chunk_log_mass(qg, lo, hi, codes, 0.25), qg * 0.25, hot)
     assert got.shape == (B, H, C)
     torch.testing.assert_close(got, want)
 
@@ -292,17 +291,12 @@ def test_deferred_selection_counts_equal_stepwise():
     with tierkv.offload(model, cfg) as cache:
         cache.promote_every = 10**6  # no promotion (which zeroes chosen) during the run
         layer = cache.layers[1]
-        original = layer.note_selection
-
-        def spy(idx):
-            seen.append(idx.clone())
-            return original(idx)
-
-        layer.note_selection = spy
+        cache.add_choice_listener(lambda l, q, idx: l is layer and seen.append(idx.clone()))
         gen(model, ids, cache, max_new_tokens=20)
-        assert layer._sel  # some steps still deferred (a chunk was cut in between, which flushed the rest)
-        layer.flush_selection()
-        assert not layer._sel
+        table = layer.table
+        assert table.pending_selections  # some steps still deferred (a chunk was cut in between, which flushed the rest)
+        table.flush_selection()
+        assert not table.pending_selections
         C, B = layer.n_chunks, layer.batch_size
         imp, chosen = torch.zeros(B, C), torch.zeros(B, C)  # no choice is counted at prefill
         for idx in seen:
@@ -310,8 +304,8 @@ def test_deferred_selection_counts_equal_stepwise():
             imp = imp * 0.8 + count
             chosen += count
         assert len(seen) == 19 and chosen.sum() == 19 * B * 2 * 3  # decode steps x B x KV heads x chunks
-        torch.testing.assert_close(layer.importance[:, :C], imp, rtol=1e-5, atol=1e-5)
-        assert torch.equal(layer.chosen[:, :C], chosen)
+        torch.testing.assert_close(table.importance[:, :C], imp, rtol=1e-5, atol=1e-5)
+        assert torch.equal(table.chosen[:, :C], chosen)
 
 
 def test_gather_table_static_parts_built_once():
@@ -323,15 +317,7 @@ def test_gather_table_static_parts_built_once():
     cfg = TierConfig(budget=48, format="bf16", sink=4, window=32, chunk_length=16, gpu_budget="32KiB", cpu_budget="16MiB")
     with tierkv.offload(model, cfg) as cache:
         layer = cache.layers[0]
-        built = []
-        original = layer._table_parts
-
-        def spy(kk, n0):
-            before = layer._static
-            out = original(kk, n0)
-            built.append(layer._static is not before)
-            return out
-
-        layer._table_parts = spy
+        steps = []
+        cache.add_choice_listener(lambda l, q, idx: l is layer and steps.append(layer.gatherer.builds))
         gen(model, ids, cache, max_new_tokens=12)
-    assert len(built) == 11 and sum(built) == 1  # built at the first sparse step only
+    assert steps == [1] * 11  # built at the first sparse step only

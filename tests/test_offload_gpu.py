@@ -77,12 +77,12 @@ def test_device_kv_within_gpu_budget_plus_hot_set():
 
 
 def test_pinned_ring_tables_survive_wrapping_around():
-    """Small host tables go to the device through one pinned ring (hf.cache._PinnedRing): each arrives
+    """Small host tables go to the device through one pinned ring (hf.passes.PinnedRing): each arrives
     as it was written, also when the ring wraps around while earlier copies may still be queued behind
     a long kernel (the host waits for the stream before it overwrites the ring)."""
-    from tierkv.hf.cache import _PinnedRing
+    from tierkv.hf.passes import PinnedRing
 
-    ring = _PinnedRing(torch.device("cuda"), elements=64)
+    ring = PinnedRing(torch.device("cuda"), elements=64)
     g = torch.Generator().manual_seed(0)
     big = torch.randn(4096, 4096, device="cuda")
     sent, got = [], []

@@ -282,7 +282,7 @@ def _need(backend):
     if not HAS_CUDA:
         pytest.skip("needs CUDA")
     if backend not in ops.available_backends():
-        pytest.skip(f"backend {backend} unavailable: {ops._missing(backend)}")
+        pytest.skip(f"backend {backend} unavailable: {ops.missing(backend)}")
 
 
 def _check_gather(sc, backend, out_dtype, strided=None, **kw):

@@ -22,8 +22,7 @@ from tierkv.quality import (SelectionProbe, continue_greedy, exact_match, float3
 
 CTX = 512
 # ctx/8 = 64 tokens = 8 chunks of 8 per KV head: the chunk length bench/eval_quality.py found to keep kv
-# accuracy at full attention's (with 16-token chunks ctx/16 lost 5 of 100 kv prompts at 4096 tokens;
-# bench/results/quality_cpu_sweep.json). At 512 tokens ctx/16 would be 32 tokens: too few places to look.
+# accuracy at full attention's. At 512 tokens ctx/16 would be 32 tokens: too few places to look.
 SPARSE = TierConfig(budget=CTX // 8, format="int4", sink=4, window=64, chunk_length=8,
                     gpu_budget="64KiB", cpu_budget="64MiB")
 
@@ -122,13 +121,7 @@ def test_probe_recall_against_eager_attention(model):
             layer0 = cache.layers[0]
             replay_prefill(cache, kv)
             geometry = (layer0.sink_len, layer0.chunk_len, layer0.tail_len + 1, layer0.length + 1)
-            inner = layer0.gather_into
-
-            def spy(idx, *args, **kwargs):
-                chosen.append(idx.clone())
-                return inner(idx, *args, **kwargs)
-
-            layer0.gather_into = spy
+            cache.add_choice_listener(lambda layer, q, idx: layer is layer0 and chosen.append(idx.clone()))
             continue_greedy(model, cache, first, 2)  # one decode step
         eager, _ = load_retrieval_model(attn_implementation="eager")
         with float32_linears(eager):
@@ -239,14 +232,7 @@ def test_every_layer_attends_to_chunks_within_its_budget(model):
     gathered = {}
     with float32_linears(model), tierkv.offload(model, cfg) as cache, torch.inference_mode():
         out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        for layer in cache.layers:
-            inner = layer.gather_into
-
-            def spy(idx, *args, inner=inner, i=layer.layer_idx, **kwargs):
-                gathered[i] = idx.shape[-1]
-                return inner(idx, *args, **kwargs)
-
-            layer.gather_into = spy
+        cache.add_choice_listener(lambda layer, q, idx: gathered.__setitem__(layer.layer_idx, idx.shape[-1]))
         continue_greedy(model, cache, out.logits[:, -1].argmax(-1, keepdim=True), 2)
         plan = [layer.chunk_len for layer in cache.layers]
     assert all(n <= 16 for n in plan), plan
