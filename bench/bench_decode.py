@@ -57,7 +57,7 @@ def build_model(cfg, device):
             model = LlamaForCausalLM(cfg)
     finally:
         torch.set_default_dtype(prev)
-    model.config._attn_implementation = "sdpa"
+    model.set_attn_implementation("sdpa")
     return model.eval()
 
 
@@ -166,8 +166,6 @@ def cleanup():
 
 
 def run_case(model, cfg, ctx, batch, args, device):
-    from transformers import DynamicCache
-
     rows = []
     torch.manual_seed(ctx + batch)
     ids = torch.randint(0, cfg.vocab_size, (batch, ctx), device=device)
@@ -175,9 +173,6 @@ def run_case(model, cfg, ctx, batch, args, device):
     # sdpa expands to 2 bytes an entry: big batches of long contexts need smaller pieces
     piece = args.piece if ctx * batch <= 131072 else args.piece_large
     weights = torch.cuda.memory_allocated() if device == "cuda" else 0
-    free = torch.cuda.mem_get_info()[0] if device == "cuda" else 0
-    need = kv_bytes(cfg, ctx + args.warmup + args.steps, batch)
-    budget_tokens = min(ctx // 16, 2048)
 
     def record(mode, pre, tps, note=""):
         peak = torch.cuda.max_memory_allocated() if device == "cuda" else 0
@@ -186,15 +181,28 @@ def run_case(model, cfg, ctx, batch, args, device):
         print(f"  {mode:14s} ctx={ctx:>6} b={batch} prefill={pre if pre is None else round(pre, 2)} s "
               f"tok/s={tps if tps is None else round(tps, 2)} peak={peak / 2**30:.1f} GiB {note}", flush=True)
 
-    # DynamicCache on the GPU, where its KV fits beside the weights (with room for activations)
+    _hf_rows(model, cfg, ids, piece, args, device, record)
+    if "tierkv" in args.modes:
+        _tierkv_rows(model, cfg, ids, piece, args, device, record, rows)
+    cleanup()
+    return rows
+
+
+def _hf_rows(model, cfg, ids, piece, args, device, record):
+    """transformers' own caches: DynamicCache on the device where its KV fits beside the weights (with
+    room for activations), and DynamicCache(offloading=True) where it is not too slow."""
+    from transformers import DynamicCache
+
+    batch, ctx = ids.shape
+    free = torch.cuda.mem_get_info()[0] if device == "cuda" else 0
+    need = kv_bytes(cfg, ctx + args.warmup + args.steps, batch)
     cleanup()
     if "dynamic" not in args.modes:
         pass
     elif device != "cuda" or need < free - args.headroom * 2**30:
         cache = DynamicCache(config=cfg)
         pre, tok = prefill(model, ids, cache, piece)
-        tps = decode(model, cache, tok, args.warmup, args.steps)
-        record("dynamic", pre, tps)
+        record("dynamic", pre, decode(model, cache, tok, args.warmup, args.steps))
         del cache
     else:
         record("dynamic", None, None, f"does not fit: KV {need / 2**30:.1f} GiB, free {free / 2**30:.1f} GiB")
@@ -204,27 +212,30 @@ def run_case(model, cfg, ctx, batch, args, device):
     elif device == "cuda" and not args.skip_offloaded and (ctx * batch <= args.offloaded_max_tokens):
         cache = DynamicCache(config=cfg, offloading=True)
         pre, tok = prefill(model, ids, cache, piece)
-        tps = decode(model, cache, tok, 1, max(2, args.steps // 4))
-        record("offloaded", pre, tps)
+        record("offloaded", pre, decode(model, cache, tok, 1, max(2, args.steps // 4)))
         del cache
     else:
         record("offloaded", None, None, "skipped: too slow at this size")
     cleanup()
+
+
+def _tierkv_rows(model, cfg, ids, piece, args, device, record, rows):
+    """tierkv dense, then sparse on the same cache (and with the bound scoring, on request)."""
+    batch, ctx = ids.shape
+    budget_tokens = min(ctx // 16, 2048)
+    kv = kv_bytes(cfg, ctx, batch)
     # the gpu chunk cache: 1% of the KV (with random weights the choice churns and it serves next to
     # nothing; the key codes of mass scoring take 6.25% and abstracts + hot set ~2.5% of the 10%)
-    gpu_budget = int(args.gpu_share * kv_bytes(cfg, ctx, batch))
-    tcfg = TierConfig(gpu_budget=gpu_budget, cpu_budget=int(kv_bytes(cfg, ctx, batch) * 1.1) + (256 << 20),
+    tcfg = TierConfig(gpu_budget=int(args.gpu_share * kv), cpu_budget=int(kv * 1.1) + (256 << 20),
                       budget=None, format=args.format, sink=args.sink, window=args.window,
                       chunk_length=args.chunk_length, scoring=args.scoring)
-    if "tierkv" not in args.modes:
-        return rows
+    reset_peak = torch.cuda.reset_peak_memory_stats if device == "cuda" else (lambda: None)
     with tierkv.offload(model, tcfg) as cache:
         pre, tok = prefill(model, ids, cache, piece)
-        torch.cuda.reset_peak_memory_stats() if device == "cuda" else None
-        tps = decode(model, cache, tok, 1, max(2, args.steps // 4))
-        record("tierkv-dense", pre, tps)
+        reset_peak()
+        record("tierkv-dense", pre, decode(model, cache, tok, 1, max(2, args.steps // 4)))
         cache.config = tcfg.replace(budget=budget_tokens)
-        torch.cuda.reset_peak_memory_stats() if device == "cuda" else None
+        reset_peak()
         tps = decode(model, cache, tok, args.warmup, args.steps)
         if args.profile_dir and "decode" in args.profile:
             _profile_steps(model, cache, tok, args, f"sparse_ctx{ctx}_b{batch}")
@@ -232,26 +243,21 @@ def run_case(model, cfg, ctx, batch, args, device):
         held = cache.device_bytes()
         record("tierkv-sparse", pre, tps, f"budget {budget_tokens} tok, hot set sink {args.sink} + window {args.window}; "
                f"gpu hit rate {stats.hit_rate('gpu'):.2f}")
-        rows[-1]["store_stats"] = {k: v for k, v in stats.__dict__.items()}
-        rows[-1]["device_kv_bytes"] = held
-        rows[-1]["kv_bytes"] = kv_bytes(cfg, ctx, batch)
-        rows[-1]["device_kv_share"] = sum(held.values()) / kv_bytes(cfg, ctx, batch)
+        rows[-1].update(store_stats=dict(stats.__dict__), device_kv_bytes=held, kv_bytes=kv,
+                        device_kv_share=sum(held.values()) / kv)
         if "bound" in args.scorings and tcfg.scoring == "mass":
             # the same chunks ranked by the abstracts' bound alone (a cache made with scoring='bound'
             # would hold no key codes on the GPU: they are left out of its share)
             cache.config = tcfg.replace(budget=budget_tokens, scoring="bound")
-            torch.cuda.reset_peak_memory_stats() if device == "cuda" else None
+            reset_peak()
             tps = decode(model, cache, tok, args.warmup, args.steps)
             record("tierkv-sparse-bound", pre, tps, f"budget {budget_tokens} tok, scoring 'bound'")
             if args.profile_dir and "decode" in args.profile:
                 _profile_steps(model, cache, tok, args, f"sparse_bound_ctx{ctx}_b{batch}")
             bound_held = {k: v for k, v in held.items() if k != "key_codes"}
-            rows[-1]["device_kv_bytes"] = bound_held
-            rows[-1]["device_kv_share"] = sum(bound_held.values()) / kv_bytes(cfg, ctx, batch)
+            rows[-1].update(device_kv_bytes=bound_held, device_kv_share=sum(bound_held.values()) / kv)
     if args.profile_dir and "prefill" in args.profile and device == "cuda" and ctx * batch <= 32768:
         _profile_prefill(model, ids, tcfg, piece, args, f"prefill_ctx{ctx}_b{batch}")
-    cleanup()
-    return rows
 
 
 def main(argv=None):

@@ -18,8 +18,8 @@ How it runs on a CPU in minutes (all exact, see tierkv/quality.py):
   bf16 matmuls are ~7x slower on CPUs without bf16 units, and the results differ only by summation order;
 - chunk_length is fixed (--chunk-length): the planner needs the prefill's queries, so only the sweep's
   "planner" variant (chunk_length None, lengths 16..256) prefills through tierkv for real.
-The selection tierkv made is read off its real decode path (quality.SelectionProbe wraps one cache's
-layers' score and gather_into); nothing of the runtime is re-implemented here.
+The selection tierkv made is read off its real decode path (quality.SelectionProbe listens to one
+cache's choices); nothing of the runtime is re-implemented here.
 
     python bench/eval_quality.py                       # the committed run: ~15-20 min on 2 CPU cores
     python bench/eval_quality.py --contexts 4096 --tasks kv --prompts 100 --formats int4 --fractions 16 \

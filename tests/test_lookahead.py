@@ -100,4 +100,4 @@ def test_admission_follows_the_next_step_hit_rate(tmp_path):
     assert hits.rate() == 65 / 200
     model = build("llama", seed=2)
     with tierkv.offload(model, cfg(tmp_path)) as cache:  # the cache's fetcher admits by such a gate
-        assert isinstance(cache.fetcher.admission, AdmissionGate) and cache.fetcher.admission.min_prior == 0.0
+        assert isinstance(cache.fetcher.installs.admission, AdmissionGate) and cache.fetcher.installs.admission.min_prior == 0.0

@@ -515,7 +515,7 @@ def test_staging_full_reads_the_rest_directly(tmp_path, monkeypatch):
         cache.store.disk.read_into_async, cache.store.add_copies = rec_read, rec_add
         out = gen(model, ids, cache)
         stats = cache.stats()
-        pending = set(cache.fetcher.pending_installs())  # read in the last pass: offered when their layer places next
+        pending = set(cache.fetcher.installs.pending())  # read in the last pass: offered when their layer places next
         assert cache.fetcher.prefetcher.depth == 2
     assert torch.equal(out, ref)
     assert stats.prefetch["sync_reads"] > stats.prefetch["completed"]

@@ -95,11 +95,11 @@ class TierKVCache(Cache):
     @property
     def gpu_installs(self) -> bool:
         """Whether chunks read from disk are offered to the gpu tier as well as the cpu tier."""
-        return self.fetcher.gpu_installs
+        return self.fetcher.installs.gpu
 
     @gpu_installs.setter
     def gpu_installs(self, on: bool) -> None:
-        self.fetcher.gpu_installs = bool(on)
+        self.fetcher.installs.gpu = bool(on)
 
     @property
     def promote_every(self) -> int:

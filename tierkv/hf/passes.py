@@ -133,7 +133,7 @@ class PassWork:
         self.steps += 1
         if self.steps % self.tuning.gate_every == 0:
             self.predictor.end_window(*self.window.take())
-            self.fetcher.admission.update(self.predictor.next_step.window_rate())
+            self.fetcher.installs.admission.update(self.predictor.next_step.window_rate())
         if not self.selected_layers or not self.cadence.due(self.steps):
             return
         with self.timers.part("promote"):

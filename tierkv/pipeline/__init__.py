@@ -3,12 +3,13 @@ reads ahead of need (prefetcher), predicting choices (predictor), and the polici
 (policies, with their tuning in one dataclass)."""
 
 from .fetch import Fetcher, Placement
+from .installs import Installs
 from .policies import (AdmissionGate, GuessSampler, PipelineTuning, PrefetchGate, PromotionCadence,
                        StepWindow)
 from .predictor import HitCounter, Predictor
 from .prefetcher import PrefetchError, Prefetcher, PrefetchStats
 from .timers import HostTimers
 
-__all__ = ["AdmissionGate", "Fetcher", "GuessSampler", "HitCounter", "HostTimers", "PipelineTuning", "Placement",
+__all__ = ["AdmissionGate", "Fetcher", "GuessSampler", "HitCounter", "HostTimers", "Installs", "PipelineTuning", "Placement",
            "PrefetchError", "PrefetchGate", "PrefetchStats", "Prefetcher", "Predictor", "PromotionCadence",
            "StepWindow"]

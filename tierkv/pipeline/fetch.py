@@ -23,7 +23,8 @@ import torch
 
 from ..formats import ChunkLayout
 from ..tiers.arena import round_up
-from .policies import PipelineTuning, admission_for
+from .installs import Installs
+from .policies import PipelineTuning
 from .prefetcher import Prefetcher
 from .timers import HostTimers
 
@@ -78,21 +79,19 @@ class _DirectReads:
 
 class Fetcher:
     """Places the layers' chosen chunks (see the module docstring). One per cache; `n_layers` sizes the
-    staging arena for a pass of guesses. `gpu_installs`: chunks read from disk are offered to the gpu
-    tier too. `disk_entries` / `skipped_entries`: gather entries (one per KV head per chunk) read from
-    disk / left out, counted on the host."""
+    staging arena for a pass of guesses. `installs`: what was read, on its way into the memory tiers.
+    `disk_entries` / `skipped_entries`: gather entries (one per KV head per chunk) read from disk / left
+    out, counted on the host."""
 
     def __init__(self, store, config, n_layers: int, timers: Optional[HostTimers] = None,
                  tuning: Optional[PipelineTuning] = None) -> None:
         self.store, self.config, self.n_layers = store, config, n_layers
         self.tuning = tuning or PipelineTuning()
         self.timers = timers or HostTimers()
-        self.admission = admission_for(self.tuning)
-        self.gpu_installs = self.tuning.gpu_installs
+        self.installs = Installs(store, self.timers, self.tuning)
         self.disk_entries = 0
         self.skipped_entries = 0
         self._prefetcher: Optional[Prefetcher] = None
-        self._direct: Dict[int, list] = {}  # per layer, (key, bytes) read outside staging, not yet offered
         self._guess = None  # (table, its guessed chunks on disk, event): set by expect, read by issue_prefetch
         self._alive: list = []  # host buffers a kernel may read until the end of the pass
         self._zero: Optional[torch.Tensor] = None
@@ -111,7 +110,7 @@ class Fetcher:
         if not staged; without it they are left out of this step. `every`: idx is every chunk for every
         head (exact attention), which says nothing about which chunks matter.
         """
-        self.install_direct(layer=table.layer_idx)  # chunks this layer read before: offered first
+        self.installs.install(layer=table.layer_idx)  # chunks this layer read before: offered first
         rows = {}
         if table.dirty:
             with self.timers.part("refresh"):
@@ -215,14 +214,14 @@ class Fetcher:
         # the host's share of the work while the disk reads: earlier layers' chunks into the cpu tier
         # (not with `every`: all of this layer's chunks are about to be read, and none is protected)
         if not every:
-            self.install_direct(protect)
+            self.installs.install(protect)
         t0 = time.perf_counter()
         reads.wait()
         self.store.add_stall(time.perf_counter() - t0)
         for pairs, _, views, bkeys, _ in reads.batches:
             pf.stats.sync_reads += len(pairs)
             pf.stats.bytes_read += reads.nbytes * len(pairs)  # counted with the staged reads: disk bytes per step
-            self.add_direct(zip(bkeys, views))  # offered to the memory tiers
+            self.installs.add(zip(bkeys, views))  # offered to the memory tiers
 
     def zero_chunk(self, nbytes: int) -> torch.Tensor:
         """An all-zero source (decodes to zeros in every format) for entries left out of a step."""
@@ -286,45 +285,6 @@ class Fetcher:
             nb, keys = table.layout.nbytes, table.keys
             self._prefetcher_for(table).request([(keys[b][c], nb) for b, c in want])
 
-    # --- installs into the memory tiers ---------------------------------------------------------------
-    def add_direct(self, items) -> None:
-        """Chunks (key, bytes) a layer read from disk outside staging, for install_direct to offer to the
-        memory tiers later: while a later layer waits for its own reads, or before this layer next places."""
-        for key, data in items:
-            self._direct.setdefault(key.layer, []).append((key, data))
-
-    def pending_installs(self) -> List:
-        """Keys of the chunks read from disk outside staging and not offered to the memory tiers yet."""
-        return [k for entries in self._direct.values() for k, _ in entries]
-
-    def install_direct(self, protect=(), layer: Optional[int] = None) -> None:
-        """Offer the chunks add_direct() holds (only `layer`'s, when given) a copy in the memory tiers,
-        ranked with their chunks by value; the chunks in `protect` are not evicted for them.
-
-        Done while a layer's disk reads are in flight (the host work overlaps the disk), or at the latest
-        when their own layer places next: a layer's addresses are always computed after its chunks read
-        before were offered, so a chunk read once is not read from disk again for want of a copy.
-        Evicting waits for the kernels that may read the evicted slots (the store fences its readers).
-        """
-        if not self._direct or (layer is not None and layer not in self._direct):
-            return
-        with self.timers.part("install"):
-            if layer is None:
-                todo = [e for entries in self._direct.values() for e in entries]
-                self._direct = {}
-            else:
-                todo = self._direct.pop(layer)
-            self._offer(list(dict(todo).items()), protect)  # a key read twice is offered once
-
-    def _offer(self, items, protect=()) -> None:
-        """Chunks read from disk (key, host bytes) into the memory tiers, ranked by value in each: the cpu
-        tier, and with gpu_installs the gpu tier too (chunks it keeps are not read from disk again, and
-        gathers read them from device memory). The admission gate sets the value a chunk needs."""
-        store, prior = self.store, self.admission.min_prior
-        store.add_copies(items, "cpu", min_prior=prior, protect=protect)
-        if self.gpu_installs and store.gpu.budget > 0:
-            store.add_copies(items, "gpu", min_prior=prior, protect=protect)
-
     # --- the end of a pass ----------------------------------------------------------------------------
     def end_pass(self, step: int) -> None:
         """After a forward pass (decode step `step`): staged chunks into the cpu tier, their slots recycled,
@@ -346,8 +306,8 @@ class Fetcher:
         ready = pf.take_ready()
         if ready:
             self._wait_for_kernels()  # kernels of this pass may still read the staging slots
-            self._offer(ready)
-            if self.gpu_installs:
+            self.installs.offer(ready)
+            if self.installs.gpu:
                 self.store.settle_uploads()  # uploads into gpu slots read the staging slots, recycled now
             pf.release([k for k, _ in ready])
         pf.begin_step(step)
@@ -374,7 +334,7 @@ class Fetcher:
             self._prefetcher.wait_idle()
 
     def close(self) -> None:
-        self._direct = {}
+        self.installs.clear()
         if self._alive:
             self._wait_for_kernels()
             self._alive.clear()
