@@ -12,7 +12,7 @@ from tierkv import TierConfig
 from tierkv.errors import TierKVError
 from tierkv.keys import ChunkKey
 from tierkv.pipeline import (GuessSampler, HitCounter, PipelineTuning, PrefetchError, Prefetcher, PrefetchGate,
-                             Predictor, PromotionCadence)
+                             Predictor, PromotionCadence, StepWindow)
 from tierkv.tiers.disk import DiskTier
 
 from test_offload import build
@@ -353,6 +353,51 @@ def test_hit_counter_window_rates():
     assert c.window_rate() == 0.25 and c.window_rate() is None  # nothing new since
     c.add(torch.tensor(9), 10)
     assert c.window_rate() == 0.9 and c.rate() == 14 / 30
+
+
+def test_promotion_cadence_fills_then_follows_the_hit_rate():
+    """The gpu tier's refresh: every every_min steps while it fills (whatever the hit rate); the usual
+    pace once a refresh finds no room; then half as often (skipping the refresh) while choices churn,
+    down to every_max, and twice as often while they persist, up to every_min."""
+    c = PromotionCadence(every=16, every_min=4, every_max=64, churn_rate=0.05, persist_rate=0.3)
+    assert c.every == 4 and c.filling and c.due(8) and not c.due(6)
+    assert c.worth_promoting(gpu_hits=0, entries=100, room=True) and c.every == 4  # filling, room left
+    assert c.worth_promoting(gpu_hits=0, entries=200, room=False)  # no room: the fill is over
+    assert not c.filling and c.every == 16
+    c.promoted = True
+    hits, entries = 0, 200
+    for want in (32, 64, 64):  # 1% of the entries since the last look were gpu hits: churn
+        hits, entries = hits + 1, entries + 100
+        assert not c.worth_promoting(hits, entries) and c.every == want
+    for want in (32, 16, 8, 4, 4):  # half of them: choices persist
+        hits, entries = hits + 50, entries + 100
+        assert c.worth_promoting(hits, entries) and c.every == want
+    c.end_fill()  # (again: never slower than the usual pace after it)
+    assert c.every == 16
+
+
+def test_pipeline_tuning_defaults_and_checks():
+    t = PipelineTuning()
+    assert (t.gate_every, t.next_layer_min_hit, t.next_layer_prefetch_at_start, t.promote_every) == (8, 0.5, False, 16)
+    assert t.replace(gate_every=2).gate_every == 2 and t.gate_every == 8
+    with pytest.raises(TierKVError, match="gate_every"):
+        PipelineTuning(gate_every=0)
+    with pytest.raises(TierKVError, match="admit_prior"):
+        PipelineTuning(admit_prior=-1.0)
+    with pytest.raises(TierKVError, match="gpu_installs"):
+        PipelineTuning(gpu_installs=1)
+    with pytest.raises(TierKVError, match="promote_every_min"):
+        PipelineTuning(promote_every_min=32)
+    with pytest.raises(TierKVError, match="tuning"):
+        with tierkv.offload(build("llama"), sparse_cfg(), tuning={"gate_every": 2}):
+            pass
+
+
+def test_step_window_takes_and_restarts():
+    w = StepWindow()
+    w.add(0.5)
+    w.add(0.25)
+    assert w.take() == (0.75, 2) and w.take() == (0.0, 0)
 
 
 def test_prefetch_gate_keeps_the_faster_state_and_probes():
