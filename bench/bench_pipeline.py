@@ -179,9 +179,7 @@ def read_throughput(disk_dir, max_files=1024):
     Raw: one thread reading the files in turn, and as many threads as the store reads with; the store
     is held against the faster of the two. The store's reader threads are started before the clock.
     """
-    from concurrent.futures import ThreadPoolExecutor
-
-    from tierkv.profiling import _drop_pages
+    from tierkv.profiling import drop_pages
     from tierkv.tiers.disk import DiskTier
 
     store = DiskTier(disk_dir)
@@ -189,26 +187,34 @@ def read_throughput(disk_dir, max_files=1024):
     if not keys:
         store.close()
         return None
-    paths = [store._index[k].path for k in keys]
-
-    threads = store._read_threads
+    paths = [store.chunk_path(k) for k in keys]
+    threads = store.read_threads
     # into one buffer (pinned on a GPU machine), as decode steps read the chunks they stage around the arena
     sizes = [store.nbytes(k) for k in keys]
     whole = torch.empty(sum(sizes), dtype=torch.uint8, pin_memory=torch.cuda.is_available())
     outs = list(torch.split(whole, sizes))
     store.read_many(keys[: 2 * threads], outs[: 2 * threads])  # start the pool's threads, touch the buffer
     whole.fill_(0)
-    _drop_pages(paths)
+    drop_pages(paths)
     t0 = time.perf_counter()
     data = store.read_many(keys, outs)
     t_store = time.perf_counter() - t0
     nbytes = sum(d.numel() for d in data)
-    direct = store._direct
+    direct = store.direct_reads
     store.close()
     out = dict(chunks=len(keys), store_seconds=t_store, store_bytes=nbytes, store_gbps=nbytes / t_store / 1e9,
                store_threads=threads, store_o_direct=direct)
-    if not hasattr(os, "O_DIRECT"):
-        return out
+    if hasattr(os, "O_DIRECT"):
+        _raw_throughput(paths, threads, out)
+    return out
+
+
+def _raw_throughput(paths, threads, out):
+    """Raw O_DIRECT reads of `paths`, one thread and `threads` threads, cold cache, into `out`."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tierkv.profiling import drop_pages
+
     size = max(os.path.getsize(p) for p in paths)
     size = (size + 4095) // 4096 * 4096
 
@@ -223,11 +229,11 @@ def read_throughput(disk_dir, max_files=1024):
         return got
 
     try:
-        _drop_pages(paths)
+        drop_pages(paths)
         t0 = time.perf_counter()
         file_bytes = raw_read(paths, mmap.mmap(-1, size))
         out["raw"] = dict(seconds=time.perf_counter() - t0, bytes=file_bytes, threads=1)
-        _drop_pages(paths)
+        drop_pages(paths)
         bufs = [mmap.mmap(-1, size) for _ in range(threads)]
         with ThreadPoolExecutor(threads) as ex:
             t0 = time.perf_counter()
@@ -235,11 +241,10 @@ def read_throughput(disk_dir, max_files=1024):
             out["raw_parallel"] = dict(seconds=time.perf_counter() - t0, bytes=file_bytes, threads=threads)
     except OSError as e:  # a filesystem without O_DIRECT (tmpfs): say so
         out["raw"] = dict(error=str(e))
-        return out
+        return
     rates = [r["bytes"] / r["seconds"] / 1e9 for r in (out["raw"], out["raw_parallel"])]
     out["raw_gbps"], out["raw_parallel_gbps"] = rates
     out["store_over_raw"] = out["store_gbps"] / max(rates)
-    return out
 
 
 def main(argv=None):
