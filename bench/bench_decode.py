@@ -76,7 +76,7 @@ def prefill(model, ids, cache, piece):
     t0 = time.perf_counter()
     out = None
     for s in range(0, ids.shape[1], piece):
-        out = model(ids[:, s : s + piece], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(ids[:, s : s + piece], **tierkv.cache_kwargs(cache), use_cache=True, logits_to_keep=1)
     sync()
     return time.perf_counter() - t0, out.logits[:, -1].argmax(-1, keepdim=True)
 
@@ -84,11 +84,11 @@ def prefill(model, ids, cache, piece):
 @torch.no_grad()
 def decode(model, cache, tok, warmup, steps):
     for _ in range(warmup):
-        tok = model(tok, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+        tok = model(tok, **tierkv.cache_kwargs(cache), use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
     sync()
     t0 = time.perf_counter()
     for _ in range(steps):
-        tok = model(tok, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+        tok = model(tok, **tierkv.cache_kwargs(cache), use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
     sync()
     return steps * tok.shape[0] / (time.perf_counter() - t0)
 
@@ -112,7 +112,7 @@ def _profile_steps(model, cache, tok, args, name):
     """Where a sparse decode step spends host and device time (torch.profiler), as text tables."""
     with torch.no_grad(), _profiler() as prof:
         for _ in range(4):
-            tok = model(tok, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+            tok = model(tok, **tierkv.cache_kwargs(cache), use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
         sync()
     _write_tables(prof, args, name)
     # and where the host's time goes by Python function (the decode is host-bound): cProfile, cumulative
@@ -124,7 +124,7 @@ def _profile_steps(model, cache, tok, args, name):
     with torch.no_grad():
         pr.enable()
         for _ in range(4):
-            tok = model(tok, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+            tok = model(tok, **tierkv.cache_kwargs(cache), use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
         sync()
         pr.disable()
     text = io.StringIO()

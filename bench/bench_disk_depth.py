@@ -37,7 +37,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from tierkv.keys import ChunkKey  # noqa: E402
-from tierkv.profiling import _drop_pages  # noqa: E402
+from tierkv.profiling import drop_pages  # noqa: E402
 from tierkv.tiers.disk import native as c_reader  # noqa: E402
 from tierkv.tiers.disk import DiskTier  # noqa: E402
 
@@ -92,7 +92,7 @@ def main(argv=None) -> int:
             for path in ("raw", "store", "store_python")[: 3 if args.python_reader else 2]:
                 ks = rng.sample(keys, args.per_pass)
                 ps = [paths[k] for k in ks]
-                _drop_pages(ps)
+                drop_pages(ps)
                 if path == "raw":
                     bufs = [mmap.mmap(-1, size) for _ in range(threads)]
 
@@ -108,7 +108,7 @@ def main(argv=None) -> int:
 
                     with ThreadPoolExecutor(threads) as ex:
                         list(ex.map(lambda j: one(j, ps[:threads]), range(threads)))  # threads started
-                        _drop_pages(ps[:threads])
+                        drop_pages(ps[:threads])
                         t0 = time.perf_counter()
                         nb = 0
                         for s in range(0, len(ps), batch):
@@ -120,7 +120,7 @@ def main(argv=None) -> int:
                     whole = torch.empty(batch * args.chunk_bytes, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
                     outs = list(torch.split(whole, args.chunk_bytes))
                     store.read_many(ks[: 2 * threads], [outs[i % batch] for i in range(2 * threads)])
-                    _drop_pages(ps[: 2 * threads])
+                    drop_pages(ps[: 2 * threads])
                     t0 = time.perf_counter()
                     nb = 0
                     for s in range(0, len(ks), batch):

@@ -312,7 +312,6 @@ def _print_row(r):
 
 
 # bench_store_paths still reads this name; drop it once it calls tierkv.profiling.git_commit
-_git = git_commit
 
 
 def main(argv=None):

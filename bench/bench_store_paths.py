@@ -37,6 +37,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 import bench_kernels as bk  # noqa: E402
 from tierkv import _cupy_backend as cb  # noqa: E402
 from tierkv import ops  # noqa: E402
+from tierkv.profiling import git_commit  # noqa: E402
 
 MICRO = r"""
 typedef unsigned long long u64;
@@ -260,7 +261,7 @@ def main(argv=None):
     torch.cuda.synchronize()
     peaks = bk.copy_peaks(256 << 20, args.iters)
     res = {"device": dev.name, "torch": torch.__version__, "cuda": torch.version.cuda,
-           "python": platform.python_version(), "git_commit": bk._git(), "command": " ".join(sys.argv),
+           "python": platform.python_version(), "git_commit": git_commit(), "command": " ".join(sys.argv),
            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "peaks": peaks}
     res["ceilings"] = ceilings(256 << 20, args.iters)
     res["gathers"] = gathers(args, peaks)

@@ -79,7 +79,7 @@ def run_cell(model, cfg, kv, first, n_new, needles, scaling, ids, probe_kw):
         with SelectionProbe(cache, scaling, needles, **probe_kw) as probe:
             if cfg.chunk_length is None:  # the planner needs the prefill's queries: a real prefill
                 with torch.inference_mode():
-                    out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                    out = model(input_ids=ids, **tierkv.cache_kwargs(cache), use_cache=True, logits_to_keep=1)
                 first = out.logits[:, -1].argmax(-1, keepdim=True)
             else:
                 replay_prefill(cache, kv)

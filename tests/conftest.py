@@ -41,12 +41,12 @@ def output_cache():
 
 @pytest.fixture(params=["c", "python"])
 def reader(request, monkeypatch):
-    """Run a disk test with each chunk-file reader: the C reader (tiers/_native.py, skipped where it
+    """Run a disk test with each chunk-file reader: the C reader (tiers/disk/native.py, skipped where it
     cannot be built) and the Python one (the reference)."""
-    from tierkv.tiers import _native
+    from tierkv.tiers.disk import native
 
     if request.param == "python":
         monkeypatch.setenv("TIERKV_NATIVE_IO", "0")
-    elif _native.library() is None:
-        pytest.skip(f"the C reader cannot be built here: {_native.missing()}")
+    elif native.library() is None:
+        pytest.skip(f"the C reader cannot be built here: {native.missing()}")
     return request.param

@@ -46,7 +46,7 @@ EXACT = TierConfig(budget=None, format="bf16", sink=4, window=32, chunk_length=1
 
 def gen(model, ids, cache, **kw):
     with torch.no_grad():
-        return model.generate(ids, past_key_values=cache, do_sample=False, pad_token_id=0, **kw)
+        return model.generate(ids, **tierkv.cache_kwargs(cache), do_sample=False, pad_token_id=0, **kw)
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
@@ -86,11 +86,11 @@ def test_sampled_generation_identical():
     ids = torch.randint(1, 512, (2, 120))
     torch.manual_seed(123)
     with torch.no_grad():
-        ref = model.generate(ids, past_key_values=DynamicCache(config=model.config), do_sample=True, top_k=50, max_new_tokens=30)
+        ref = model.generate(ids, **tierkv.cache_kwargs(DynamicCache(config=model.config)), do_sample=True, top_k=50, max_new_tokens=30)
     with tierkv.offload(model, EXACT) as cache:
         torch.manual_seed(123)
         with torch.no_grad():
-            out = model.generate(ids, past_key_values=cache, do_sample=True, top_k=50, max_new_tokens=30)
+            out = model.generate(ids, **tierkv.cache_kwargs(cache), do_sample=True, top_k=50, max_new_tokens=30)
     assert torch.equal(out, ref)
 
 
@@ -220,7 +220,7 @@ def test_planner_gives_layers_different_lengths():
     ids = torch.randint(1, 512, (1, 600))
     with tierkv.offload(model, cfg) as cache:
         with torch.no_grad():
-            model(ids, past_key_values=cache)
+            model(ids, **tierkv.cache_kwargs(cache))
         lengths = [layer.chunk_len for layer in cache.layers]
         rates = [layer.rate for layer in cache.layers]
     assert rates[0] > rates[1]
@@ -235,7 +235,7 @@ def test_layer_scores_equal_reference_bounds():
     model = build("qwen2", seed=9)
     ids = torch.randint(1, 512, (2, 300))
     with tierkv.offload(model, EXACT.replace(scoring="bound")) as cache, torch.no_grad():
-        model(ids, past_key_values=cache)
+        model(ids, **tierkv.cache_kwargs(cache))
         layer = cache.layers[1]
         assert layer.table.codes is None and cache.device_bytes()["key_codes"] == 0
         k, _ = layer.gather_all()  # [B, H, C*L, D], exact in bf16
@@ -260,7 +260,7 @@ def test_layer_mass_scores_equal_reference():
     model = build("llama", seed=10)
     ids = torch.randint(1, 512, (2, 300))
     with tierkv.offload(model, EXACT) as cache, torch.no_grad():
-        model(ids, past_key_values=cache)
+        model(ids, **tierkv.cache_kwargs(cache))
         layer = cache.layers[0]
         k, _ = layer.gather_all()
         B, H, _, D = k.shape

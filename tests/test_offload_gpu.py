@@ -55,12 +55,12 @@ def test_device_kv_within_gpu_budget_plus_hot_set():
         torch.cuda.synchronize()
         m0 = torch.cuda.memory_allocated()  # the weights
         with tierkv.offload(model, tcfg) as cache, torch.no_grad():
-            tok = model(ids, past_key_values=cache, logits_to_keep=1).logits[:, -1:].argmax(-1)
+            tok = model(ids, **tierkv.cache_kwargs(cache), logits_to_keep=1).logits[:, -1:].argmax(-1)
             del ids
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             for _ in range(8):
-                tok = model(tok, past_key_values=cache).logits[:, -1:].argmax(-1)
+                tok = model(tok, **tierkv.cache_kwargs(cache)).logits[:, -1:].argmax(-1)
             torch.cuda.synchronize()
             resident = torch.cuda.memory_allocated() - m0
             return resident, torch.cuda.max_memory_allocated() - m0, cache.device_bytes()

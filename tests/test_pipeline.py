@@ -20,7 +20,7 @@ from test_offload import build
 
 def gen(model, ids, cache, n=12):
     with torch.no_grad():
-        return model.generate(ids, past_key_values=cache, do_sample=False, pad_token_id=0, max_new_tokens=n)
+        return model.generate(ids, **tierkv.cache_kwargs(cache), do_sample=False, pad_token_id=0, max_new_tokens=n)
 
 
 def sparse_cfg(**kw):

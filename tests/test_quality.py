@@ -64,11 +64,11 @@ def test_dense_16bit_greedy_identical_to_dynamic_cache(model, fmt, tmp_path):
     ids = torch.tensor([p.input_ids for p in make_prompts("kv", 256, 4, seed=5)])
     kw = dict(max_new_tokens=24, do_sample=False, pad_token_id=0)
     with torch.inference_mode():
-        ref = model.generate(ids, past_key_values=DynamicCache(config=model.config), **kw)
+        ref = model.generate(ids, **tierkv.cache_kwargs(DynamicCache(config=model.config)), **kw)
     cfg = TierConfig(budget=None, format=fmt, sink=4, window=32, chunk_length=16, gpu_budget="16KiB",
                      cpu_budget="64KiB", disk_path=str(tmp_path / fmt))
     with tierkv.offload(model, cfg) as cache, torch.inference_mode():
-        out = model.generate(ids, past_key_values=cache, **kw)
+        out = model.generate(ids, **tierkv.cache_kwargs(cache), **kw)
         on_disk = cache.store.stats().resident_chunks["disk"]
     assert on_disk > 0
     assert torch.equal(out, ref)
@@ -94,7 +94,7 @@ def test_replayed_prefill_decodes_like_a_real_one(model):
     scaling = model.model.layers[0].self_attn.scaling
     with float32_linears(model), torch.inference_mode():
         with tierkv.offload(model, SPARSE) as cache, SelectionProbe(cache, scaling) as real_probe:
-            out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out = model(input_ids=ids, **tierkv.cache_kwargs(cache), use_cache=True, logits_to_keep=1)
             first = out.logits[:, -1].argmax(-1, keepdim=True)
             real = continue_greedy(model, cache, first, 4)
         kv, first2 = prefill(model, ids)
@@ -231,7 +231,7 @@ def test_every_layer_attends_to_chunks_within_its_budget(model):
     cfg = TierConfig(budget=64, format="int4", sink=4, window=64, gpu_budget="64KiB", cpu_budget="64MiB")
     gathered = {}
     with float32_linears(model), tierkv.offload(model, cfg) as cache, torch.inference_mode():
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=ids, **tierkv.cache_kwargs(cache), use_cache=True, logits_to_keep=1)
         cache.add_choice_listener(lambda layer, q, idx: gathered.__setitem__(layer.layer_idx, idx.shape[-1]))
         continue_greedy(model, cache, out.logits[:, -1].argmax(-1, keepdim=True), 2)
         plan = [layer.chunk_len for layer in cache.layers]

@@ -1,7 +1,7 @@
 """`tierkv.offload`: run a transformers model with its KV cache in tierkv's tiers.
 
     with tierkv.offload(model, TierConfig(...)) as cache:
-        out = model.generate(input_ids, past_key_values=cache, max_new_tokens=64)
+        out = model.generate(input_ids, **tierkv.cache_kwargs(cache), max_new_tokens=64)
 
 On enter the model's attention implementation is swapped for tierkv's (registered with transformers'
 AttentionInterface and AttentionMaskInterface under a name of this context's own); on exit, also on an
@@ -69,7 +69,7 @@ def _model_device(model) -> torch.device:
 @contextmanager
 def offload(model, config: Optional[TierConfig] = None, *, store: Optional[ChunkStore] = None,
             tuning: Optional[PipelineTuning] = None) -> Iterator:
-    """Yield a TierKVCache for `model`; pass it to generate()/forward() as past_key_values.
+    """Yield a TierKVCache for `model`; pass it to generate()/forward() with **tierkv.cache_kwargs(cache) (`cache=` on current transformers, `past_key_values=` on 5.17).
 
     store: a ChunkStore to use (kept open on exit); tuning: the decode pipeline's cadences and thresholds
     (tierkv.pipeline.PipelineTuning; None: the defaults)."""

@@ -376,7 +376,6 @@ def drop_pages(paths: Sequence[str]) -> None:
 
 
 # the benches bench_pipeline and bench_disk_depth still import the old name; drop it once they do not
-_drop_pages = drop_pages
 
 
 def _files_under(root: str) -> List[str]:

@@ -311,13 +311,3 @@ class ChunkStore:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-    # transitional, for tierkv/hf/cache.py until it calls settle() and write_back() unconditionally
-    # (both return at once when there is nothing to do); no other module may read them
-    @property
-    def _inflight(self) -> bool:
-        return self._copies.cpu_slots_busy
-
-    @property
-    def _unwritten(self) -> bool:
-        return bool(self._ingest.unwritten)

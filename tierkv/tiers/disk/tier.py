@@ -126,7 +126,7 @@ class DiskTier:
         self._errors = StoredErrors()
         files = FileReader(self._index, lib, bool(direct_reads) and hasattr(os, "O_DIRECT"))
         self._reader = ChunkReader(self._index, self._errors, files, read_threads or io_threads(),
-                                   tuning.min_per_thread, lambda *a: self._read_files(*a))
+                                   tuning.min_per_thread, files.read_files)
         self._files = files
         self._writer = WriteBehind(self._index, self._errors, queue_depth, tuning.write_batch, tuning.poll_s)
 
@@ -308,18 +308,3 @@ class DiskTier:
     def __repr__(self) -> str:
         return (f"DiskTier({self.path!r}, chunks={self._index.durable_count()}, used={self.used_bytes}, "
                 f"budget={self.budget})")
-
-    # transitional: every read of chunk files goes through here, so that tests/test_pipeline.py can slow
-    # or fail reads by patching DiskTier._read_files (until it patches FileReader.read_files instead)
-    def _read_files(self, keys, locs, ts, threads: int = 1) -> List[int]:
-        return self._files.read_files(keys, locs, ts, threads)
-
-    # transitional, for bench/bench_pipeline.py until it reads chunk_path(), read_threads and
-    # direct_reads; no other module may read them
-    @property
-    def _read_threads(self) -> int:
-        return self.read_threads
-
-    @property
-    def _direct(self) -> bool:
-        return self.direct_reads
