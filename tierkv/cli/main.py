@@ -16,12 +16,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import demo, profile, roundtrip
+    from . import batch, demo, profile, roundtrip
 
     p = _Parser(prog="tierkv", description="Tiered GPU / CPU / disk KV-cache offloading for LLM inference.")
     p.add_argument("--version", action="version", version=f"tierkv {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for mod in (demo, roundtrip, profile):
+    for mod in (demo, batch, roundtrip, profile):
         mod.register(sub)
     return p
 
