@@ -208,7 +208,7 @@ class _Session:
         if retry:
             self.summary.retried += self.journal.drop(retry)
             self.reporter.note(f"retrying {len(retry)} failed request(s)")
-        self.summary.already_done += sum(1 for r in requests if r.key in existing)
+        self.summary.already_done += sum(1 for r in requests if r.key in self.journal.existing)
 
     # --- batches --------------------------------------------------------------------------------------
     def run_window(self, requests: Sequence[Request]) -> None:

@@ -143,9 +143,9 @@ class InputReader:
 
     def _request(self, raw: bytes, n: int) -> Request:
         try:
-            obj = json.loads(raw.decode("utf-8"))
+            obj = json.loads(raw.rstrip().decode("utf-8"))
         except UnicodeDecodeError as e:
-            raise _Bad(f"not UTF-8 text (byte {e.start})", "malformed") from None
+            raise _Bad(f"not UTF-8 text (at column {e.start + 1})", "malformed") from None
         except json.JSONDecodeError as e:
             raise _Bad(f"not valid JSON ({e.msg} at column {e.colno})", "malformed") from None
         if not isinstance(obj, dict):

@@ -101,7 +101,7 @@ def run(args) -> int:
     from ..batch.progress import ConsoleReporter, summary_table
     from ..errors import TierKVError
 
-    err = Console(stderr=True, highlight=False)
+    err = Console(stderr=True, highlight=False, soft_wrap=True)  # a message is one line, however long
     out = Console(highlight=False)
     fail = _failer(err)
     paths = list(args.paths)
