@@ -460,6 +460,85 @@ def test_a_failed_write_leaves_no_half_line(tmp_path, monkeypatch):
         assert list(j.existing) == ['"a"'] and not j.notes
 
 
+def test_strict_input_errors_reach_the_caller(lm, tmp_path):
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_lines(src, ['{"id": 1, "prompt": [1, 2], "max_new_tokens": 1}', "{", '{"id": 2}'])
+    with pytest.raises(BatchInputError) as e:
+        run_batch(str(src), str(out), opts(strict=True), model=lm)
+    assert e.value.problems == ["line 2: not valid JSON (Expecting property name enclosed in double quotes at column 2)",
+                                "line 3: missing field 'prompt'"]
+    assert out.read_text() == ""
+
+
+def test_disk_tier_gets_a_directory_per_batch_and_stale_ones_go(lm, tmp_path):
+    src, out, disk = tmp_path / "in.jsonl", tmp_path / "out.jsonl", tmp_path / "cold"
+    requests_file(src, n=3)
+    stale = disk / "tierkv-batch-999999999-abc"  # no such process
+    stale.mkdir(parents=True)
+    (disk / "keep-me").mkdir()
+    cfg = TIER.replace(cpu_budget="48KiB", disk_path=str(disk))  # most chunks must go to disk
+    s = run_batch(str(src), str(out), opts(tier=cfg), model=lm)
+    assert s.ok == 3 and s.bytes_moved.get("cpu->disk", 0) + s.bytes_moved.get("ingest->disk", 0) > 0, s.bytes_moved
+    assert sorted(os.listdir(disk)) == ["keep-me"]
+    assert any("tierkv-batch-999999999-abc" in n for n in s.notes)
+
+
+def tiny_transformers_model(folder, seed=0, tokenizer=True):
+    """A small Llama saved by transformers, with a word-level tokenizer of 64 words."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=16, max_position_embeddings=256, eos_token_id=3,
+                      pad_token_id=0, bos_token_id=2)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    if tokenizer:
+        words = ["[PAD]", "[UNK]", "<s>", "</s>"] + [f"w{i}" for i in range(60)]
+        tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+        tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", bos_token="<s>",
+                                eos_token="</s>").save_pretrained(folder)
+
+
+def test_a_local_transformers_model_with_and_without_tokenizer(tmp_path, capsys):
+    a, b, plain = tmp_path / "a", tmp_path / "b", tmp_path / "plain"
+    tiny_transformers_model(a)
+    tiny_transformers_model(b, seed=1)
+    tiny_transformers_model(plain, tokenizer=False)
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    text = " ".join(f"w{i % 60}" for i in range(120))
+    write_lines(src, [json.dumps({"id": "t", "prompt": text, "max_new_tokens": 6}),
+                      json.dumps({"id": "ids", "prompt": list(range(4, 64)), "max_new_tokens": 3}),
+                      json.dumps({"id": "long", "prompt": list(range(4, 64)) * 5, "max_new_tokens": 3})])
+    code, _, err = run_cli(capsys, src, out, "--model", a, *TIER_ARGS)
+    assert code == 2 and "line 3: prompt of 300 tokens + max_new_tokens 3 = 303 exceeds the model's 256 positions" in err
+    res = by_id(read_results(out))
+    assert set(res) == {"t", "ids"} and res["t"]["prompt_tokens"] == 120 and res["t"]["status"] == "ok"
+    assert res["t"]["finish_reason"] in ("length", "eos") and isinstance(res["t"]["text"], str)
+    # the same request on other weights: refused, not mixed
+    code, _, err = run_cli(capsys, src, out, "--resume", "--model", b, *TIER_ARGS)
+    assert code == 2 and "another model" in err
+    out2 = tmp_path / "out2.jsonl"
+    code, _, err = run_cli(capsys, src, out2, "--model", plain, *TIER_ARGS)
+    assert code == 2 and f"line 1: prompt: text given, but {plain} has no tokenizer; give token ids instead" in err
+    assert read_results(out2)[0]["id"] == "ids" and read_results(out2)[0]["text"] is None
+
+
+def test_failed_results_kept_by_a_resume_still_exit_1(lm, tmp_path, capsys):
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    requests_file(src, n=2)
+    assert run_cli(capsys, src, out, *TIER_ARGS)[0] == 0
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    lines[0].update(status="error", error="RuntimeError: earlier")
+    del lines[0]["tokens"]
+    write_lines(out, [json.dumps(r) for r in lines])
+    code, _, err = run_cli(capsys, src, out, "--resume", *TIER_ARGS)
+    assert code == 1 and "1 request(s) have failed results (0 in this run)" in err
+    assert run_cli(capsys, src, out, "--resume", "--retry-errors", *TIER_ARGS)[0] == 0
+    assert [r["status"] for r in read_results(out)] == ["ok", "ok"]
+
+
 # --- the command ----------------------------------------------------------------------------------------
 def run_cli(capsys, *args):
     code = main(["batch", *map(str, args)])

@@ -208,7 +208,9 @@ class _Session:
         if retry:
             self.summary.retried += self.journal.drop(retry)
             self.reporter.note(f"retrying {len(retry)} failed request(s)")
-        self.summary.already_done += sum(1 for r in requests if r.key in self.journal.existing)
+        done = [self.journal.existing[r.key] for r in requests if r.key in self.journal.existing]
+        self.summary.already_done += len(done)
+        self.summary.failed_earlier += sum(1 for e in done if e.status == "error")
 
     # --- batches --------------------------------------------------------------------------------------
     def run_window(self, requests: Sequence[Request]) -> None:

@@ -103,7 +103,7 @@ def summary_table(s: BatchSummary) -> Table:
     t.add_column("value", justify="right")
     rows = [
         ("requests in input", f"{s.requests}" + (f" (+{s.bad_lines} bad lines skipped)" if s.bad_lines else "")),
-        ("already done (resumed)", str(s.already_done)),
+        ("already done (resumed)", str(s.already_done) + (f" ({s.failed_earlier} failed)" if s.failed_earlier else "")),
         ("written now: ok / error", f"{s.ok} / {s.errors}"),
         ("batches run (sizes)", f"{s.batches} ({_sizes(s.batch_sizes)})"),
         ("time: load / generate / total", f"{s.load_s:.1f} s / {s.generate_s:.1f} s / {s.elapsed_s:.1f} s"),

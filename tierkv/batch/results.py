@@ -82,6 +82,7 @@ class BatchSummary:
     already_done: int = 0  # found in the output file (--resume)
     ok: int = 0  # written by this run
     errors: int = 0
+    failed_earlier: int = 0  # of already_done: failed results kept (no --retry-errors)
     recomputed: int = 0  # rows run again only to keep a resumed batch as it was (not written again)
     retried: int = 0  # failed results dropped for --retry-errors
     batches: int = 0

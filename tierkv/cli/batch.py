@@ -131,6 +131,9 @@ def run(args) -> int:
     except (TierKVError, ValueError) as e:
         return fail(str(e))
     reporter = ConsoleReporter(err, src, bar=not args.quiet)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # its weight-loading bar would interleave with ours
     try:
         summary = run_batch(src, dst, opts, reporter=reporter)
     except BatchInputError as e:
@@ -152,9 +155,10 @@ def run(args) -> int:
     if summary.bad_lines:
         err.print(f"[red]{summary.bad_lines} bad input line(s) skipped (listed above); exit status 2[/red]")
         return EXIT_BAD_INPUT
-    if summary.errors:
-        err.print(f"[red]{summary.errors} request(s) failed; their results say why (rerun with --resume "
-                  "--retry-errors)[/red]")
+    failed = summary.errors + summary.failed_earlier
+    if failed:
+        err.print(f"[red]{failed} request(s) have failed results ({summary.errors} in this run); their results "
+                  "say why (rerun with --resume --retry-errors)[/red]")
         return EXIT_FAILED
     return EXIT_OK
 
