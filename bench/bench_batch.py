@@ -290,8 +290,9 @@ def main(argv=None):
     prompts = make_prompts(args.prompts, args.context, cfg.vocab_size)
     import transformers
 
-    results = dict(bench="batch", git_commit=git_commit(), command=" ".join(sys.argv), date=time.strftime("%Y-%m-%d %H:%M:%S"),
-                   device=torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
+    name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine()
+    results = dict(bench="batch", git_commit=git_commit(), command=" ".join(sys.argv),
+                   date=time.strftime("%Y-%m-%d %H:%M:%S"), device=name,
                    versions=dict(tierkv=tierkv.__version__, torch=torch.__version__, cuda=torch.version.cuda,
                                  transformers=transformers.__version__, python=platform.python_version()),
                    model="Llama-3-8B-shaped, random bf16 weights" if not args.quick else "small Llama (quick)",

@@ -152,7 +152,8 @@ def test_defaults_and_request_digest(tmp_path):
     assert a.max_new_tokens == 7 and a.greedy and a.key == "7" and b.key == '"7"'
     assert a.digest() == b.digest()  # same prompt and parameters
     sampled = dataclasses.replace(a, temperature=0.5)
-    assert sampled.digest() != a.digest() and sampled.sampling_seed() == dataclasses.replace(a, temperature=0.9).sampling_seed()
+    assert sampled.digest() != a.digest()
+    assert sampled.sampling_seed() == dataclasses.replace(a, temperature=0.9).sampling_seed()  # from the id
     # a greedy request's sampling fields decide nothing, so they do not change its key
     assert dataclasses.replace(a, top_k=5, seed=3).digest() == a.digest()
 
@@ -465,8 +466,9 @@ def test_strict_input_errors_reach_the_caller(lm, tmp_path):
     write_lines(src, ['{"id": 1, "prompt": [1, 2], "max_new_tokens": 1}', "{", '{"id": 2}'])
     with pytest.raises(BatchInputError) as e:
         run_batch(str(src), str(out), opts(strict=True), model=lm)
-    assert e.value.problems == ["line 2: not valid JSON (Expecting property name enclosed in double quotes at column 2)",
-                                "line 3: missing field 'prompt'"]
+    assert e.value.problems == [
+        "line 2: not valid JSON (Expecting property name enclosed in double quotes at column 2)",
+        "line 3: missing field 'prompt'"]
     assert out.read_text() == ""
 
 
@@ -512,7 +514,8 @@ def test_a_local_transformers_model_with_and_without_tokenizer(tmp_path, capsys)
                       json.dumps({"id": "ids", "prompt": list(range(4, 64)), "max_new_tokens": 3}),
                       json.dumps({"id": "long", "prompt": list(range(4, 64)) * 5, "max_new_tokens": 3})])
     code, _, err = run_cli(capsys, src, out, "--model", a, *TIER_ARGS)
-    assert code == 2 and "line 3: prompt of 300 tokens + max_new_tokens 3 = 303 exceeds the model's 256 positions" in err
+    assert code == 2
+    assert "line 3: prompt of 300 tokens + max_new_tokens 3 = 303 exceeds the model's 256 positions" in err
     res = by_id(read_results(out))
     assert set(res) == {"t", "ids"} and res["t"]["prompt_tokens"] == 120 and res["t"]["status"] == "ok"
     assert res["t"]["finish_reason"] in ("length", "eos") and isinstance(res["t"]["text"], str)

@@ -31,8 +31,9 @@ _UNSET = object()  # --budget not given (None means "none": every chunk)
 def register(sub) -> None:
     p = sub.add_parser("batch", help="generate for every request of a JSONL file, resumably (offline batch)",
                        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("paths", nargs="+", metavar="IN.jsonl OUT.jsonl", help="input requests and results file")
+                       epilog=__doc__.split("\n\n", 1)[1],
+                       usage="tierkv batch [options] IN.jsonl OUT.jsonl\n       tierkv batch --example [options] OUT.jsonl")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="IN.jsonl (the requests) and OUT.jsonl (the results)")
     p.add_argument("--example", action="store_true", help="read the bundled example input (give only OUT.jsonl)")
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None, metavar="DIR", help="local model directory (default: the shipped model)")
@@ -46,9 +47,9 @@ def register(sub) -> None:
     g.add_argument("--format", default=None, choices=FORMATS, help="chunk format (default bf16)")
     g.add_argument("--budget", default=_UNSET, type=_budget, metavar="TOKENS|none",
                    help="tokens attended per decode step beyond the hot set; none: every chunk, exact (default 2048)")
-    g.add_argument("--sink", type=_nonneg, default=None, help="first tokens kept on the GPU (default 4)")
-    g.add_argument("--window", type=_nonneg, default=None, help="last tokens kept on the GPU (default 128)")
-    g.add_argument("--chunk-length", type=_positive, default=None, help="fixed chunk length (default: planned)")
+    g.add_argument("--sink", type=_nonneg, default=None, metavar="N", help="first tokens kept on the GPU (default 4)")
+    g.add_argument("--window", type=_nonneg, default=None, metavar="N", help="last tokens kept on the GPU (default 128)")
+    g.add_argument("--chunk-length", type=_positive, default=None, metavar="N", help="fixed chunk length (default: planned)")
     g.add_argument("--scoring", choices=SCORINGS, default=None)
     g.add_argument("--selection", choices=SELECTIONS, default=None)
     g = p.add_argument_group("run")
@@ -57,12 +58,12 @@ def register(sub) -> None:
     g.add_argument("--overwrite", action="store_true", help="start OUT over (its results are lost)")
     g.add_argument("--strict", action="store_true", help="any bad input line stops the run before it starts")
     g.add_argument("--stream", action="store_true", help="check and run the input a window at a time")
-    g.add_argument("--stream-window", type=_positive, default=1024, help="requests per window (default 1024)")
-    g.add_argument("--max-new-tokens", type=_positive, default=None, help="default for requests without one")
-    g.add_argument("--batch-size", type=_positive, default=None, help="at most this many sequences a batch")
-    g.add_argument("--prefill-chunk", type=_positive, default=None,
+    g.add_argument("--stream-window", type=_positive, default=1024, metavar="N", help="requests per window (default 1024)")
+    g.add_argument("--max-new-tokens", type=_positive, default=None, metavar="N", help="default for requests without one")
+    g.add_argument("--batch-size", type=_positive, default=None, metavar="N", help="at most this many sequences a batch")
+    g.add_argument("--prefill-chunk", type=_positive, default=None, metavar="TOKENS",
                    help="prompt tokens per row per forward pass (default: 4096 on a GPU, whole prompts on a CPU)")
-    g.add_argument("--pad-waste", type=float, default=None, help="padding allowed in a batch, a share (default 0.25)")
+    g.add_argument("--pad-waste", type=float, default=None, metavar="SHARE", help="padding allowed in a batch, a share (default 0.25)")
     g.add_argument("--summary", default=None, metavar="FILE", help="also write the summary as JSON")
     g.add_argument("--quiet", action="store_true", help="no progress bar and no summary table")
     p.set_defaults(func=run)
