@@ -28,6 +28,8 @@ from .sampling import RowSampler
 from .schedule import Capacity
 
 BATCH_DIR_PREFIX = "tierkv-batch-"
+CPU_TIER_SLACK = 1.25  # over Capacity.chunk_bytes (which has its own): the tier must never be the one short
+CPU_TIER_MIN = 16 << 20
 
 
 @dataclass
@@ -69,7 +71,7 @@ class Runner:
         run = BatchRun()
         t0 = time.perf_counter()
         ids, mask, pos = self._inputs(members)
-        cfg, disk_dir = self._tier_config()
+        cfg, disk_dir = self._tier_config(members)
         model = self.lm.model
         try:
             with self._fast(), _offload(model, cfg) as cache, torch.inference_mode():
@@ -142,9 +144,16 @@ class Runner:
         run.steps = step
         run.decode_s = time.perf_counter() - t0
 
-    def _tier_config(self):
-        """The run's TierConfig; with a disk tier, a fresh directory under disk_path for this batch."""
+    def _tier_config(self, members: Sequence[Request]):
+        """The batch's TierConfig: the cpu tier no larger than the batch's chunks need (on CUDA it is
+        page-locked whole when the cache is made, seconds for tens of GiB, once per batch; a batch
+        smaller than the budget loses nothing by a tier its size), and with a disk tier a fresh
+        directory under disk_path for this batch."""
+        seq = max(r.prompt_len + r.max_new_tokens for r in members)
+        need = int(CPU_TIER_SLACK * len(members) * self.capacity.chunk_bytes(seq)) + CPU_TIER_MIN
         cfg = self.tier
+        if need < cfg.cpu_budget:
+            cfg = cfg.replace(cpu_budget=need)
         if cfg.disk_path is None:
             return cfg, None
         os.makedirs(cfg.disk_path, exist_ok=True)
