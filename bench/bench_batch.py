@@ -27,11 +27,9 @@ from __future__ import annotations
 
 import argparse
 import gc
-import inspect
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,6 +41,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import tierkv  # noqa: E402
 from tierkv import TierConfig  # noqa: E402
 from tierkv.batch import BatchOptions, run_batch, wrap_model  # noqa: E402
+from tierkv.profiling import git_commit, versions  # noqa: E402
 
 OOM = (torch.OutOfMemoryError, MemoryError)
 
@@ -141,12 +140,10 @@ def hf_generate(model, batch, new_tokens, device):
     from transformers import DynamicCache
 
     ids = torch.tensor(batch, device=device)
-    # transformers 5.2x renamed past_key_values to cache (as the model's forward did)
-    kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     with torch.inference_mode():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                              min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
-                             **{kw: DynamicCache(config=model.config)})
+                             **tierkv.cache_kwargs(DynamicCache(config=model.config)))
     if device == "cuda":
         torch.cuda.synchronize()
     return out[:, ids.shape[1]:].tolist()
@@ -230,16 +227,6 @@ def agreement(ref, other):
     return dict(sequences=len(common), identical=same, mean_matching_prefix=sum(prefix) / len(prefix))
 
 
-def git_commit():
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        head = subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=here, text=True).strip()
-        dirty = subprocess.check_output(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, text=True)
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head + ("-dirty" if dirty.strip() else "")
-
-
 def dump(obj, path):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
@@ -293,8 +280,7 @@ def main(argv=None):
     name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine()
     results = dict(bench="batch", git_commit=git_commit(), command=" ".join(sys.argv),
                    date=time.strftime("%Y-%m-%d %H:%M:%S"), device=name,
-                   versions=dict(tierkv=tierkv.__version__, torch=torch.__version__, cuda=torch.version.cuda,
-                                 transformers=transformers.__version__, python=platform.python_version()),
+                   versions={**versions(), "transformers": transformers.__version__},
                    model="Llama-3-8B-shaped, random bf16 weights" if not args.quick else "small Llama (quick)",
                    args=vars(args), rows=[])
     print(f"{args.prompts} prompts x {args.context} tokens, {args.new_tokens} new tokens each, on {results['device']}")

@@ -10,7 +10,6 @@ its batch needed.
 
 from __future__ import annotations
 
-import inspect
 import os
 import shutil
 import tempfile
@@ -21,6 +20,7 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
+from ..compat import cache_kwargs
 from ..config import TierConfig
 from .model import LoadedModel
 from .requests import Request
@@ -62,9 +62,6 @@ class Runner:
         self.tier = tier
         self.capacity = capacity
         self.status = status or (lambda text: None)
-        params = inspect.signature(lm.model.forward).parameters
-        # transformers renamed forward's past_key_values to cache (5.2x); either is accepted here
-        self.cache_kw = "cache" if "cache" in params else "past_key_values"
 
     def run(self, members: Sequence[Request], emit: Callable[[RowResult], None]) -> BatchRun:
         """Generate for `members` (in this row order); emit(row) as each row finishes."""
@@ -107,7 +104,7 @@ class Runner:
             e = min(L, s + piece)
             self.status(f"prefill {e}/{L} tokens x {ids.shape[0]}")
             out = self.lm.model(input_ids=ids[:, s:e], attention_mask=mask[:, :e], position_ids=pos[:, s:e],
-                                use_cache=True, logits_to_keep=1, **{self.cache_kw: cache})
+                                use_cache=True, logits_to_keep=1, **cache_kwargs(cache))
         return out.logits[:, -1]
 
     def _decode(self, cache, members, logits, mask, run: BatchRun, emit) -> None:
@@ -136,7 +133,7 @@ class Runner:
                 break
             feed = torch.tensor([[self.lm.pad_id if done[i] else nxt[i]] for i in range(B)], device=mask.device)
             out = self.lm.model(input_ids=feed, attention_mask=mask[:, : L + step + 1], position_ids=lengths + step,
-                                use_cache=True, logits_to_keep=1, **{self.cache_kw: cache})
+                                use_cache=True, logits_to_keep=1, **cache_kwargs(cache))
             nxt = sampler(out.logits[:, -1])
             step += 1
             if step % 16 == 0:
