@@ -14,18 +14,20 @@ sequences' tokens equal the hf row's (random weights make greedy decoding fragil
 the last bit of a logit can change the rest of a sequence, so this is a check, not a target).
 
     python bench/bench_batch.py --json bench/results/batch_h100.json             # 64 x 32K, 512 new
-    python bench/bench_batch.py --modes hf --json hf.json --tokens-dir toks      # one mode a call
-    python bench/bench_batch.py --modes tierkv --variants int4:2048 --json t.json --tokens-dir toks
+    python bench/bench_batch.py --modes hf --json b.json --tokens-dir toks       # one mode a call,
+    python bench/bench_batch.py --modes tierkv --json b.json --tokens-dir toks   # into one file
     python bench/bench_batch.py --quick                     # CPU smoke run (tierkv and hf), ~1 min
 
-Each call's JSON holds the commit, device, versions and arguments. With --tokens-dir each mode's
-tokens are saved there, and the agreement with hf is computed from whatever hf tokens are there, so
-modes can be run in separate calls (one mode of the full size takes minutes).
+Each call's JSON holds the commit, device, versions and arguments. Modes can be run in separate calls
+(one mode of the full size takes minutes): a call keeps the rows of the other modes already in its
+--json (same workload), and with --tokens-dir each mode's tokens are saved there and every mode found
+there is compared with hf's.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -42,6 +44,7 @@ import tierkv  # noqa: E402
 from tierkv import TierConfig  # noqa: E402
 from tierkv.batch import BatchOptions, run_batch, wrap_model  # noqa: E402
 from tierkv.profiling import git_commit, versions  # noqa: E402
+from tierkv.quality import float32_linears  # noqa: E402
 
 OOM = (torch.OutOfMemoryError, MemoryError)
 
@@ -140,7 +143,9 @@ def hf_generate(model, batch, new_tokens, device):
     from transformers import DynamicCache
 
     ids = torch.tensor(batch, device=device)
-    with torch.inference_mode():
+    # on a CPU tierkv's runner computes bf16 linears in float32 (several times faster there): so here
+    fast = float32_linears(model) if device == "cpu" else contextlib.nullcontext()
+    with fast, torch.inference_mode():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                              min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
                              **tierkv.cache_kwargs(DynamicCache(config=model.config)))
@@ -282,7 +287,7 @@ def main(argv=None):
                    date=time.strftime("%Y-%m-%d %H:%M:%S"), device=name,
                    versions={**versions(), "transformers": transformers.__version__},
                    model="Llama-3-8B-shaped, random bf16 weights" if not args.quick else "small Llama (quick)",
-                   args=vars(args), rows=[])
+                   args=vars(args), rows=earlier_rows(args))
     print(f"{args.prompts} prompts x {args.context} tokens, {args.new_tokens} new tokens each, on {results['device']}")
     all_tokens = {}
     lm = wrap_model(model, digest="bench-random-weights", name="random Llama")
@@ -305,12 +310,30 @@ def main(argv=None):
         dump(results, args.json)
 
 
+def earlier_rows(args):
+    """The rows of other modes that an earlier call wrote to the same --json for the same workload, so
+    that one file gathers a run split over several calls."""
+    if not args.json or not os.path.exists(args.json):
+        return []
+    with open(args.json) as f:
+        old = json.load(f)
+    keys = ("prompts", "context", "new_tokens", "quick")
+    if any(old.get("args", {}).get(k) != getattr(args, k) for k in keys):
+        print(f"{args.json} holds another workload ({', '.join(keys)} differ): starting it over")
+        return []
+    return [r for r in old.get("rows", []) if r["mode"] not in args.modes]
+
+
 def compare(results, all_tokens, args):
-    ref = all_tokens.get("hf")
-    if ref is None and args.tokens_dir and os.path.exists(os.path.join(args.tokens_dir, "hf.json")):
-        with open(os.path.join(args.tokens_dir, "hf.json")) as f:
-            ref = json.load(f)
-    results["same_outputs_as_hf"] = {name: agreement(ref, toks) for name, toks in all_tokens.items()
+    tokens = {}
+    if args.tokens_dir and os.path.isdir(args.tokens_dir):  # modes run in earlier calls
+        for name in sorted(os.listdir(args.tokens_dir)):
+            if name.endswith(".json"):
+                with open(os.path.join(args.tokens_dir, name)) as f:
+                    tokens[name[:-5]] = json.load(f)
+    tokens.update(all_tokens)
+    ref = tokens.get("hf")
+    results["same_outputs_as_hf"] = {name: agreement(ref, toks) for name, toks in tokens.items()
                                      if name != "hf" and ref}
     hf = next((r for r in results["rows"] if r["mode"] == "hf" and r["sequences_per_hour"]), None)
     results["sequences_per_hour_over_hf"] = {
