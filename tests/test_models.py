@@ -10,7 +10,7 @@ from tierkv.errors import ConfigError
 from tierkv.models import load_retrieval_model, retrieval_model_dir
 from tierkv.models.tasks import (
     PASSKEY_DIGITS, TASKS, VALUE_DIGITS, VOCAB, Vocab, evaluate, make_prompt, make_prompts,
-    make_training_sequence, training_rng,
+    make_training_sequence, question_length, training_rng,
 )
 
 HAVE_WEIGHTS = (retrieval_model_dir() / "model.safetensors").is_file()
@@ -230,3 +230,160 @@ def test_shipped_model_answers_short_prompts(task, length, need):
     prompts = make_prompts(task, length, 16, seed=4242)
     res = evaluate(model, prompts, batch_size=16)
     assert res.correct >= need, res.summary()
+
+
+# --- the tasks that stress tierkv: depth, several needles, close distractors, conversations -------------
+
+def test_existing_tasks_are_unchanged():
+    """The shipped model's prompts and training rows, byte for byte as before the long-context tasks came:
+    a digest of passkey and kv prompts at four lengths and of training rows with and without a digit pool."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for task in ("passkey", "kv"):
+        for length in (64, 300, 1024, 4096):
+            for p in make_prompts(task, length, 5, seed=1234):
+                h.update(json.dumps([p.input_ids, p.answer_ids, p.needle]).encode())
+        for length in (256, 1000):
+            for pool in ((None,) if task == "passkey" else (None, [3, 7])):
+                ids, mask = make_training_sequence(task, length, training_rng(5, 7, 1), 8, None, pool)
+                h.update(json.dumps([ids, mask]).encode())
+    assert h.hexdigest() == "fd2b67513c1a269454789ca4051609561d2ed427b137936757ab5a58f48db06e"
+
+
+def _pair_len(task):
+    return {"passkey": PASSKEY_DIGITS + 2, "kv": VALUE_DIGITS + 3, "near": VALUE_DIGITS + 4}[task]
+
+
+@pytest.mark.parametrize("task", ["passkey", "kv", "near"])
+def test_needle_sits_at_the_asked_depth(task):
+    """depth d: a share d of the prompt's filler words precede the needle, exactly; everything else (the
+    answer, the other pairs) is the same prompt at every depth."""
+    length = 1000
+    prompts = [make_prompt(task, length, seed=2, index=3, depth=d) for d in (0.0, 0.25, 0.5, 0.75, 1.0)]
+    n_pairs = 1 if task == "passkey" else max(3 if task == "near" else 1, length // 64)
+    n_filler = length - 1 - question_length(task) - n_pairs * _pair_len(task)
+    for p, d in zip(prompts, (0.0, 0.25, 0.5, 0.75, 1.0)):
+        s, e = p.needle
+        assert len(p) == length and p.depth == d and e - s == _pair_len(task)
+        marker = VOCAB.PASSKEY if task == "passkey" else VOCAB.KEY
+        pieces_before = p.input_ids[1:s].count(marker) if task != "passkey" else 0
+        assert s - 1 - pieces_before * _pair_len(task) == round(d * n_filler)
+        assert p.input_ids[e - 1] == VOCAB.PERIOD and tuple(p.input_ids[e - 1 - len(p.answer_ids) : e - 1]) == p.answer_ids
+    assert len({p.answer_ids for p in prompts}) == 1 and len({p.input_ids[-2:] for p in prompts}) == 1
+    assert prompts[0].needle[0] == 1 and prompts[-1].needle[1] == length - question_length(task)
+    with pytest.raises(ConfigError, match="depth 1.5"):
+        make_prompt(task, length, 0, depth=1.5)
+
+
+def test_near_distractors_differ_from_the_asked_key_in_one_name():
+    for i in range(20):
+        p = make_prompt("near", 2048, seed=5, index=i)
+        s, e = p.needle
+        asked = p.input_ids[s + 1 : s + 3]
+        assert p.input_ids[-3:] == (VOCAB.QUERY, *asked) and p.input_ids[s] == VOCAB.KEY
+        assert p.input_ids[s + 3 : s + 3 + VALUE_DIGITS] == p.answer_ids
+        assert p.distractors, "every asked key has a near key beside it"
+        for a, b in p.distractors:
+            other = p.input_ids[a + 1 : a + 3]
+            assert sum(x != y for x, y in zip(other, asked)) == 1
+        # no other pair holds the asked key: the answer is unique
+        keys = [p.input_ids[j + 1 : j + 3] for j, t in enumerate(p.input_ids[:-3]) if t == VOCAB.KEY]
+        assert keys.count(asked) == 1
+
+
+def test_multi_needle_prompts():
+    p = make_prompt("multi", 4096, seed=1, index=0, depths=[0.1, 0.4, 0.6, 0.9])
+    assert len(p.needles) == 4 and p.needle in p.needles and len(p) == 4096
+    assert p.input_ids.count(VOCAB.KEY) == 4  # nothing but the needles among the filler
+    for (s, e), d in zip(p.needles, [0.1, 0.4, 0.6, 0.9]):
+        assert abs(s / 4096 - d) < 0.01
+    s, _ = p.needle
+    assert p.input_ids[-1] == p.input_ids[s + 1] and p.input_ids[s + 2 : s + 6] == p.answer_ids
+    assert make_prompt("multi", 4096, seed=1, index=0, depths=[0.1, 0.4, 0.6, 0.9]) == p
+    with pytest.raises(ConfigError, match="depths has 2"):
+        make_prompt("multi", 4096, 1, depths=[0.1, 0.2])
+
+
+@pytest.mark.parametrize("task", ["kv", "near", "multi"])
+def test_conversation_turns_extend_each_other(task):
+    from tierkv.models.turns import make_conversation
+
+    conv = make_conversation(task, 2048, seed=9, turns=4, gap=12)
+    assert conv == make_conversation(task, 2048, seed=9, turns=4, gap=12)
+    assert len(conv) == 4 and len(set(conv.order)) == 4 and len(conv.turns[0]) == 2048
+    needles = [t.needle for t in conv]
+    assert len(set(needles)) == 4  # each turn asks another needle of the same history
+    for t, turn in enumerate(conv):
+        s, e = turn.needle
+        assert e <= len(conv.history.input_ids)  # in the history, far before the question
+        assert turn.input_ids[s:e][-1 - VALUE_DIGITS : -1] == turn.answer_ids
+        assert turn.input_ids[-question_length(task):] == conv.history.questions[conv.order[t]]
+        if t:
+            prev = conv.turns[t - 1]
+            grown = prev.input_ids + prev.answer_ids + conv.new_ids(t)
+            assert turn.input_ids == grown
+            assert conv.new_ids(t)[0] == VOCAB.PERIOD and len(conv.new_ids(t)) == 1 + 12 + question_length(task)
+    assert conv.new_ids(0) == conv.turns[0].input_ids
+    with pytest.raises(ConfigError, match="turns 99"):
+        make_conversation("multi", 2048, 0, turns=99, n_pairs=4)
+    with pytest.raises(ConfigError, match="passkey"):
+        make_conversation("passkey", 2048, 0)
+
+
+def test_near_training_rows():
+    ids, mask = make_training_sequence("near", 1024, training_rng(0, 1, 2), n_queries=6)
+    assert len(ids) == len(mask) == 1024 and sum(mask) == 6 * VALUE_DIGITS
+    pairs = {tuple(ids[i + 1 : i + 3]): ids[i + 3 : i + 3 + VALUE_DIGITS] for i, t in enumerate(ids) if t == VOCAB.KEY}
+    for i, m in enumerate(mask):
+        if m and not mask[i - 1]:
+            assert ids[i - 3] == VOCAB.QUERY and ids[i : i + VALUE_DIGITS] == pairs[tuple(ids[i - 2 : i])]
+
+
+# --- sharded checkpoints and sharded weights ------------------------------------------------------------
+
+def test_sharded_checkpoint_round_trip_and_checks(tmp_path):
+    from tierkv.models.checkpoint import load_sharded, save_sharded
+
+    g = torch.Generator().manual_seed(0)
+    state = {"big": torch.randn(300, 700, generator=g), "half": torch.randn(64, 64, generator=g).bfloat16(),
+             "step": torch.tensor([7])}
+    files = save_sharded(state, tmp_path / "ck", meta={"step": 7}, max_bytes=(64 << 10) + 300 * 1024,
+                         extra_files={"log.txt": "hello"})
+    shards = sorted((tmp_path / "ck").glob("shard-*.safetensors"))
+    assert len(shards) >= 3 and all(f.stat().st_size <= (64 << 10) + 300 * 1024 for f in shards)
+    assert "log.txt" in files and "index.json" in files
+    back, meta = load_sharded(tmp_path / "ck")
+    assert meta == {"step": 7} and set(back) == set(state)
+    assert all(torch.equal(back[k], state[k]) and back[k].dtype == state[k].dtype for k in state)
+    # replaced whole: a second save leaves only its own files
+    save_sharded({"x": torch.zeros(3)}, tmp_path / "ck")
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["index.json", "shard-00000.safetensors"]
+    shard = tmp_path / "ck" / "shard-00000.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ConfigError, match="SHA-256"):
+        load_sharded(tmp_path / "ck")
+    with pytest.raises(ConfigError, match="index.json"):
+        load_sharded(tmp_path)
+
+
+def test_loader_reads_hugging_face_shards(tmp_path):
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=640, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                      num_attention_heads=1, num_key_value_heads=1, head_dim=64)
+    state = {k: v.contiguous() for k, v in LlamaForCausalLM(cfg).state_dict().items()}
+    names = sorted(state)
+    halves = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for f, keys in halves.items():
+        save_file({k: state[k] for k in keys}, str(tmp_path / f))
+    weight_map = {k: f for f, keys in halves.items() for k in keys}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    cfg.save_pretrained(str(tmp_path))
+    model, _ = load_retrieval_model(path=tmp_path, dtype=torch.float32)
+    assert all(torch.equal(model.state_dict()[k], state[k]) for k in names)
+    with pytest.raises(ConfigError, match="'nope'"):
+        load_retrieval_model(name="nope")
