@@ -156,6 +156,8 @@ def test_probe_full_budget_covers_everything(model):
     assert d["queries"] == 2 * 2 * model.config.num_hidden_layers * model.config.num_attention_heads
     assert d["total"] == pytest.approx(1.0, abs=1e-5) and d["middle"] == pytest.approx(1.0, abs=1e-5)
     assert d["needle_chosen"] == 1.0
+    # every chunk chosen at every step: all of a step's choice was chosen at the step before
+    assert d["kept"] == pytest.approx(1.0) and all(k == pytest.approx(1.0) for k in d["per_layer_kept"])
 
 
 def test_replay_refuses_what_it_cannot_do(model):
@@ -237,3 +239,59 @@ def test_every_layer_attends_to_chunks_within_its_budget(model):
         plan = [layer.chunk_len for layer in cache.layers]
     assert all(n <= 16 for n in plan), plan
     assert all(gathered.get(i, 0) >= 4 for i in range(len(plan))), (plan, gathered)
+
+
+# --- bench/eval_quality.py ------------------------------------------------------------------------------
+
+def _eval_quality():
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+    import eval_quality
+
+    return eval_quality
+
+
+def test_eval_quality_quick_runs_on_the_shipped_model(tmp_path):
+    import json
+
+    eq = _eval_quality()
+    assert eq.main(["--quick", "--json", str(tmp_path / "q.json"), "--plot", ""]) == 0
+    out = json.loads((tmp_path / "q.json").read_text())
+    assert {r["format"] for r in out["results"]} == {"bf16", "int4"} and len(out["baselines"]) == 2
+    sparse = [r for r in out["results"] if r["budget"] == "1/16"]
+    assert all(r["recall"]["kept"] is not None and len(r["recall"]["per_layer_kept"]) == 4 for r in sparse)
+    assert all(r["scoring"] == "mass" and r["selection"] == "head" for r in out["results"])
+
+
+def test_eval_quality_grid_crosses_scoring_selection_and_disk_formats(tmp_path):
+    import json
+
+    eq = _eval_quality()
+    args = eq.parse_args(["--contexts", "8192", "32768", "--fixed-budgets", "2048", "--scorings", "mass", "bound",
+                          "--selections", "head", "shared", "--disk-formats", "int2", "--chunk-length",
+                          "8192:16,32768:32", "--json", "", "--plot", ""])
+    specs = eq.grid(args, 32768)
+    main = [s for s in specs if (s.scoring, s.selection) == ("mass", "head") and s.disk_format is None]
+    assert len(main) == 4 * 6  # formats x (dense, 1/4, 1/8, 1/16, 1/32, 2048)
+    others = [s for s in specs if (s.scoring, s.selection) != ("mass", "head")]
+    assert len(others) == 3 * 5 and {s.fmt for s in others} == {"int4"}
+    disk = [s for s in specs if s.disk_format]
+    assert {(s.fmt, s.disk_format) for s in disk} == {("bf16", "int2"), ("int8", "int2"), ("int4", "int2")}
+    assert eq.chunk_length_for(args, 32768) == 32 and eq.chunk_length_for(args, 4096) == 16
+    runnable, skipped = eq.split_specs(specs)
+    assert len(runnable) + len(skipped) == len(specs)
+    assert eq.budgets(args, 2048) == [("1/4", 512), ("1/8", 256), ("1/16", 128), ("1/32", 64)]  # 2048 >= ctx: not a budget
+    if not eq.disk_format_supported():
+        assert len(skipped) == len(disk)
+    a = {"config": {"sink": 4, "window": 64}, "baselines": [{"context": 1}], "results": [{"context": 1}], "sweep": [],
+         "command": "a", "wall_s": 1}
+    b = dict(a, baselines=[{"context": 2}], results=[{"context": 2}], command="b", wall_s=2)
+    for name, run in (("a", a), ("b", b)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(run))
+    merged = eq.merge([tmp_path / "a.json", tmp_path / "b.json"])
+    assert [r["context"] for r in merged["results"]] == [1, 2] and merged["wall_s"] == 3
+    assert [m["command"] for m in merged["merged_from"]] == ["a", "b"]
+    with pytest.raises(SystemExit):
+        eq.parse_args(["--chunk-length", "x:y"])

@@ -133,6 +133,8 @@ class RecallStats:
             channel), by q . (m + M)/2 + alpha * |q| . (M - m)/2 (max over the group's query heads).
             alpha = 1 is exactly the bound tierkv ranks by (so alpha_1 ~ total, a check of the probe);
             alpha = 0 ranks by the box's centre alone; values between shrink the bound's width term.
+    kept:   per (sequence, decode step after the first, KV head), the share of the chunks it chose that it
+            had also chosen at the step before (the persistence next-step prediction and eviction rest on).
     lowbit: `total` had the chunks been ranked by their attention mass computed from a KIVI int2 copy of
             the keys (per-channel scale and zero per chunk, what the int2 format stores) instead of
             abstracts: a scoring that keeps 2 bits per key channel on the GPU (16 B per token and head
@@ -143,7 +145,7 @@ class RecallStats:
     n_layers: int
     ALPHAS = (0.0, 0.25, 0.5, 1.0)
     FIELDS = ("count", "total", "middle", "oracle", "maxkey", "low_total", "needle_hit", "needle_count",
-              "alpha_0", "alpha_0.25", "alpha_0.5", "alpha_1", "lowbit", "lowbit_count")
+              "alpha_0", "alpha_0.25", "alpha_0.5", "alpha_1", "lowbit", "lowbit_count", "kept", "kept_count")
 
     def __post_init__(self):
         for name in self.FIELDS:
@@ -155,7 +157,7 @@ class RecallStats:
 
     def mean(self, what: str = "total", layer: Optional[int] = None) -> Optional[float]:
         vals = getattr(self, what)
-        den = {"needle_hit": self.needle_count, "lowbit": self.lowbit_count}.get(what, self.count)
+        den = {"needle_hit": self.needle_count, "lowbit": self.lowbit_count, "kept": self.kept_count}.get(what, self.count)
         n = den[layer] if layer is not None else sum(den)
         if n == 0:
             return None
@@ -173,12 +175,14 @@ class RecallStats:
             "alpha": {str(a): self.mean(f"alpha_{a:g}") for a in self.ALPHAS},
             "share_total_below_0.9": self.mean("low_total"),
             "needle_chosen": self.mean("needle_hit"),
+            "kept": self.mean("kept"),
             "per_layer_total": [self.mean("total", i) for i in layers],
             "per_layer_middle": [self.mean("middle", i) for i in layers],
             "per_layer_oracle": [self.mean("oracle", i) for i in layers],
             "per_layer_maxkey": [self.mean("maxkey", i) for i in layers],
             "per_layer_lowbit": [self.mean("lowbit", i) for i in layers],
             "per_layer_needle_chosen": [self.mean("needle_hit", i) for i in layers],
+            "per_layer_kept": [self.mean("kept", i) for i in layers],
         }
 
 
@@ -202,6 +206,7 @@ class SelectionProbe:
         self.needles = needles  # per sequence of the batch: token range [start, end) holding the answer
         self.stats = RecallStats(len(cache.layers))
         self._keys: List[Optional[torch.Tensor]] = [None] * len(cache.layers)
+        self._last_choice: List[Optional[torch.Tensor]] = [None] * len(cache.layers)
 
     def __enter__(self) -> "SelectionProbe":
         for layer in self.cache.layers:
@@ -238,6 +243,20 @@ class SelectionProbe:
         step = (q.detach(), layer.sink_len, layer.chunk_len, C, layer.tail_len, layer.length,
                 layer.table.abstracts[..., :C])
         self._record(layer.layer_idx, chunk_idx, step)
+        self._record_kept(layer.layer_idx, chunk_idx, C)
+
+    def _record_kept(self, i: int, chunk_idx: torch.Tensor, n_chunks: int) -> None:
+        """Share of this step's choice that the layer's previous step chose too (chunk indices are stable:
+        chunks cut since then only add indices)."""
+        from .selection import overlap
+
+        last = self._last_choice[i]
+        if last is not None and last.shape[:2] == chunk_idx.shape[:2] and chunk_idx.numel():
+            B, H, k = chunk_idx.shape
+            s = self.stats
+            s.kept[i] += float(overlap(last, chunk_idx, n_chunks)) / k
+            s.kept_count[i] += B * H
+        self._last_choice[i] = chunk_idx.detach().clone()
 
     def _int2_keys(self, i: int, keys: torch.Tensor, S: int, L: int, C: int) -> torch.Tensor:
         """The chunks' keys as the int2 format stores them (per chunk, per channel), cached per layer."""
