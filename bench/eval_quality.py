@@ -25,8 +25,9 @@ How it runs on a CPU in minutes (all exact, see tierkv/quality.py):
   queries, so only the sweep's "planner" variant (chunk_length None) prefills through tierkv for real.
 The selection tierkv made is read off its real decode path (quality.SelectionProbe listens to one
 cache's choices); nothing of the runtime is re-implemented here. On a GPU (--device cuda) the same cells
-run on the model's device; each cell's replay costs about 0.1-0.2 ms of host work per chunk, so a call
-of a few minutes holds on the order of a hundred cells of 32K chunks (bench/gpu_eval_long.sh).
+run on the model's device. A cell's replay is host work per chunk (the store's put: about 0.1 ms a chunk
+on the CPU machine), so a prompt costs each cell about (context / chunk length) x layers x 0.1 ms: 0.4 s
+at 32K in 64-token chunks on the 8-layer model. bench/gpu_eval_long.sh sizes its calls by that.
 
     python bench/eval_quality.py                       # the committed run: ~15-20 min on 2 CPU cores
     python bench/eval_quality.py --contexts 4096 --tasks kv --prompts 100 --formats int4 --fractions 16 \\
@@ -223,8 +224,9 @@ def run_spec(model, args, spec, batch_data, cell, ctx, tmp_root) -> None:
     cell.seconds += time.perf_counter() - t0
 
 
-def evaluate_context(model, args, ctx, task, depth, specs, log, tmp_root):
-    """Baseline and every cell on `args.prompts` prompts of one (context, task, depth)."""
+def evaluate_context(model, args, ctx, task, depth, specs, log, tmp_root, deadline=None):
+    """Baseline and every cell on `args.prompts` prompts of one (context, task, depth); past `deadline`
+    (a perf_counter time) no further batch is started, and the rows count the prompts done."""
     kw = {} if depth is None else {"depth": depth}
     prompts = make_prompts(task, ctx, args.prompts, seed=args.seed, **kw)
     n_layers = model.config.num_hidden_layers
@@ -232,6 +234,9 @@ def evaluate_context(model, args, ctx, task, depth, specs, log, tmp_root):
     device = next(model.parameters()).device
     base, cells, prefill_s = Cell(n_layers), {s: Cell(n_layers) for s in specs}, 0.0
     for b0 in range(0, len(prompts), args.batch):
+        if deadline is not None and b0 and time.perf_counter() > deadline:
+            log(f"  --max-seconds reached: {b0} of {len(prompts)} prompts done")
+            break
         batch = prompts[b0 : b0 + args.batch]
         ids = torch.tensor([p.input_ids for p in batch], device=device)
         answers = [p.answer_ids for p in batch]
@@ -320,7 +325,8 @@ def parse_args(argv=None):
                          "which --sweep scoring runs for real")
     ap.add_argument("--sweep-context", type=int, nargs="+", default=None, help="contexts of the sweep (default: the largest)")
     ap.add_argument("--max-seconds", type=float, default=None,
-                    help="start no new (context, task) after this many seconds; the JSON says what was left")
+                    help="start no new batch of prompts after this many seconds: rows count the prompts done, "
+                         "and the JSON lists the (context, task) left (not_run)")
     ap.add_argument("--quick", action="store_true", help="512 tokens, 8 prompts, int4 and bf16 only")
     ap.add_argument("--merge", nargs="+", default=None, metavar="JSON", help="merge these runs' JSONs into --json / --plot")
     ap.add_argument("--json", default=str(ROOT / "bench/results/quality_cpu.json"))
@@ -378,6 +384,7 @@ def split_specs(specs: list) -> tuple:
 def run_all(model, args, log) -> dict:
     results, baselines, sweep, skipped, left = [], [], [], [], []
     t_start = time.perf_counter()
+    deadline = None if args.max_seconds is None else t_start + args.max_seconds
     tmp_root = tempfile.mkdtemp(prefix="tierkv-quality-")
     depths = args.depths or [None]
     try:
@@ -386,12 +393,13 @@ def run_all(model, args, log) -> dict:
             skipped += [{"context": ctx, "cell": s, "why": "TierConfig has no disk_format yet (issue #28)"} for s in skip]
             for task in args.tasks:
                 for depth in (depths if task != "multi" else [None]):
-                    if args.max_seconds is not None and time.perf_counter() - t_start > args.max_seconds:
+                    if deadline is not None and time.perf_counter() > deadline:
                         left.append({"context": ctx, "task": task, "depth": depth})
                         continue
                     log(f"context {ctx}, task {task}{'' if depth is None else f' at depth {depth:g}'}: "
                         f"{args.prompts} prompts x {len(specs)} tierkv cells")
-                    base, cells, prefill_s = evaluate_context(model, args, ctx, task, depth, specs, log, tmp_root)
+                    base, cells, prefill_s = evaluate_context(model, args, ctx, task, depth, specs, log, tmp_root,
+                                                              deadline)
                     baselines.append({"context": ctx, "task": task, "depth": depth, "prompts": base.total,
                                       "correct": base.correct, "accuracy": base.correct / base.total,
                                       "prefill_s": round(prefill_s, 2), "decode_s": round(base.seconds, 2)})

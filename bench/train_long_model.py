@@ -8,7 +8,7 @@ calls of about 9 minutes, each resuming from the checkpoint the last one wrote.
 Model: Llama, 8 layers, hidden 256, 4 query heads and 2 KV heads of 64 (grouped-query), MLP 384,
 vocabulary 640, untied embeddings: 4,264,192 parameters, 8.5 MB of bf16 weights; 4 KiB of KV per token
 (8 layers x 2 heads x 64 x 2 x 2 bytes), 512 MiB per sequence at 128K. RoPE theta 1e7 from the first
-step: its slowest rotation has a period of about 5.8e7 positions, far beyond 128K, so no scaling is
+step: its slowest rotation has a period of about 3.8e7 positions, far beyond 128K, so no scaling is
 needed for lengths the curriculum reaches (--rope-yarn FACTOR:ORIGINAL extends a trained model further,
 YaRN-style). Why this size, not larger: a checkpoint must travel into the next call inside the
 working tree's 64 MiB (the repository takes 21 MiB), and it holds fp32 weights plus the optimizer's
@@ -24,27 +24,34 @@ continues exactly as the uninterrupted one (tests/test_train_long.py checks it o
 --deterministic makes GPU kernels repeat too (the shipped 4-layer model's training was sensitive to
 their nondeterminism).
 
-Plan on one H100 (python bench/train_long_model.py --plan): FLOPs per step from the shapes the
-curriculum draws, at an assumed 25 TFLOP/s for the dense layers (the shipped model's training reached
-about 50 TFLOP/s at hidden 512; these matrices are half as wide), 120 TFLOP/s for flash attention
-forward + backward at head_dim 64 (15% of the 790 TFLOP/s the H100 gave on large bf16 products) and
-15 ms per step of overhead; 480 s of training per call:
+Plan on one H100 (python bench/train_long_model.py --plan): FLOPs per step from the shapes the curriculum
+draws (dense: 6 per weight and token; attention: 7 * length * 256 channels per token and layer, flash
+attention's backward costing 2.5 forwards). Rates assumed: A = 25 TFLOP/s for the dense layers (the
+shipped 4-layer model's deterministic training sustained about 50 at hidden 512 on an H200; these
+matrices are half as wide), 120 TFLOP/s for attention forward + backward at head_dim 64 (15% of the
+790 TFLOP/s the H100 gives on large bf16 products), 15 ms per step; B = half of each and 30 ms, about
+what --deterministic costs (it halved the shipped model's speed). 480 s of training per call:
 
-    stage   length  full-length step  mean step   steps (min-max)   seconds (min-max)  calls so far
-      0        512      0.09 s          0.09 s      300-3000            28-283          0.06-0.59
-      1       1024      0.10 s          0.10 s      100-1000            10-100          0.08-0.80
-      2       2048      0.12 s          0.11 s      100-800             11-86           0.10-0.98
-      3       4096      0.16 s          0.13 s      100-800             13-105          0.13-1.20
-      4       8192      0.23 s          0.17 s      100-600             17-103          0.17-1.41
-      5      16384      0.40 s          0.25 s       80-500             20-127          0.21-1.68
-      6      32768      0.73 s          0.42 s       60-400             25-167          0.26-2.03
-      7      65536      1.40 s          0.74 s       40-300             30-222          0.32-2.49
-      8     131072      5.38 s          2.89 s       40-300            116-867          0.56-4.30
-  + cooldown at the last stage: 200 steps, about 580 s
+                          full-length step    mean step                    seconds            calls so far
+    stage   length           A        B        A       B      steps         A         B          A          B
+      0        512        0.08     0.16     0.08    0.16    300-3000    24-242    48-485   0.05-0.50  0.10-1.01
+      1       1024        0.09     0.17     0.08    0.17    100-1000     8-84     17-168   0.07-0.68  0.14-1.36
+      2       2048        0.09     0.19     0.09    0.18    100-800      9-71     18-142   0.09-0.83  0.17-1.66
+      3       4096        0.11     0.23     0.10    0.20    100-800     10-81     20-161   0.11-1.00  0.21-1.99
+      4       8192        0.14     0.29     0.12    0.24    100-600     12-73     23-145   0.13-1.15  0.26-2.29
+      5      16384        0.21     0.41     0.16    0.33     80-500     13-81     26-163   0.16-1.32  0.32-2.63
+      6      32768        0.34     0.67     0.24    0.48     60-400     14-96     28-192   0.19-1.52  0.38-3.03
+      7      65536        0.59     1.18     0.40    0.80     40-300     19-120    38-240   0.23-1.77  0.45-3.53
+      8     131072        2.19     4.39     1.28    2.56     60-400     85-511   170-1022  0.40-2.83  0.81-5.66
+      cooldown (200 steps at the last stage)                           233       465      +0.49      +0.97
 
-So: 32K after 1 to 2 calls, 128K after 1 to 5 calls, and the cooldown 1 to 2 more: 3 to 7 calls in all,
-if the gates pass between their min and max steps and the rates hold (the first call's --profile
-prints the real ones; rerun --plan with --assume-* to redo this table).
+A full-length step at 128K is one row of 131200 tokens; tokens/s at the full length of each stage is
+65536 / (step seconds) up to 32K (2 rows of 32K: 190K tokens/s at A, 98K at B) and 131200 / 2.19 = 60K
+(A) or 30K (B) at 128K. The stage's min-max steps bound each row: the gates decide where in between a
+run lands. The shipped 4-layer model needed about 1000 steps at 512 tokens before kv was learnt, so
+stage 0 alone is likely 0.3-0.6 of a call. Expected under B: 32K is reached within the first 2-3 calls,
+128K within 4-6, and the cooldown ends in the 5th-7th call. The first call's --profile prints the real
+forward + backward times per length; rerun --plan with --assume-* set from them to redo this table.
 
     # one call (bench/gpu_train_long.sh wraps it: resume if a checkpoint is carried, write the next)
     python bench/train_long_model.py --deterministic --time-budget 480 --resume .gpu/ckpt29 --out $OUT/ckpt
@@ -79,7 +86,7 @@ from train_long_lib import (MARGIN, BatchSpec, Curriculum, Throughput, answer_lo
                             step_flops, step_seconds)
 
 STAGES = ("512:300:3000,1024:100:1000,2048:100:800,4096:100:800,8192:100:600,16384:80:500,32768:60:400,"
-          "65536:40:300,131072:40:300")
+          "65536:40:300,131072:60:400")
 # arguments that define the training: a resumed run takes them from its checkpoint
 TRAIN_ARGS = ("seed", "layers", "hidden", "heads", "kv_heads", "head_dim", "intermediate", "rope_theta", "stages",
               "mix", "kv_dense", "tokens_per_step", "lr", "warmup", "cooldown", "min_lr_ratio", "weight_decay",

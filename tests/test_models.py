@@ -387,3 +387,9 @@ def test_loader_reads_hugging_face_shards(tmp_path):
     assert all(torch.equal(model.state_dict()[k], state[k]) for k in names)
     with pytest.raises(ConfigError, match="'nope'"):
         load_retrieval_model(name="nope")
+
+
+@pytest.mark.skipif((retrieval_model_dir("long") / "model.safetensors").is_file(), reason="the long model is trained")
+def test_long_model_not_yet_trained_says_so():
+    with pytest.raises(ConfigError, match="config.json"):
+        load_retrieval_model(name="long")
