@@ -319,14 +319,16 @@ def sdpa_context(a, device):
         return contextlib.nullcontext
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    try:
+    try:  # the call transformers makes without a mask: grouped-query heads through enable_gqa, causal
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
             q = torch.randn(1, a.heads, 256, a.head_dim, device=device, dtype=torch.bfloat16, requires_grad=True)
-            kv = torch.randn(1, a.kv_heads, 256, a.head_dim, device=device, dtype=torch.bfloat16)
-            kv = kv.repeat_interleave(a.heads // a.kv_heads, 1)
-            torch.nn.functional.scaled_dot_product_attention(q, kv, kv, is_causal=True).sum().backward()
+            kv = torch.randn(1, a.kv_heads, 256, a.head_dim, device=device, dtype=torch.bfloat16, requires_grad=True)
+            out = torch.nn.functional.scaled_dot_product_attention(q, kv, kv, is_causal=True,
+                                                                   enable_gqa=a.heads != a.kv_heads)
+            out.sum().backward()
     except RuntimeError as e:
-        print(f"flash attention unavailable here ({str(e).splitlines()[0]}); sdpa chooses", flush=True)
+        print(f"flash attention unavailable here ({str(e).splitlines()[0]}); sdpa chooses, and long steps may "
+              "not fit in memory", flush=True)
         return contextlib.nullcontext
     return lambda: sdpa_kernel([SDPBackend.FLASH_ATTENTION])
 
