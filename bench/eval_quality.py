@@ -68,7 +68,7 @@ from tierkv.models import MODEL_NAMES, load_retrieval_model  # noqa: E402
 from tierkv.models.tasks import ALL_TASKS, make_prompts  # noqa: E402
 from tierkv.quality import (RecallStats, SelectionProbe, continue_greedy, exact_match,  # noqa: E402
                             float32_linears, prefill, replay_prefill)
-from quality_report import merge, plot, print_tables, write_report  # noqa: E402,F401  (re-exported)
+from quality_report import merge, write_report  # noqa: E402
 
 FORMATS = ("bf16", "int8", "int4", "int2")
 FRACTIONS = (4, 8, 16, 32)
